@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make demo` (the offline demo) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test notebooks bench clean-outputs
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -e . --no-deps
+	touch $(STAMP)
+
+# The main job on the embedded default (profile demo): synthetic data → prepared table → summary + figure.
+demo: $(STAMP)
+	$(PY) -m helpers demo
+
+# Unit tests plus nbval over every notebook, on the fixture profile (set by conftest.py).
+test: $(STAMP)
+	$(PY) -m pytest --nbval -q
+
+# Re-execute the notebooks in place on the demo profile (the outputs that are committed).
+notebooks: $(STAMP)
+	for nb in 0*/*.ipynb; do C2S_PROFILE=demo $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace "$$nb" || exit 1; done
+
+clean-outputs:
+	rm -rf outputs

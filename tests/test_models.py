@@ -376,3 +376,13 @@ def test_embedder_from_config_round_trip():
 def test_embedder_from_config_needs_the_architecture_keys():
     with pytest.raises(InputError, match="lacks embed_dim"):
         embedder_from_config({"backbone": TINY, "head": "bn", "pooling": "avg", "data_config": {}})
+
+
+def test_pooled_head_is_the_normalised_backbone_features():
+    embedder = models.create_embedder("test_efficientnet", weights="none", head="pooled").eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        pooled = embedder.backbone.forward_features(images).mean(dim=(-2, -1))
+        expected = torch.nn.functional.normalize(pooled, dim=1)
+        assert embedder.config["embed_dim"] == embedder.backbone.num_features
+        assert torch.allclose(embedder(images), expected, atol=1e-6)

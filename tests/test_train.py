@@ -1,0 +1,138 @@
+"""Training, evaluation, index and search end to end on a tiny synthetic tree (fixture profile)."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from handmade import write_tree
+
+from helpers import config, retrieval, sampling, synthetic, train
+from helpers.__main__ import main
+from helpers.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tree") / "c2s"
+    synthetic.generate_tree(root, n_items=16, seed=1, progress=False)
+    out = root.parent / "prepared"
+    sampling.prepare(root, out, categories=None, sample=None, progress=False)
+    return root, out / "images.csv"
+
+
+def fixture_cfg(**overrides):
+    return replace(config.get_config("fixture"), **{"epochs": 2, **overrides})
+
+
+def state_dicts_equal(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fit_writes_a_complete_run(prepared, tmp_path):
+    root, table = prepared
+    result = train.fit(fixture_cfg(), table, root, tmp_path / "run", progress=False)
+    for name in ("config.json", "history.csv", "metrics.json", "best.pt", "last.pt"):
+        assert (tmp_path / "run" / name).is_file()
+    history = pd.read_csv(tmp_path / "run/history.csv")
+    assert list(history.epoch) == [0, 1, 2] and np.isfinite(history.loss[1:]).all()  # 0: untrained
+    metrics = json.loads((tmp_path / "run/metrics.json").read_text())
+    for key in ("recall@1", "recall@5", "recall@10", "recall@20", "map", "n_queries", "n_excluded_queries",
+                "n_gallery", "protocol", "split"):
+        assert key in metrics
+    assert (metrics["protocol"], metrics["split"]) == ("official", "test")
+    assert metrics == json.loads(json.dumps(result))
+    recorded = json.loads((tmp_path / "run/config.json").read_text())
+    assert recorded["env"]["torch"] == torch.__version__
+    assert recorded["model"]["data_config"]["input_size"] == [3, 64, 64]
+
+
+def test_same_seed_same_run_and_exact_resume(prepared, tmp_path):
+    root, table = prepared
+    train.fit(fixture_cfg(), table, root, tmp_path / "a", progress=False)
+    train.fit(fixture_cfg(), table, root, tmp_path / "b", progress=False)
+    history_a = pd.read_csv(tmp_path / "a/history.csv").drop(columns="train_images_per_s")
+    history_b = pd.read_csv(tmp_path / "b/history.csv").drop(columns="train_images_per_s")
+    pd.testing.assert_frame_equal(history_a, history_b)
+    last_a = train.checkpoint_load(tmp_path / "a/last.pt")["model"]
+    assert state_dicts_equal(last_a, train.checkpoint_load(tmp_path / "b/last.pt")["model"])
+
+    # Interrupted after one epoch, then resumed: the same weights as the uninterrupted run.
+    assert train.fit(fixture_cfg(), table, root, tmp_path / "c", progress=False, stop_after_epoch=1) is None
+    assert not (tmp_path / "c/metrics.json").exists()
+    train.fit(fixture_cfg(), table, root, tmp_path / "c", resume=True, progress=False)
+    assert state_dicts_equal(last_a, train.checkpoint_load(tmp_path / "c/last.pt")["model"])
+    history_c = pd.read_csv(tmp_path / "c/history.csv").drop(columns="train_images_per_s")
+    pd.testing.assert_frame_equal(history_a, history_c)
+
+
+def test_a_run_directory_is_never_silently_reused(prepared, tmp_path):
+    root, table = prepared
+    train.fit(fixture_cfg(epochs=1), table, root, tmp_path / "run", progress=False)
+    with pytest.raises(InputError, match="already holds a run"):
+        train.fit(fixture_cfg(epochs=1), table, root, tmp_path / "run", progress=False)
+    with pytest.raises(InputError, match=r"another config \(lr: 0.0003 → 0.001\)"):
+        train.fit(fixture_cfg(epochs=1, lr=1e-3), table, root, tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(InputError, match="nothing to resume"):
+        train.fit(fixture_cfg(), table, root, tmp_path / "empty", resume=True, progress=False)
+
+
+def test_checkpoints_load_with_weights_only(prepared, tmp_path):
+    root, table = prepared
+    train.fit(fixture_cfg(epochs=1), table, root, tmp_path / "run", progress=False)
+    embedder, cfg = train.load_checkpoint(tmp_path / "run/best.pt")
+    assert cfg == fixture_cfg(epochs=1)
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="bad.pt: not a readable checkpoint"):
+        train.load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_cli_train_evaluate_index_search(prepared, tmp_path, capsys):
+    root, table = prepared
+    run = tmp_path / "run"
+    common = ["--table", str(table), "--data-root", str(root), "--quiet"]
+    assert main(["train", *common, "--out", str(run), "--profile", "fixture", "--epochs", "1"]) == 0
+    assert main(["evaluate", *common, "--checkpoint", str(run / "best.pt"), "--split", "test",
+                 "--protocol", "split", "--out", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    frame = sampling.read_table(table)
+    assert metrics["n_gallery"] == ((frame.split == "test") & (frame.domain == "shop")).sum()
+    assert main(["index", *common, "--checkpoint", str(run / "best.pt"), "--out", str(tmp_path / "index"),
+                 "--num-workers", "0"]) == 0
+    query = frame.loc[(frame.split == "test") & (frame.domain == "consumer")].iloc[0]
+    capsys.readouterr()
+    box = f"{query.x_1},{query.y_1},{query.x_2},{query.y_2}"
+    assert main(["search", "--index", str(tmp_path / "index"), str(root / query.path), "--box", box,
+                 "-k", "3", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert [h["rank"] for h in hits] == [1, 2, 3]
+    assert all(h["path"] in set(frame.path) for h in hits)
+    # The index's embedding of a gallery image finds that image first.
+    index = retrieval.GalleryIndex.load(tmp_path / "index")
+    shop = index.gallery.iloc[0]
+    top = index.search_image(root / shop.path, box=(shop.x_1, shop.y_1, shop.x_2, shop.y_2), k=1)
+    assert top[0]["path"] == shop.path
+    # bad input: one line, exit 2
+    assert main(["search", "--index", str(tmp_path / "nowhere"), str(root / query.path)]) == 2
+    assert main(["search", "--index", str(tmp_path / "index"), str(root / query.path), "--box", "5,5,1,1"]) == 2
+    assert main(["evaluate", *common, "--checkpoint", str(run / "best.pt"), "--protocol", "nope"]) == 2
+    assert main(["train", *common, "--out", str(run), "--profile", "fixture"]) == 2
+    assert main(["train", *common, "--out", str(tmp_path / "r2"), "--profile", "fixture", "--loss", "arcface"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 5 and all(line.startswith("error: ") for line in err)
+
+
+def test_zero_shot_counts_match_the_official_protocol_on_a_hand_written_tree(tmp_path, capsys):
+    """Counts by hand from tests/handmade.py: test consumer images 3 (id 4: 2, id 5: 1);
+    gallery = shop images of val + test = 2 (id 3) + 1 (id 4) + 1 (id 5) = 4."""
+    root = write_tree(tmp_path / "c2s")
+    sampling.prepare(root, tmp_path / "prep", categories=None, sample=None, progress=False)
+    out = tmp_path / "zero.json"
+    assert main(["evaluate", "--table", str(tmp_path / "prep/images.csv"), "--data-root", str(root), "--quiet",
+                 "--backbone", "tf_efficientnet_lite0", "--weights", "packaged", "--num-workers", "0",
+                 "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert (metrics["n_queries"], metrics["n_excluded_queries"], metrics["n_gallery"]) == (3, 0, 4)
+    assert metrics["model"]["weights_source"] == "packaged" and metrics["model"]["head"] == "pooled"

@@ -477,18 +477,19 @@ class GalleryIndex:
 
     def embed_image(self, image, box=None) -> np.ndarray:
         """One query photo (a path or a PIL image; ``box`` = garment box, else the whole photo)."""
-        from .data import build_transform, open_rgb
+        from .data import open_rgb
+        from .train import config_from_dict, make_transform
 
-        dc, cfg = self.model_state["model_config"]["data_config"], self.run_config
-        transform = build_transform(dc["input_size"][-1], dc["mean"], dc["std"], dc["interpolation"], augment="none",
-                                    resize=cfg["resize"], photometric=cfg["photometric"],
-                                    margin=cfg["box_margin"] if box is not None else 0.0)
+        cfg = config_from_dict(self.run_config)
+        # The gallery's own preprocessing; without a box the whole photo is the crop.
+        transform = make_transform(cfg, self.model_state["model_config"]["data_config"],
+                                   margin=None if box is not None else 0.0)
         picture = open_rgb(image) if isinstance(image, (str, Path)) else image.convert("RGB")
+        batch = transform(picture, box).unsqueeze(0)
         with torch.inference_mode():
-            embedding = self.embedder()(transform(picture, box).unsqueeze(0))
-            if cfg.get("flip_tta"):
-                embedding = torch.nn.functional.normalize(
-                    embedding + self.embedder()(transform(picture, box).unsqueeze(0).flip(-1)), dim=1)
+            embedding = self.embedder()(batch)
+            if cfg.flip_tta:
+                embedding = torch.nn.functional.normalize(embedding + self.embedder()(batch.flip(-1)), dim=1)
         return embedding.numpy()
 
     def search(self, query: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:

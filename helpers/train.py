@@ -74,16 +74,18 @@ def table_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def eval_transform(cfg: Config, embedder: models.Embedder) -> data.C2STransform:
-    dc = embedder.data_config
-    return data.build_transform(dc["input_size"][-1], dc["mean"], dc["std"], dc["interpolation"], augment="none",
-                                resize=cfg.resize, photometric=cfg.photometric, margin=cfg.box_margin)
+def make_transform(cfg: Config, data_config: dict, augment: str = "none", margin: float | None = None) -> data.C2STransform:
+    """The run's preprocessing: the model's input size / mean / std, the config's crop margin,
+    resize mode and photometric normalisation; ``augment`` only for training."""
+    return data.build_transform(data_config["input_size"][-1], data_config["mean"], data_config["std"],
+                                data_config["interpolation"], augment=augment, resize=cfg.resize,
+                                photometric=cfg.photometric, margin=cfg.box_margin if margin is None else margin)
 
 
 def embed_table(cfg: Config, embedder: models.Embedder, table: pd.DataFrame, data_root: str | Path,
                 device: str, progress: bool = True, desc: str = "embedding") -> np.ndarray:
     """Embeddings of every row of ``table`` (row order kept), eval transform, no augmentation."""
-    dataset = data.C2SDataset(table, data_root, eval_transform(cfg, embedder))
+    dataset = data.C2SDataset(table, data_root, make_transform(cfg, embedder.data_config))
     loader = data.make_loader(dataset, batch_size=64, num_workers=cfg.num_workers, seed=cfg.seed, device=device)
     return retrieval.extract_embeddings(embedder, loader, device, flip_tta=cfg.flip_tta, progress=progress, desc=desc)
 
@@ -212,10 +214,7 @@ def fit(cfg: Config, table_path: str | Path, data_root: str | Path, run_dir: str
     train_rows = table.loc[table.split == "train"].reset_index(drop=True)
     if train_rows.empty:
         raise InputError(f"{table_path}: the train split is empty")
-    dc = embedder.data_config
-    train_set = data.C2SDataset(train_rows, data_root, data.build_transform(
-        dc["input_size"][-1], dc["mean"], dc["std"], dc["interpolation"], augment=cfg.augment,
-        resize=cfg.resize, photometric=cfg.photometric, margin=cfg.box_margin))
+    train_set = data.C2SDataset(train_rows, data_root, make_transform(cfg, embedder.data_config, cfg.augment))
     sampler = data.PKSampler((train_set.labels, train_set.domains), cfg.p_items, cfg.k_images, seed=cfg.seed)
     steps_per_epoch = len(sampler)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, steps_per_epoch))

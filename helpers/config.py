@@ -12,7 +12,9 @@ is None are ignored, so CLI flags and notebook parameters can be passed through 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -109,4 +111,23 @@ def get_config(profile: str = "demo", **overrides) -> Config:
         raise InputError("profile 'full' needs the DeepFashion C2S root: set C2S_DATA_ROOT or pass data_root")
     if profile == "full":
         values.setdefault("data_root", os.environ["C2S_DATA_ROOT"] if "C2S_DATA_ROOT" in os.environ else None)
-    return replace(PROFILES[profile], **values)
+    return check(replace(PROFILES[profile], **values))
+
+
+def check(cfg: Config) -> Config:
+    """Reject values no run can use, with the field's name (before any work starts)."""
+    for name in ("epochs", "patience", "p_items", "embed_dim", "synthetic_items"):
+        if getattr(cfg, name) < 1:
+            raise InputError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("warmup_epochs", "num_workers", "box_margin", "weight_decay", "grad_clip"):
+        if getattr(cfg, name) < 0:
+            raise InputError(f"{name} must be non-negative, got {getattr(cfg, name)}")
+    if cfg.k_images < 2:
+        raise InputError(f"k_images must be at least 2 (one consumer and one shop image), got {cfg.k_images}")
+    if cfg.amp not in ("auto", "off"):
+        raise InputError(f"amp must be auto or off, got {cfg.amp!r}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device):
+        raise InputError(f"device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise InputError(f"lr must be a positive number, got {cfg.lr}")
+    return cfg

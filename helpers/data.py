@@ -212,7 +212,10 @@ def augmentation(preset: str, size: int, interpolation: str = "bicubic") -> tupl
         before.append(v2.RandomHorizontalFlip(p.flip))
     if p.min_scale < 1:
         before.append(
-            v2.RandomResizedCrop(size, scale=(p.min_scale, 1.0), interpolation=interpolation, antialias=True)
+            # An InterpolationMode, not the string: torchvision < 0.29 rejects strings here.
+            v2.RandomResizedCrop(size, scale=(p.min_scale, 1.0), antialias=True,
+                                 interpolation=v2.InterpolationMode(_choose(interpolation, tuple(_PIL_RESAMPLE),
+                                                                            "interpolation")))
         )
     if p.jitter > 0:
         before.append(v2.ColorJitter(brightness=p.jitter, contrast=p.jitter, saturation=p.jitter))

@@ -73,7 +73,8 @@ def read_records(path: Path, header: tuple[str, ...] | None, n_columns: int | tu
     if not path.is_file():
         raise at(path, None, "list file not found")
     widths = (n_columns,) if isinstance(n_columns, int) else n_columns
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    # utf-8-sig: a byte-order mark (from some editors) is not part of the count line.
+    lines = path.read_text(encoding="utf-8-sig", errors="replace").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
@@ -180,12 +181,16 @@ def parse_landmark_list(path: Path) -> pd.DataFrame:
     widths = tuple(3 + 3 * n for n in LANDMARK_COUNTS)
     if not path.is_file():
         raise at(path, None, "list file not found")
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    lines = path.read_text(encoding="utf-8-sig", errors="replace").splitlines()
     if len(lines) < 2 or len(lines[1].split()) != header_width:
         raise at(path, 2, f"expected a header of {header_width} column names")
     header = tuple(lines[1].split())
     rows = []
+    seen: dict[str, int] = {}
     for record in read_records(path, header, widths):
+        first = seen.setdefault(record.fields[0], record.line)
+        if first != record.line:
+            raise at(path, record.line, f"image {record.fields[0]} already listed on line {first}")
         values = [_int(path, record, c, "landmark value") for c in range(1, len(record.fields))]
         if values[1] not in VARIATION_TYPES:
             raise at(path, record.line, f"variation_type must be 1..5, got {values[1]}")
@@ -209,12 +214,19 @@ def build_image_table(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dic
         if len(unknown):
             row = unknown.iloc[0]
             raise at(partition_path, int(row.line), f"item {row.item_id} is not in {ITEM_LIST}")
-    known = set(boxes.path)
+    domain_of = boxes.set_index("path").domain
     for column in ("consumer", "shop"):
-        absent = pairs.loc[~pairs[column].isin(known)]
+        domains = pairs[column].map(domain_of)
+        absent = pairs.loc[domains.isna()]
         if len(absent):
             row = absent.iloc[0]
             raise at(partition_path, int(row.line), f"image {row[column]} is not in {BBOX_LIST}")
+        # Column 1 of a pair is the consumer image and column 2 the shop image.
+        swapped = pairs.loc[domains != column]
+        if len(swapped):
+            row = swapped.iloc[0]
+            raise at(partition_path, int(row.line), f"image {row[column]} is listed as {column} here but its "
+                                                     f"source_type in {BBOX_LIST} says {domain_of[row[column]]}")
 
     split_of_item = pairs.drop_duplicates("item_id").set_index("item_id").split
     in_partition = set(pairs.consumer) | set(pairs.shop)

@@ -15,6 +15,7 @@ Scores are inner products. On L2-normalised embeddings this is cosine similarity
 from __future__ import annotations
 
 import json
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -400,22 +401,23 @@ def faiss_topk(query: ArrayLike, gallery: ArrayLike, k: int) -> tuple[np.ndarray
 
 @torch.inference_mode()
 def extract_embeddings(model: torch.nn.Module, loader, device: str = "cpu", flip_tta: bool = False,
-                       progress: bool = True, desc: str = "embedding") -> np.ndarray:
+                       progress: bool = True, desc: str = "embedding",
+                       amp_dtype: torch.dtype | None = None) -> np.ndarray:
     """``float32 [len(dataset), D]`` embeddings of a loader yielding ``(images, labels, index)``.
 
     Rows are placed by the dataset index each batch carries, so any loader order is safe.
     ``flip_tta`` averages each embedding with that of the horizontally flipped image and
-    re-normalises (test-time augmentation: +0.6 top-1 reported on C2S).
+    re-normalises (test-time augmentation: +0.6 top-1 reported on C2S). ``amp_dtype``
+    (bf16 / fp16) runs the model under CUDA autocast; None runs it in fp32.
     """
     model.eval()
     cuda = str(device).startswith("cuda")
-    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
     out: np.ndarray | None = None
     for images, _, index in tqdm(loader, desc=desc, disable=not progress, leave=False, mininterval=2.0):
         images = images.to(device, non_blocking=True)
         if cuda:
             images = images.to(memory_format=torch.channels_last)
-        with torch.autocast(device_type="cuda", dtype=amp_dtype, enabled=cuda):
+        with torch.autocast(device_type="cuda", dtype=amp_dtype or torch.float16, enabled=cuda and amp_dtype is not None):
             embeddings = model(images).float()
             if flip_tta:
                 embeddings = torch.nn.functional.normalize(embeddings + model(images.flip(-1)).float(), dim=1)
@@ -443,15 +445,21 @@ class GalleryIndex:
         self._embedder = None
 
     def save(self, directory: str | Path) -> Path:
+        """Write the index folder (via a ``.partial`` sibling renamed at the end: never half an index)."""
         directory = Path(directory)
         if directory.exists() and any(directory.iterdir()):
             raise InputError(f"{directory}: not empty; choose a new index folder")
-        directory.mkdir(parents=True, exist_ok=True)
-        np.save(directory / "embeddings.npy", self.embeddings)
-        self.gallery.to_csv(directory / "gallery.csv", index=False, lineterminator="\n")
+        staging = directory.with_name(directory.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        np.save(staging / "embeddings.npy", self.embeddings)
+        self.gallery.to_csv(staging / "gallery.csv", index=False, lineterminator="\n")
         torch.save({"model": self.model_state["model"], "model_config": self.model_state["model_config"],
-                    "config": self.run_config}, directory / "model.pt")
-        (directory / "index.json").write_text(json.dumps(self.meta, indent=2) + "\n")
+                    "config": self.run_config}, staging / "model.pt")
+        (staging / "index.json").write_text(json.dumps(self.meta, indent=2) + "\n")
+        if directory.exists():
+            directory.rmdir()
+        staging.rename(directory)
         return directory
 
     @classmethod
@@ -460,10 +468,15 @@ class GalleryIndex:
         missing = [name for name in INDEX_FILES if not (directory / name).is_file()]
         if missing:
             raise InputError(f"{directory}: not a gallery index (missing {', '.join(missing)})")
-        state = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
-        return cls(np.load(directory / "embeddings.npy"), pd.read_csv(directory / "gallery.csv", dtype={"path": str}),
-                   {"model": state["model"], "model_config": state["model_config"]}, state["config"],
-                   json.loads((directory / "index.json").read_text()))
+        try:
+            state = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
+            return cls(np.load(directory / "embeddings.npy"), pd.read_csv(directory / "gallery.csv", dtype={"path": str}),
+                       {"model": state["model"], "model_config": state["model_config"]}, state["config"],
+                       json.loads((directory / "index.json").read_text()))
+        except InputError:
+            raise
+        except Exception as error:  # a truncated or foreign file: say which index, not a traceback
+            raise InputError(f"{directory}: unreadable gallery index ({type(error).__name__})") from None
 
     def embedder(self):
         """The model that embedded the gallery, in eval mode (built once)."""
@@ -520,6 +533,8 @@ def build_index(checkpoint: str | Path, table_path: str | Path, data_root: str |
     device = repro.resolve_device(device)
     cfg = replace(cfg, num_workers=num_workers)
     table = sampling.read_table(table_path)
+    if protocol == "seed_pairs":
+        raise InputError("an index needs a gallery without duplicates: use --protocol official or split")
     _, gallery = metrics.protocol_sets(table, split, protocol)
     embeddings = train.embed_table(cfg, embedder.to(device), gallery, data_root, device, progress, "embedding gallery")
     state = train.checkpoint_load(checkpoint)

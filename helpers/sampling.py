@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def parse_fractions(text: str, name: str) -> tuple[float, float, float]:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         raise InputError(f"{name} expects three comma-separated numbers, got {text!r}") from None
-    if len(values) != 3 or min(values) < 0 or sum(values) <= 0:
+    if len(values) != 3 or not all(math.isfinite(v) for v in values) or min(values) < 0 or sum(values) <= 0:
         raise InputError(f"{name} expects three non-negative numbers (train,val,test), got {text!r}")
     if name == "--sample" and max(values) > 1:
         raise InputError(f"--sample fractions must be at most 1, got {text!r}")
@@ -194,11 +195,20 @@ def read_table(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: image table not found (run `python -m helpers prepare` first)")
-    table = pd.read_csv(path, dtype={"path": str, "item_id": str, "domain": str, "split": str,
-                                     "category": str, "subcategory": str})
+    try:
+        table = pd.read_csv(path, dtype={"path": str, "item_id": str, "domain": str, "split": str,
+                                         "category": str, "subcategory": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as error:
+        raise InputError(f"{path}: not an image table written by prepare ({type(error).__name__})") from None
     missing = [c for c in deepfashion.TABLE_COLUMNS if c not in table.columns]
     if missing:
         raise InputError(f"{path}:1: missing columns {','.join(missing)}")
     if table.empty:
         raise InputError(f"{path}: the image table is empty")
+    # Line numbers below count the header as line 1.
+    bad = table[deepfashion.TABLE_COLUMNS].isna().any(axis=1)
+    bad |= ~table.domain.isin(("consumer", "shop")) | ~table.split.isin(SPLITS)
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise InputError(f"{path}:{row + 2}: empty field, or domain/split not consumer|shop / train|val|test")
     return table

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -31,9 +32,6 @@ from . import data, losses, metrics, models, repro, retrieval
 from .config import Config
 from .errors import InputError
 
-# Config fields that may change between a run and its resume: they do not change results.
-# (Not ``epochs``: the learning-rate schedule depends on it.)
-RESUMABLE_CHANGES = {"num_workers", "device"}
 COLLAPSE_THRESHOLD = 0.99  # norm of the mean unit embedding: 1.0 means all embeddings equal
 
 
@@ -87,7 +85,8 @@ def embed_table(cfg: Config, embedder: models.Embedder, table: pd.DataFrame, dat
     """Embeddings of every row of ``table`` (row order kept), eval transform, no augmentation."""
     dataset = data.C2SDataset(table, data_root, make_transform(cfg, embedder.data_config))
     loader = data.make_loader(dataset, batch_size=64, num_workers=cfg.num_workers, seed=cfg.seed, device=device)
-    return retrieval.extract_embeddings(embedder, loader, device, flip_tta=cfg.flip_tta, progress=progress, desc=desc)
+    return retrieval.extract_embeddings(embedder, loader, device, flip_tta=cfg.flip_tta, progress=progress, desc=desc,
+                                        amp_dtype=_amp_dtype(cfg, device))
 
 
 def evaluate(cfg: Config, embedder: models.Embedder, table: pd.DataFrame, data_root: str | Path, split: str = "test",
@@ -95,11 +94,12 @@ def evaluate(cfg: Config, embedder: models.Embedder, table: pd.DataFrame, data_r
     """Recall@K / mAP of ``split`` under ``protocol`` (only the rows the protocol uses are embedded),
     plus ``mean_embedding_norm``: the norm of the mean unit embedding, near 1 when collapsed."""
     queries, gallery = metrics.protocol_sets(table, split, protocol)
-    used = np.union1d(queries.index.to_numpy(), gallery.index.to_numpy())
-    embeddings = np.zeros((len(table), embedder.config["embed_dim"]), dtype=np.float32)
-    embeddings[used] = embed_table(cfg, embedder, table.iloc[used], data_root, device, progress, f"embedding {split}")
-    result = metrics.evaluate_protocol(table, embeddings, split=split, protocol=protocol)
-    result["mean_embedding_norm"] = float(np.linalg.norm(embeddings[used].mean(axis=0)))
+    # The protocol picks rows by their own columns, so the sub-table of the rows it uses
+    # gives the same query and gallery sets without embedding (or allocating) the rest.
+    used = table.iloc[np.union1d(queries.index.to_numpy(), gallery.index.to_numpy())].reset_index(drop=True)
+    embeddings = embed_table(cfg, embedder, used, data_root, device, progress, f"embedding {split}")
+    result = metrics.evaluate_protocol(used, embeddings, split=split, protocol=protocol)
+    result["mean_embedding_norm"] = float(np.linalg.norm(embeddings.mean(axis=0)))
     return result
 
 
@@ -119,7 +119,7 @@ def _schedule(cfg: Config, steps_per_epoch: int):
 def _amp_dtype(cfg: Config, device: str) -> torch.dtype | None:
     if cfg.amp == "off" or not device.startswith("cuda"):
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def train_one_epoch(embedder, loader, criterion, optimizer, scheduler, scaler, device: str,
@@ -151,7 +151,7 @@ def train_one_epoch(embedder, loader, criterion, optimizer, scheduler, scaler, d
     return float(np.mean(losses_seen)), images_seen, time.perf_counter() - started
 
 
-def _check_resume(run_dir: Path, cfg: Config, resume: bool) -> dict | None:
+def _check_resume(run_dir: Path, cfg: Config, table_path: str | Path, resume: bool) -> dict | None:
     last = run_dir / "last.pt"
     existing = [p.name for p in (run_dir / "config.json", last, run_dir / "history.csv") if p.exists()]
     if not resume:
@@ -163,11 +163,13 @@ def _check_resume(run_dir: Path, cfg: Config, resume: bool) -> dict | None:
         raise InputError(f"{last}: nothing to resume (no last.pt)")
     state = checkpoint_load(last)
     saved = state["config"]
-    differs = sorted(k for k, v in asdict(cfg).items()
-                     if k not in RESUMABLE_CHANGES and _jsonable(saved.get(k)) != _jsonable(v))
+    differs = sorted(k for k, v in asdict(cfg).items() if _jsonable(saved.get(k)) != _jsonable(v))
     if differs:
         detail = ", ".join(f"{k}: {saved.get(k)!r} → {getattr(cfg, k)!r}" for k in differs)
         raise InputError(f"{last}: was trained with another config ({detail}); start a new --out instead")
+    if state["table_sha256"] != table_sha256(table_path):
+        raise InputError(f"{table_path}: differs from the table {last} was trained on (sha256 changed); "
+                         "start a new --out instead")
     return state
 
 
@@ -175,13 +177,20 @@ def _jsonable(value):
     return json.loads(json.dumps(value))
 
 
-def _append_history(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+def _write_history(path: Path, rows: list[dict]) -> None:
+    """history.csv is rewritten from the checkpoint's rows, so it always matches last.pt."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
 
 
 def fit(cfg: Config, table_path: str | Path, data_root: str | Path, run_dir: str | Path, resume: bool = False,
@@ -190,10 +199,14 @@ def fit(cfg: Config, table_path: str | Path, data_root: str | Path, run_dir: str
 
     ``stop_after_epoch`` ends the call after that epoch as an interruption would (returns None,
     no test evaluation); ``resume=True`` later continues the same run.
+
+    Crash safety: ``last.pt`` holds everything (weights, optimizer, schedule, early-stopping
+    state, the history rows) and is written first; ``best.pt`` is a copy of it and
+    ``history.csv`` is rewritten from it, so a crash between writes is repaired on resume.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    state = _check_resume(run_dir, cfg, resume)
+    state = _check_resume(run_dir, cfg, table_path, resume)
     from .sampling import read_table
 
     table = read_table(table_path)
@@ -216,33 +229,48 @@ def fit(cfg: Config, table_path: str | Path, data_root: str | Path, run_dir: str
         raise InputError(f"{table_path}: the train split is empty")
     train_set = data.C2SDataset(train_rows, data_root, make_transform(cfg, embedder.data_config, cfg.augment))
     sampler = data.PKSampler((train_set.labels, train_set.domains), cfg.p_items, cfg.k_images, seed=cfg.seed)
-    steps_per_epoch = len(sampler)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, len(sampler)))
     amp_dtype = _amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
-    start_epoch, best, bad_epochs = 0, -1.0, 0
     if state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, best, bad_epochs = state["epoch"] + 1, state["best"], state["bad_epochs"]
-        initial_norm = state["initial_norm"]
+        if state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        if state["bad_epochs"] == 0 and state["epoch"] >= 0:
+            _copy_atomic(run_dir / "last.pt", run_dir / "best.pt")  # the copy a crash may have missed
+        _write_history(run_dir / "history.csv", state["history"])
     else:
         # Epoch 0: the untrained model on val. It is the baseline that training must beat, and
         # its embedding spread tells a collapse caused by training from a model that starts
         # nearly collapsed (a random init).
         initial = evaluate(cfg, embedder, table, data_root, split="val", device=device, progress=False)
-        initial_norm = initial["mean_embedding_norm"]
-        _append_history(run_dir / "history.csv", _history_row(0, float("nan"), cfg.lr, initial, float("nan")))
+        state = {"epoch": -1, "best": -1.0, "bad_epochs": 0, "initial_norm": initial["mean_embedding_norm"],
+                 "history": [_history_row(0, float("nan"), cfg.lr, initial, float("nan"))],
+                 "table_sha256": table_sha256(table_path)}
         (run_dir / "config.json").write_text(json.dumps({
             "config": asdict(cfg), "model": embedder.config, "table": str(table_path),
-            "table_sha256": table_sha256(table_path), "data_root": str(data_root),
+            "table_sha256": state["table_sha256"], "data_root": str(data_root),
             "ineligible_train_items": sampler.n_ineligible, "env": repro.env_info()}, indent=2, default=str))
 
+    def save(epoch: int, val: dict | None) -> None:
+        state.update(model=embedder.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                     scaler=scaler.state_dict(), epoch=epoch, config=_jsonable(asdict(cfg)),
+                     model_config=embedder.config, val=val)
+        checkpoint_save(run_dir / "last.pt", state)
+        if val is not None and state["bad_epochs"] == 0:
+            _copy_atomic(run_dir / "last.pt", run_dir / "best.pt")
+        _write_history(run_dir / "history.csv", state["history"])
+
+    if state["epoch"] < 0 and not (run_dir / "last.pt").exists():
+        save(-1, None)  # a crash in epoch 1 can then be resumed too
+    if stop_after_epoch == 0:
+        return None
+
     stopped = None
-    for epoch in range(start_epoch, cfg.epochs):
-        if bad_epochs >= cfg.patience:
+    for epoch in range(state["epoch"] + 1, cfg.epochs):
+        if state["bad_epochs"] >= cfg.patience:
             stopped = f"early stop: val recall@5 did not improve for {cfg.patience} epochs"
             break
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # augmentation and worker seeds = f(seed, epoch)
@@ -252,22 +280,16 @@ def fit(cfg: Config, table_path: str | Path, data_root: str | Path, run_dir: str
         loss, images_seen, seconds = train_one_epoch(embedder, loader, criterion, optimizer, scheduler, scaler,
                                                      device, amp_dtype, cfg.grad_clip, progress,
                                                      desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        del loader  # its workers are not needed during evaluation
 
         val = evaluate(cfg, embedder, table, data_root, split="val", protocol="official", device=device, progress=False)
-        row = _history_row(epoch + 1, loss, optimizer.param_groups[0]["lr"], val, images_seen / seconds)
-        improved = val["recall@5"] > best
-        best, bad_epochs = (val["recall@5"], 0) if improved else (best, bad_epochs + 1)
-        checkpoint = {"model": embedder.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                      "best": best, "bad_epochs": bad_epochs, "config": _jsonable(asdict(cfg)),
-                      "model_config": embedder.config, "val": val, "initial_norm": initial_norm}
-        if improved:
-            checkpoint_save(run_dir / "best.pt", checkpoint)
-        checkpoint_save(run_dir / "last.pt", checkpoint)
-        _append_history(run_dir / "history.csv", row)
+        improved = val["recall@5"] > state["best"]
+        state["best"], state["bad_epochs"] = (val["recall@5"], 0) if improved else (state["best"], state["bad_epochs"] + 1)
+        state["history"].append(_history_row(epoch + 1, loss, optimizer.param_groups[0]["lr"], val, images_seen / seconds))
+        save(epoch, val)
         if progress:
-            print(f"epoch {epoch + 1}: loss {row['loss']:.4f}  val R@1 {val['recall@1']:.3f}  R@5 {val['recall@5']:.3f}")
-        spread = val["mean_embedding_norm"]
+            print(f"epoch {epoch + 1}: loss {loss:.4f}  val R@1 {val['recall@1']:.3f}  R@5 {val['recall@5']:.3f}")
+        spread, initial_norm = val["mean_embedding_norm"], state["initial_norm"]
         if spread > COLLAPSE_THRESHOLD and spread > initial_norm + 0.005:
             raise InputError(f"embeddings collapsed at epoch {epoch + 1} (mean unit embedding has norm {spread:.3f}, "
                              f"{initial_norm:.3f} before training): "

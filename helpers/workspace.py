@@ -68,6 +68,6 @@ def ensure_prepared(cfg: Config, progress: bool = True) -> tuple[Path, Path]:
         found = {k: summary["parameters"][k] for k in parameters}
         if summary["data_root"] == str(root) and found == parameters and table_path.is_file():
             return root, table_path
-    sampling.prepare(root, cfg.prepared_dir, categories=cfg.categories, sample=cfg.sample,
+    sampling.prepare(root, cfg.prepared_dir, categories=cfg.categories, sample=None if cfg.resplit else cfg.sample,
                      resplit=cfg.resplit, seed=cfg.split_seed, overwrite=True, progress=progress)
     return root, table_path

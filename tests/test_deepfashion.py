@@ -44,11 +44,21 @@ def test_table_from_hand_written_lists(tree):
 
 
 def test_domain_comes_from_source_type_not_file_name(tmp_path):
+    """A consumer photo whose file is named shop_09.jpg is still a consumer photo."""
+    old, new = BBOX[0][0], "img/TOPS/T_Shirt/id_00000001/shop_09.jpg"
+    bbox = [(new if b[0] == old else b[0], *b[1:]) for b in BBOX]
+    partition = [tuple(new if v == old else v for v in row) for row in PARTITION]
+    table, _, _ = deepfashion.build_image_table(write_tree(tmp_path, bbox=bbox, partition=partition))
+    assert table.set_index("path").loc[new, "domain"] == "consumer"
+
+
+def test_partition_roles_must_match_source_type(tmp_path):
     bbox = list(BBOX)
-    name, ct, _, box, size = bbox[2]  # shop_01.jpg of id_00000001, relabelled consumer
+    name, ct, _, box, size = bbox[2]  # shop_01.jpg of id_00000001, now source_type 2 (consumer)
     bbox[2] = (name, ct, 2, box, size)
-    table, _, _ = deepfashion.build_image_table(write_tree(tmp_path, bbox=bbox))
-    assert table.set_index("path").loc[name, "domain"] == "consumer"
+    with pytest.raises(InputError, match=r"list_eval_partition.txt:3: image .*shop_01.jpg is listed as shop here "
+                                         r"but its source_type .* says consumer"):
+        deepfashion.build_image_table(write_tree(tmp_path, bbox=bbox))
 
 
 def test_prepare_counts_and_clipping(tree, tmp_path):

@@ -92,3 +92,20 @@ def test_prepare_is_byte_identical(tmp_path):
     summary = (tmp_path / "a/summary.json").read_text()
     assert summary.replace(str(tmp_path / "a"), "") == (tmp_path / "b/summary.json").read_text().replace(
         str(tmp_path / "b"), "")
+
+
+def test_read_table_names_the_bad_line(tmp_path):
+    table = make_table(4)
+    table.loc[2, "split"] = "training"
+    table.to_csv(tmp_path / "images.csv", index=False)
+    with pytest.raises(InputError, match=r"images.csv:4: empty field, or domain/split"):
+        sampling.read_table(tmp_path / "images.csv")
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(InputError, match="empty.csv: not an image table"):
+        sampling.read_table(tmp_path / "empty.csv")
+
+
+@pytest.mark.parametrize("text", ["nan,1,1", "inf,1,1"])
+def test_fractions_must_be_finite(text):
+    with pytest.raises(InputError, match="three non-negative"):
+        sampling.parse_fractions(text, "--resplit")

@@ -136,3 +136,39 @@ def test_zero_shot_counts_match_the_official_protocol_on_a_hand_written_tree(tmp
     metrics = json.loads(out.read_text())
     assert (metrics["n_queries"], metrics["n_excluded_queries"], metrics["n_gallery"]) == (3, 0, 4)
     assert metrics["model"]["weights_source"] == "packaged" and metrics["model"]["head"] == "pooled"
+
+
+def test_resume_from_the_baseline_checkpoint_and_repair_history(prepared, tmp_path):
+    """last.pt is saved right after the epoch-0 baseline, so a crash in epoch 1 is resumable;
+    history.csv is rebuilt from last.pt, so a row lost or half-written by a crash comes back."""
+    root, table = prepared
+    train.fit(fixture_cfg(), table, root, tmp_path / "whole", progress=False)
+    run = tmp_path / "run"
+    assert train.fit(fixture_cfg(), table, root, run, progress=False, stop_after_epoch=0) is None
+    assert train.checkpoint_load(run / "last.pt")["epoch"] == -1 and not (run / "best.pt").exists()
+    (run / "history.csv").write_text("epoch,loss\n0,")  # a crash mid-write
+    train.fit(fixture_cfg(), table, root, run, resume=True, progress=False)
+    assert state_dicts_equal(train.checkpoint_load(tmp_path / "whole/last.pt")["model"],
+                             train.checkpoint_load(run / "last.pt")["model"])
+    assert list(pd.read_csv(run / "history.csv").epoch) == [0, 1, 2]
+
+
+def test_resume_refuses_a_changed_table(prepared, tmp_path):
+    root, table = prepared
+    run = tmp_path / "run"
+    train.fit(fixture_cfg(), table, root, run, progress=False, stop_after_epoch=0)
+    changed = tmp_path / "images.csv"
+    frame = sampling.read_table(table)
+    frame.iloc[:-1].to_csv(changed, index=False)
+    with pytest.raises(InputError, match="differs from the table"):
+        train.fit(fixture_cfg(), changed, root, run, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"epochs": 0}, "epochs must be at least 1"), ({"patience": 0}, "patience must be at least 1"),
+    ({"amp": "fp8"}, "amp must be auto or off"), ({"device": "gpu"}, "device must be auto"),
+    ({"k_images": 1}, "k_images must be at least 2"), ({"lr": float("nan")}, "lr must be a positive number"),
+])
+def test_config_rejects_unusable_values(override, message):
+    with pytest.raises(InputError, match=message):
+        config.get_config("fixture", **override)

@@ -82,3 +82,27 @@ def plot_pairs(table: pd.DataFrame, data_root: str | Path, n_items: int = 4, con
             _show(ax, data_root, row, f"{item} {row.domain}\n{row.category}/{row.subcategory}")
     fig.tight_layout()
     return fig
+
+
+def plot_retrieval(queries: pd.DataFrame, hits: list[list[dict]], data_root: str | Path) -> plt.Figure:
+    """One row per query: the consumer photo (box drawn), then its top-k shop images; a green
+    frame marks a gallery image of the query's own item, red any other."""
+    k = max(len(h) for h in hits)
+    fig, axes = plt.subplots(len(queries), k + 1, figsize=(1.9 * (k + 1), 2.3 * len(queries)), squeeze=False)
+    for axes_row, query, row_hits in zip(axes, queries.itertuples(index=False), hits):
+        for ax in axes_row:
+            ax.axis("off")
+        _show(axes_row[0], data_root, query, f"query {query.item_id}")
+        for ax, hit in zip(axes_row[1:], row_hits):
+            with Image.open(Path(data_root) / hit["path"]) as image:
+                ax.imshow(image.convert("RGB"))
+            colour = "tab:green" if hit["item_id"] == query.item_id else "tab:red"
+            ax.set_title(f"#{hit['rank']} {hit['item_id']}\n{hit['score']:.3f}", fontsize=8, color=colour)
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(3)
+    fig.tight_layout()
+    return fig

@@ -172,3 +172,17 @@ def test_resume_refuses_a_changed_table(prepared, tmp_path):
 def test_config_rejects_unusable_values(override, message):
     with pytest.raises(InputError, match=message):
         config.get_config("fixture", **override)
+
+
+def test_cli_demo_on_the_fixture_profile(tmp_path, monkeypatch, capsys):
+    """`python -m helpers demo` end to end; a second call reuses every finished step."""
+    monkeypatch.setattr(config, "OUTPUTS", tmp_path)
+    assert main(["demo", "--profile", "fixture", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "synthetic data (helpers.synthetic), not DeepFashion" in out and "trained (best.pt" in out
+    for name in ("run/metrics.json", "index/index.json", "retrieval.png", "sample_pairs.png", "zero_shot_metrics.json"):
+        assert (tmp_path / "fixture" / name).is_file()
+    stamp = (tmp_path / "fixture/run/metrics.json").stat().st_mtime_ns
+    assert main(["demo", "--profile", "fixture", "--quiet"]) == 0
+    assert (tmp_path / "fixture/run/metrics.json").stat().st_mtime_ns == stamp
+    assert capsys.readouterr().out == out

@@ -14,7 +14,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q -e . --no-deps
 	touch $(STAMP)
 
-# The main job on the embedded default (profile demo): synthetic data → prepared table → summary + figure.
+# The main job on the embedded default (profile demo, synthetic data): prepare, zero-shot baseline, train, evaluate, index, search.
 demo: $(STAMP)
 	$(PY) -m helpers demo
 
@@ -25,6 +25,12 @@ test: $(STAMP)
 # Re-execute the notebooks in place on the demo profile (the outputs that are committed).
 notebooks: $(STAMP)
 	for nb in 0*/*.ipynb; do C2S_PROFILE=demo $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace "$$nb" || exit 1; done
+
+# Speed ratios against a reference measured in the same run (see benchmarks/README.md).
+bench: $(STAMP)
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_embed.py
+	$(PY) benchmarks/bench_search.py
 
 clean-outputs:
 	rm -rf outputs

@@ -54,7 +54,7 @@ class Config:
     p_items: int = 16
     k_images: int = 4
     epochs: int = 10
-    lr: float = 3e-4
+    lr: float = 1e-3                      # head; the backbone gets lr × backbone_lr_mult
     backbone_lr_mult: float = 0.1
     weight_decay: float = 1e-4
     warmup_epochs: int = 1
@@ -89,7 +89,7 @@ PROFILES: dict[str, Config] = {
     "demo": Config(
         profile="demo", synthetic_items=300, categories=None, sample=None,
         img_size=128, backbone="tf_efficientnet_lite0", weights="packaged", embed_dim=128,
-        p_items=8, k_images=4, epochs=6, num_workers=2,
+        p_items=8, k_images=4, epochs=15, num_workers=2,
     ),
     "full": Config(
         profile="full", img_size=None, backbone="efficientnet_b3", weights="hub", embed_dim=256,

@@ -73,8 +73,8 @@ def test_a_run_directory_is_never_silently_reused(prepared, tmp_path):
     train.fit(fixture_cfg(epochs=1), table, root, tmp_path / "run", progress=False)
     with pytest.raises(InputError, match="already holds a run"):
         train.fit(fixture_cfg(epochs=1), table, root, tmp_path / "run", progress=False)
-    with pytest.raises(InputError, match=r"another config \(lr: 0.0003 → 0.001\)"):
-        train.fit(fixture_cfg(epochs=1, lr=1e-3), table, root, tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(InputError, match=r"another config \(lr: 0.001 → 0.0003\)"):
+        train.fit(fixture_cfg(epochs=1, lr=3e-4), table, root, tmp_path / "run", resume=True, progress=False)
     with pytest.raises(InputError, match="nothing to resume"):
         train.fit(fixture_cfg(), table, root, tmp_path / "empty", resume=True, progress=False)
 

@@ -168,7 +168,7 @@ def main() -> None:
         print(f"{name:>20}: {r['images/s']:7.1f} images/s  ({how}: {values}; "
               f"{1e3 * args.batch_size / r['images/s']:.0f} ms/batch)")
     print_steps(best, "batch")
-    print_other_load(results)
+    print_other_load(results, best)
 
     if args.profile_images > 0:
         print("\nwhere the loader's time goes (ms per image, one thread, after a warm-up):")

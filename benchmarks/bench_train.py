@@ -167,15 +167,22 @@ class OtherLoad:
                        "steal": (steal - self._start[1][1]) / hz / wall}
 
 
-def print_other_load(results: dict) -> None:
-    """One line: the most other processes took during any run; a warning when it was much."""
-    loads = [r["load"] for runs in results.values() for r in runs if r.get("load")]
-    if not loads:
+def print_other_load(results: dict, best: dict) -> None:
+    """Other processes' load during the runs kept (``best``) and during all runs; a warning when
+    a kept run was disturbed."""
+    def worst(runs: list) -> tuple[float, float] | None:
+        loads = [r["load"] for r in runs if r.get("load")]
+        return (max(x["other"] for x in loads), max(x["steal"] for x in loads)) if loads else None
+
+    kept, every = worst(list(best.values())), worst([r for runs in results.values() for r in runs])
+    if kept is None:
         return
-    other, steal = max(x["other"] for x in loads), max(x["steal"] for x in loads)
-    print(f"other processes during the timed runs: at most {other:.2f} cores busy, {steal:.2f} cores stolen "
-          f"by the hypervisor (of {os.cpu_count()})")
-    if other > 0.15 or steal > 0.15:
+    line = (f"other processes during the timed runs kept: at most {kept[0]:.2f} cores busy, {kept[1]:.2f} cores "
+            f"stolen by the hypervisor (of {os.cpu_count()})")
+    if every != kept:
+        line += f"; during all runs: {every[0]:.2f} busy, {every[1]:.2f} stolen"
+    print(line)
+    if max(kept) > 0.15:
         print("WARNING: the machine was not quiet; these numbers are disturbed, rerun when it is idle")
 
 
@@ -334,7 +341,7 @@ def main() -> None:
         r, values = best[name], ", ".join(f"{x['images/s']:.1f}" for x in runs)
         print(f"{name:>20}: {r['images/s']:7.1f} images/s  ({how}: {values}; {1e3 * batch / r['images/s']:.0f} ms/step)")
     print_steps(best)
-    print_other_load(results)
+    print_other_load(results, best)
 
     if args.profile_images > 0:
         print("\nwhere the loader's time goes (ms per image, one thread, after a warm-up):")

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -193,8 +194,9 @@ def main() -> None:
 
     print(f"\nratio full (warm workers) / bare: {best['full (warm workers)']['images/s'] / best['bare']['images/s']:.2f} (goal >= 0.9)")
     print(f"ratio full (new loader, as embed_table) / bare: {best['full (new loader)']['images/s'] / best['bare']['images/s']:.2f}")
-    print(f"(total {time.perf_counter() - started:.0f} s; load average after: "
-          + " ".join(f"{v:.2f}" for v in os.getloadavg()) + ")")
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(f"(total {time.perf_counter() - started:.0f} s; peak RSS of the main process {peak_mib:.0f} MiB; "
+          "load average after: " + " ".join(f"{v:.2f}" for v in os.getloadavg()) + ")")
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def build(args: argparse.Namespace):
     return cfg, embedder, criterion, optimizer, scheduler, scaler, dataset
 
 
-def sampler_for(dataset, args: argparse.Namespace, epoch: int, steps: int):
+def sampler_for(dataset, args: argparse.Namespace, epoch: int, steps: int | None):
     from helpers import data
 
     sampler = data.PKSampler((dataset.labels, dataset.domains), args.p, args.k, epoch_len=steps, seed=0)
@@ -367,8 +367,9 @@ def main() -> None:
 
     print(f"\nratio full (warm workers) / bare: {best['full (warm workers)']['images/s'] / best['bare']['images/s']:.2f} (goal >= 0.85)")
     print(f"ratio full (new loader, as fit() per epoch) / bare: {best['full (new loader)']['images/s'] / best['bare']['images/s']:.2f}")
-    print(f"(total {time.perf_counter() - started:.0f} s; load average after: "
-          + " ".join(f"{v:.2f}" for v in os.getloadavg()) + ")")
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(f"(total {time.perf_counter() - started:.0f} s; peak RSS of the main process {peak_mib:.0f} MiB; "
+          "load average after: " + " ".join(f"{v:.2f}" for v in os.getloadavg()) + ")")
 
 
 if __name__ == "__main__":

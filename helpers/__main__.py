@@ -13,6 +13,9 @@ from pathlib import Path
 
 from .errors import InputError
 
+SPLIT_CHOICES = ("train", "val", "test")  # helpers.schema.SPLITS, without importing pandas for --help
+PROTOCOL_CHOICES = ("official", "split", "seed_pairs")
+
 
 def cmd_fixture(args) -> None:
     from . import synthetic
@@ -37,9 +40,13 @@ def cmd_prepare(args) -> None:
     print(f"wrote {args.out}/images.csv and {args.out}/summary.json")
 
 
-TRAIN_OVERRIDES = ("backbone", "weights", "loss", "embed_dim", "epochs", "seed", "lr", "img_size", "augment",
-                   "margin", "temperature", "p_items", "k_images", "head", "pooling", "photometric", "box_margin",
-                   "resize", "device", "num_workers", "patience", "amp")
+# Config fields a run's flags may override (the data fields belong to `prepare`).
+TRAIN_OVERRIDES = ("backbone", "weights", "img_size", "resize", "box_margin", "augment", "photometric", "embed_dim",
+                   "head", "pooling", "loss", "margin", "temperature", "xbm_size", "xbm_start_epoch", "p_items",
+                   "k_images", "epochs", "optimizer", "lr", "backbone_lr_mult", "weight_decay", "schedule",
+                   "warmup_epochs", "grad_clip", "patience", "amp", "seed", "deterministic", "num_workers",
+                   "embed_batch", "device", "flip_tta")
+RUNTIME_OVERRIDES = ("device", "num_workers", "embed_batch", "flip_tta")
 
 
 def _config(args, names=TRAIN_OVERRIDES):
@@ -49,9 +56,48 @@ def _config(args, names=TRAIN_OVERRIDES):
     return config.get_config(args.profile, data_root=args.data_root, **overrides)
 
 
-def cmd_train(args) -> None:
-    from . import train
+def _choices() -> dict[str, tuple]:
+    """Each named config field's allowed values, from the registries themselves."""
+    from . import config, data, losses, models
 
+    return {"augment": tuple(data.AUGMENT_PRESETS), "photometric": data.PHOTOMETRIC_MODES, "resize": data.RESIZE_MODES,
+            "loss": tuple(losses.LOSSES), "head": models.HEADS, "pooling": models.POOLINGS,
+            "weights": models.WEIGHT_SOURCES, "amp": ("auto", "off"), "optimizer": config.OPTIMIZERS,
+            "schedule": config.SCHEDULES}
+
+
+def _profile_defaults(name: str) -> str:
+    """``128 (fixture 64, full None)``: the demo profile's default, then the profiles that differ."""
+    from . import config
+
+    values = {profile: getattr(cfg, name) for profile, cfg in config.PROFILES.items()}
+    others = ", ".join(f"{p} {v}" for p, v in values.items() if p != "demo" and v != values["demo"])
+    return f"{values['demo']}" + (f" ({others})" if others else "")
+
+
+def _config_flags(parser: _Parser, names) -> None:
+    """One flag per config field, with its help, its choices and its default per profile; every
+    default is None so that only the flags given override the chosen --profile."""
+    from . import config
+
+    fields = {f.name: f for f in dataclasses.fields(config.Config)}
+    choices = _choices()
+    for name in names:
+        field = fields[name]
+        help_text = f"{field.metadata['help']}; default {_profile_defaults(name)}"
+        flag = "--" + name.replace("_", "-")
+        if field.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        kind = {"int": int, "float": float, "int | None": int}.get(str(field.type), str)
+        parser.add_argument(flag, type=kind, default=None, choices=choices.get(name), help=help_text,
+                            metavar=None if name in choices else name.upper())
+
+
+def cmd_train(args) -> None:
+    from . import repro, train
+
+    repro.tune_allocator()
     cfg = _config(args)
     result = train.fit(cfg, args.table, args.data_root, args.out, resume=args.resume, progress=not args.quiet)
     print(json.dumps({k: result[k] for k in ("recall@1", "recall@5", "recall@10", "map", "best_epoch", "stopped")}))
@@ -59,20 +105,20 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from . import models, repro, sampling, train
+    from . import checkpoints, inference, models, repro, schema
 
     if (args.checkpoint is None) == (args.backbone is None):
         raise InputError("give either --checkpoint or --backbone (zero-shot), not both and not neither")
-    runtime = ("device", "num_workers", "flip_tta")
+    runtime = RUNTIME_OVERRIDES
     if args.checkpoint:
-        embedder, cfg = train.load_checkpoint(args.checkpoint)
+        embedder, cfg = checkpoints.load_embedder(args.checkpoint)
         cfg = dataclasses.replace(cfg, **{k: getattr(args, k) for k in runtime if getattr(args, k) is not None})
     else:
         cfg = _config(args, runtime + ("box_margin", "resize", "photometric"))
         embedder = models.create_embedder(args.backbone, weights=args.weights, head="pooled", img_size=args.img_size)
     device = repro.resolve_device(cfg.device)
-    table = sampling.read_table(args.table)
-    result = train.evaluate(cfg, embedder.to(device).eval(), table, args.data_root, split=args.split,
+    table = schema.read_table(args.table)
+    result = inference.evaluate(cfg, embedder.to(device).eval(), table, args.data_root, split=args.split,
                             protocol=args.protocol, device=device, progress=not args.quiet)
     result["model"] = {**embedder.config, "checkpoint": args.checkpoint}
     text = json.dumps(result, indent=2)
@@ -114,19 +160,28 @@ def _parse_box(text: str) -> tuple[int, int, int, int]:
     return box
 
 
+def cmd_serve(args) -> None:
+    """The live demo on this machine (helpers.app); Ctrl-C stops it."""
+    from . import app
+
+    if not 1 <= args.port <= 65535:
+        raise InputError(f"--port must be 1..65535, got {args.port}")
+    app.serve(args.index, port=args.port, host=args.host, data_root=args.data_root, share=args.share)
+
+
 def cmd_demo(args) -> None:
     """The offline demo (synthetic data, never presented as DeepFashion): data, zero-shot
     baseline, training, test metrics, index, search."""
     import matplotlib
 
     matplotlib.use("Agg")
-    from . import config, pipeline, sampling
+    from . import config, pipeline, sampling, schema
 
     cfg = config.get_config(args.profile)
     out = pipeline.run_demo(cfg, progress=not args.quiet)
     source = "synthetic data (helpers.synthetic), not DeepFashion" if cfg.data_root is None else str(out["data_root"])
     print(f"profile {cfg.profile}: {source}\ntable {out['table']}")
-    print(sampling.split_stats(sampling.read_table(out["table"])).to_string())
+    print(sampling.split_stats(schema.read_table(out["table"])).to_string())
     print(f"\ntest split, official protocol (95 % bootstrap intervals), backbone {cfg.backbone}:")
     print(out["comparison"].to_string())
     print(f"\nrun {out['run']}\nindex {out['index']}\nfigures " + " ".join(str(f) for f in out["figures"]))
@@ -134,29 +189,41 @@ def cmd_demo(args) -> None:
 
 def _table_args(parser) -> None:
     parser.add_argument("--table", required=True, help="images.csv written by prepare")
-    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--data-root", required=True, help="the data root the table's paths are relative to")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _profile_arg(parser) -> None:
+    parser.add_argument("--profile", default="demo", choices=("fixture", "demo", "full"),
+                        help="the defaults that the flags below override; default demo")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors (no usage dump); `--help` shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m helpers", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     fixture = commands.add_parser("fixture", help="write a synthetic tree in the official C2S layout")
-    fixture.add_argument("out_dir")
-    fixture.add_argument("--items", type=int, default=300)
-    fixture.add_argument("--seed", type=int, default=0)
+    fixture.add_argument("out_dir", help="where to write the tree (Anno/, Eval/, img/)")
+    fixture.add_argument("--items", type=int, default=300, help="items to generate; default 300")
+    fixture.add_argument("--seed", type=int, default=0, help="generator seed; default 0")
     fixture.add_argument("--quiet", action="store_true", help="no progress bar")
     fixture.set_defaults(run=cmd_fixture)
 
     prepare = commands.add_parser("prepare", help="parse the official lists → images.csv + summary.json")
-    prepare.add_argument("--data-root", required=True)
-    prepare.add_argument("--out", required=True)
-    prepare.add_argument("--categories", default="TOPS,DRESSES", help="comma-separated, or 'all'")
+    prepare.add_argument("--data-root", required=True, help="the C2S root holding Anno/, Eval/, img/")
+    prepare.add_argument("--out", required=True, help="folder for images.csv, summary.json, bad_images.txt")
+    prepare.add_argument("--categories", default="TOPS,DRESSES", help="comma-separated, or 'all'; default TOPS,DRESSES")
     prepare.add_argument("--sample", default=None,
                          help="fractions of train,val,test items to keep (default 0.1,0.02,0.02), or 'all'")
     prepare.add_argument("--resplit", default=None, help="pool the items and re-split by ratio, e.g. 8,1,1")
-    prepare.add_argument("--seed", type=int, default=42)
+    prepare.add_argument("--seed", type=int, default=42, help="sampling seed; default 42 (the seed study's)")
     prepare.add_argument("--strict", action="store_true", help="any bad image is an error instead of excluded")
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing images.csv in --out")
     prepare.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -165,59 +232,69 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="fit an embedder; writes a run directory")
     _table_args(train)
     train.add_argument("--out", required=True, help="run directory (config.json, history.csv, best.pt, ...)")
-    train.add_argument("--profile", default="demo", help="fixture | demo | full: the defaults overridden below")
+    _profile_arg(train)
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
-    for name, kind in (("backbone", str), ("weights", str), ("loss", str), ("embed-dim", int), ("epochs", int),
-                       ("seed", int), ("lr", float), ("img-size", int), ("augment", str), ("margin", float),
-                       ("temperature", float), ("p-items", int), ("k-images", int), ("head", str),
-                       ("pooling", str), ("photometric", str), ("box-margin", float), ("resize", str),
-                       ("device", str), ("num-workers", int), ("patience", int), ("amp", str)):
-        train.add_argument(f"--{name}", type=kind, default=None)
+    _config_flags(train, TRAIN_OVERRIDES)
     train.set_defaults(run=cmd_train)
 
     evaluate = commands.add_parser("evaluate", help="Recall@K and mAP of a checkpoint or a zero-shot backbone")
     _table_args(evaluate)
-    evaluate.add_argument("--checkpoint", default=None)
-    evaluate.add_argument("--backbone", default=None, help="zero-shot: pooled features of this timm backbone")
-    evaluate.add_argument("--weights", default="auto", help="zero-shot weights: auto | hub | packaged | none")
-    evaluate.add_argument("--img-size", type=int, default=None)
-    evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--protocol", default="official", help="official | split | seed_pairs")
+    evaluate.add_argument("--checkpoint", default=None, help="a run's best.pt or last.pt (its preprocessing is used)")
+    evaluate.add_argument("--backbone", default=None,
+                          help="zero-shot instead: the pooled features of this timm backbone, untrained head")
+    evaluate.add_argument("--weights", default="auto", choices=_choices()["weights"],
+                          help="zero-shot weights; default auto (hub when reachable, else packaged)")
+    evaluate.add_argument("--img-size", type=int, default=None, metavar="PX",
+                          help="zero-shot input side; default the backbone's pretrained size")
+    evaluate.add_argument("--split", default="test", choices=SPLIT_CHOICES, help="evaluated split; default test")
+    evaluate.add_argument("--protocol", default="official", choices=PROTOCOL_CHOICES,
+                          help="query/gallery definition (README: protocols); default official")
     evaluate.add_argument("--out", default=None, help="write the full metrics.json here")
-    evaluate.add_argument("--profile", default="demo")
-    evaluate.add_argument("--flip-tta", action="store_true", default=None, help="average with the flipped image")
-    for name, kind in (("box-margin", float), ("resize", str), ("photometric", str), ("device", str),
-                       ("num-workers", int)):
-        evaluate.add_argument(f"--{name}", type=kind, default=None)
+    _profile_arg(evaluate)
+    _config_flags(evaluate, RUNTIME_OVERRIDES + ("box_margin", "resize", "photometric"))
     evaluate.set_defaults(run=cmd_evaluate)
 
     index = commands.add_parser("index", help="embed a gallery once and save it for search")
     _table_args(index)
-    index.add_argument("--checkpoint", required=True)
-    index.add_argument("--out", required=True, help="index directory")
-    index.add_argument("--split", default="test", help="the gallery is the protocol's gallery for this split")
-    index.add_argument("--protocol", default="official")
-    index.add_argument("--device", default="auto")
-    index.add_argument("--num-workers", type=int, default=2)
+    index.add_argument("--checkpoint", required=True, help="a run's best.pt")
+    index.add_argument("--out", required=True, help="index directory (new or empty)")
+    index.add_argument("--split", default="test", choices=SPLIT_CHOICES,
+                       help="the gallery is the protocol's gallery for this split; default test")
+    index.add_argument("--protocol", default="official", choices=("official", "split"),
+                       help="gallery definition; default official (val + test shop images)")
+    index.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps; default auto")
+    index.add_argument("--num-workers", type=int, default=None,
+                       help="DataLoader workers; default 0 on <= 2 cores, else cores - 1 (max 8)")
     index.set_defaults(run=cmd_index)
 
     search = commands.add_parser("search", help="top-k shop images for one consumer photo")
-    search.add_argument("--index", required=True)
-    search.add_argument("image")
-    search.add_argument("--box", default=None, help="x1,y1,x2,y2 of the garment in the image")
-    search.add_argument("-k", type=int, default=5)
-    search.add_argument("--json", action="store_true")
+    search.add_argument("--index", required=True, help="an index directory written by `index`")
+    search.add_argument("image", help="the consumer photo (any format Pillow reads)")
+    search.add_argument("--box", default=None, help="x1,y1,x2,y2 of the garment in the image; default the whole photo")
+    search.add_argument("-k", type=int, default=5, help="results to return; default 5")
+    search.add_argument("--json", action="store_true", help="print JSON instead of a table")
     search.set_defaults(run=cmd_search, quiet=True)
 
+    serve = commands.add_parser("serve", help="the live demo (Gradio) over a gallery index, on localhost")
+    serve.add_argument("--index", required=True, help="index directory written by `index`")
+    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default): this machine only")
+    serve.add_argument("--data-root", default=None, help="the shop images, if not where the index was built")
+    serve.add_argument("--share", action="store_true", help="also open a public Gradio share link (Colab)")
+    serve.set_defaults(run=cmd_serve)
+
     demo = commands.add_parser("demo", help="the offline demo: synthetic data, prepared table, summary, figure")
-    demo.add_argument("--profile", default="demo", help="demo (default) or fixture")
+    demo.add_argument("--profile", default="demo", choices=("fixture", "demo"), help="default demo")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(run=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:  # argparse prints its one-line reason (e.g. an unknown choice) and exits 2; --help exits 0
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
     try:
         args.run(args)
     except InputError as error:

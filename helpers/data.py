@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from . import errors
-from .errors import InputError
+from .errors import InputError, choose
+from .schema import BOX_COLUMNS, DOMAINS, IMAGE_COLUMNS, check_columns
 from .repro import torch_generator, worker_init_fn
 
 # ImageNet mean × 255, rounded: the padding colour that normalises to about zero.
@@ -32,8 +33,6 @@ IMAGENET_FILL = (124, 116, 104)
 
 RESIZE_MODES = ("letterbox", "squash")
 PHOTOMETRIC_MODES = ("none", "clahe", "grayworld", "both")
-DOMAINS = ("consumer", "shop")
-TABLE_COLUMNS = ("path", "item_id", "domain", "x_1", "y_1", "x_2", "y_2")
 
 # timm's interpolation names → PIL resampling filters.
 _PIL_RESAMPLE = {
@@ -46,16 +45,9 @@ _PIL_RESAMPLE = {
 }
 
 
-def _choose(name: str, choices: Sequence[str], what: str) -> str:
-    """Return ``name`` if it is one of ``choices``, else raise a one-line :class:`InputError`."""
-    if name not in choices:
-        raise InputError(f"unknown {what} {name!r}; choose one of {', '.join(choices)}")
-    return name
-
-
 def _resample(interpolation: str) -> Image.Resampling:
     """The PIL filter for a timm interpolation name ("bicubic", "bilinear", ...)."""
-    return _PIL_RESAMPLE[_choose(interpolation, tuple(_PIL_RESAMPLE), "interpolation")]
+    return _PIL_RESAMPLE[choose(interpolation, tuple(_PIL_RESAMPLE), "interpolation")]
 
 
 def mean_fill(mean: Sequence[float]) -> tuple[int, int, int]:
@@ -121,7 +113,7 @@ def resize_image(
     fill: Sequence[int] = IMAGENET_FILL,
 ) -> Image.Image:
     """``mode`` "letterbox" (default) or "squash" (to reproduce the seed); others raise."""
-    if _choose(mode, RESIZE_MODES, "resize mode") == "squash":
+    if choose(mode, RESIZE_MODES, "resize mode") == "squash":
         return squash(image, size, interpolation)
     return letterbox(image, size, fill, interpolation)
 
@@ -155,7 +147,7 @@ def photometric(image: Image.Image, mode: str = "none") -> Image.Image:
     ``none`` | ``clahe`` (CLAHE on luma, clip 2.0, 8×8 tiles) | ``grayworld`` |
     ``both`` (gray-world first, so CLAHE equalises the colour-corrected luma).
     """
-    mode = _choose(mode, PHOTOMETRIC_MODES, "photometric mode")
+    mode = choose(mode, PHOTOMETRIC_MODES, "photometric mode")
     if mode in ("grayworld", "both"):
         image = grayworld(image)
     if mode in ("clahe", "both"):
@@ -178,6 +170,7 @@ class AugmentPreset:
 
 AUGMENT_PRESETS = {
     "none": AugmentPreset(flip=0.0, jitter=0.0, min_scale=1.0, erase=0.0),
+    "flip": AugmentPreset(flip=0.5, jitter=0.0, min_scale=1.0, erase=0.0),
     "weak": AugmentPreset(flip=0.5, jitter=0.1, min_scale=0.9, erase=0.0),
     "medium": AugmentPreset(flip=0.5, jitter=0.2, min_scale=0.8, erase=0.1),
     "strong": AugmentPreset(flip=0.5, jitter=0.3, min_scale=0.65, erase=0.25),
@@ -194,6 +187,7 @@ def augmentation(preset: str, size: int, interpolation: str = "bicubic") -> tupl
     preset        flip  ColorJitter  RandomResizedCrop scale  RandomErasing p
     ============  ====  ===========  =======================  ===============
     none          --    --           --                       --
+    flip          0.5   --           --                       --
     weak          0.5   0.1          (0.9, 1.0)               0
     medium        0.5   0.2          (0.8, 1.0)               0.1
     strong        0.5   0.3          (0.65, 1.0)              0.25
@@ -204,9 +198,9 @@ def augmentation(preset: str, size: int, interpolation: str = "bicubic") -> tupl
     what tells two otherwise similar garments apart. RandomResizedCrop keeps torchvision's
     aspect range (3/4, 4/3) and resizes back to ``size``. RandomErasing runs on the normalised
     tensor with value 0, i.e. it paints the mean colour. Randomness comes from torch's global
-    generator (per-worker seeded by the DataLoader).
+    generator; in training, :class:`C2SDataset` seeds it per sample (see :class:`SampleSeeds`).
     """
-    p = AUGMENT_PRESETS[_choose(preset, tuple(AUGMENT_PRESETS), "augmentation preset")]
+    p = AUGMENT_PRESETS[choose(preset, tuple(AUGMENT_PRESETS), "augmentation preset")]
     before: list = []
     if p.flip > 0:
         before.append(v2.RandomHorizontalFlip(p.flip))
@@ -214,7 +208,7 @@ def augmentation(preset: str, size: int, interpolation: str = "bicubic") -> tupl
         before.append(
             # An InterpolationMode, not the string: torchvision < 0.29 rejects strings here.
             v2.RandomResizedCrop(size, scale=(p.min_scale, 1.0), antialias=True,
-                                 interpolation=v2.InterpolationMode(_choose(interpolation, tuple(_PIL_RESAMPLE),
+                                 interpolation=v2.InterpolationMode(choose(interpolation, tuple(_PIL_RESAMPLE),
                                                                             "interpolation")))
         )
     if p.jitter > 0:
@@ -249,8 +243,8 @@ class C2STransform:
             raise InputError(f"box margin must be >= 0, got {margin}")
         _resample(interpolation)  # fail at build time, not in the first worker
         self.img_size, self.interpolation, self.margin = img_size, interpolation, margin
-        self.resize = _choose(resize, RESIZE_MODES, "resize mode")
-        self.photometric = _choose(photometric, PHOTOMETRIC_MODES, "photometric mode")
+        self.resize = choose(resize, RESIZE_MODES, "resize mode")
+        self.photometric = choose(photometric, PHOTOMETRIC_MODES, "photometric mode")
         self.augment = augment
         self.fill = mean_fill(mean)
         before, after = augmentation(augment, img_size, interpolation)
@@ -300,12 +294,6 @@ def build_transform(
 # --------------------------------------------------------------------------- dataset
 
 
-def _check_columns(table: pd.DataFrame, needed: Sequence[str]) -> None:
-    missing = [c for c in needed if c not in table.columns]
-    if missing:
-        raise InputError(f"image table lacks column(s) {', '.join(missing)}")
-
-
 def open_rgb(path: str | Path) -> Image.Image:
     """Decode an image file to RGB; a missing or broken file raises a one-line InputError."""
     try:
@@ -326,7 +314,7 @@ class C2SDataset(Dataset):
     """
 
     def __init__(self, table: pd.DataFrame, data_root: str | Path, transform: C2STransform):
-        _check_columns(table, TABLE_COLUMNS)
+        check_columns(table, IMAGE_COLUMNS)
         self.table = table.reset_index(drop=True)
         self.data_root = Path(data_root)
         self.transform = transform
@@ -335,16 +323,27 @@ class C2SDataset(Dataset):
         self.domains = self.table["domain"].to_numpy(dtype=str)
         # Plain arrays: cheap to index in __getitem__ and to copy into workers.
         self._paths = self.table["path"].to_numpy(dtype=str)
-        self._boxes = self.table[["x_1", "y_1", "x_2", "y_2"]].to_numpy(dtype=np.float64)
+        self._boxes = self.table[list(BOX_COLUMNS)].to_numpy(dtype=np.float64)
 
     def __len__(self) -> int:
         return len(self.table)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        """``key`` = a row, or ``(row, draw_seed)`` from :class:`SampleSeeds`: the random
+        augmentation of that sample is then drawn from ``draw_seed`` alone, so it is the same
+        in any worker, for any number of workers, and after a resume."""
+        i, draw_seed = key if isinstance(key, tuple) else (key, None)
         path = self.data_root / self._paths[i]
         image = open_rgb(path)
         try:
-            tensor = self.transform(image, self._boxes[i])
+            if draw_seed is None:
+                tensor = self.transform(image, self._boxes[i])
+            else:
+                # fork_rng restores torch's global generator afterwards (it matters in the main
+                # process when num_workers is 0: model code must not see these draws).
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(draw_seed)
+                    tensor = self.transform(image, self._boxes[i])
         except InputError as exc:  # a bad box: name the image it belongs to
             raise errors.at(path, None, str(exc)) from None
         return tensor, int(self.labels[i]), int(i)
@@ -383,7 +382,7 @@ class PKSampler(Sampler[list[int]]):
     ):
         super().__init__()
         if isinstance(source, pd.DataFrame):
-            _check_columns(source, ("item_id", "domain"))
+            check_columns(source, ("item_id", "domain"))
             labels, domains = source["item_id"].to_numpy(), source["domain"].to_numpy(dtype=str)
         else:
             labels, domains = np.asarray(source[0]), np.asarray(source[1], dtype=str)
@@ -453,6 +452,29 @@ class PKSampler(Sampler[list[int]]):
             chosen = permutation[position : position + self.p]
             position += self.p
             yield [row for slot in chosen for row in self._draw(slot, rng)]
+
+
+class SampleSeeds(Sampler[list[tuple[int, int]]]):
+    """Wraps a batch sampler (e.g. :class:`PKSampler`): each row it yields comes with a seed of
+    its own, a pure function of ``(seed, epoch, batch, position in the batch)``, from which
+    :class:`C2SDataset` draws that sample's augmentation. Same seed → same augmented pixels
+    for ``num_workers`` 0, 1 or 8 (torch's per-worker seeds no longer matter)."""
+
+    def __init__(self, batch_sampler, seed: int):
+        super().__init__()
+        self.batch_sampler, self.seed = batch_sampler, seed
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.batch_sampler.epoch
+        for b, batch in enumerate(self.batch_sampler):
+            states = np.random.SeedSequence([self.seed, epoch, b]).generate_state(len(batch), dtype=np.uint64)
+            yield [(int(row), int(state % 2**63)) for row, state in zip(batch, states)]
 
 
 # --------------------------------------------------------------------------- loader

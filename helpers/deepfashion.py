@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .errors import InputError, at
+from .schema import SPLITS, TABLE_COLUMNS
 
 BBOX_LIST = "Anno/list_bbox_consumer2shop.txt"
 ITEM_LIST = "Anno/list_item_consumer2shop.txt"
@@ -31,7 +32,6 @@ PARTITION_LIST = "Eval/list_eval_partition.txt"
 
 BBOX_HEADER = ("image_name", "clothes_type", "source_type", "x_1", "y_1", "x_2", "y_2")
 PARTITION_HEADER = ("image_pair_name_1", "image_pair_name_2", "item_id", "evaluation_status")
-SPLITS = ("train", "val", "test")
 SOURCE_TYPES = {1: "shop", 2: "consumer"}
 CLOTHES_TYPES = (1, 2, 3)
 VARIATION_TYPES = (1, 2, 3, 4, 5)
@@ -40,10 +40,6 @@ LANDMARK_COUNTS = (4, 6, 8)
 # clipped. Anything further out is an error in the data and the image is excluded.
 BOX_OVERSHOOT_PX = 2
 
-TABLE_COLUMNS = [
-    "path", "item_id", "domain", "split", "category", "subcategory", "clothes_type",
-    "x_1", "y_1", "x_2", "y_2", "width", "height", "variation_type",
-]
 _ITEM_ID = re.compile(r"^id_\d+$")
 
 
@@ -248,7 +244,7 @@ def build_image_table(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dic
         "items": int(table.item_id.nunique()),
         "items_under_two_subcategories": int((table.groupby("item_id").subcategory.nunique() > 1).sum()),
     }
-    return table[TABLE_COLUMNS], pairs.drop(columns="line"), counts
+    return table[list(TABLE_COLUMNS)], pairs.drop(columns="line"), counts
 
 
 def _inspect_image(root: Path, row) -> tuple[str | None, tuple[int, int] | None]:

@@ -16,3 +16,14 @@ def at(path: str | Path, line: int | None, message: str) -> InputError:
     """Build an :class:`InputError` whose message names the file (and line, when known)."""
     where = f"{path}:{line}" if line is not None else f"{path}"
     return InputError(f"{where}: {message}")
+
+
+def choose(value, choices, what: str):
+    """Return ``value`` if it is one of ``choices``, else raise a one-line :class:`InputError`.
+
+    >>> choose("avg", ("avg", "gem"), "pooling")
+    'avg'
+    """
+    if value not in choices:
+        raise InputError(f"unknown {what} {value!r}; choose one of: {', '.join(map(str, choices))}")
+    return value

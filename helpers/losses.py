@@ -39,12 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from helpers.errors import InputError
+from helpers.errors import InputError, choose
 
 __all__ = [
     "SemiHardTripletLoss",
     "BatchHardTripletLoss",
     "SupConLoss",
+    "CrossBatchMemory",
     "LOSSES",
     "create_loss",
 ]
@@ -82,17 +83,30 @@ def _normalised_fp32(embeddings: Tensor) -> Tensor:
     return F.normalize(embeddings.float(), p=2, dim=1)
 
 
-def _label_masks(labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Boolean [N, N] masks: ``pos[a, p]`` (same label, ``p != a``) and ``neg[a, n]``."""
-    same = labels.unsqueeze(1) == labels.unsqueeze(0)
-    eye = torch.eye(labels.shape[0], dtype=torch.bool, device=labels.device)
+def _label_masks(labels: Tensor, candidate_labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Boolean [N, M] masks: ``pos[a, p]`` (same label, ``p != a``) and ``neg[a, n]``.
+
+    The candidates are the batch itself, or the batch followed by a memory (``candidate_labels``
+    starts with ``labels``), so column ``a`` is anchor ``a`` itself.
+    """
+    candidate_labels = labels if candidate_labels is None else candidate_labels
+    same = labels.unsqueeze(1) == candidate_labels.unsqueeze(0)
+    eye = torch.eye(labels.shape[0], candidate_labels.shape[0], dtype=torch.bool, device=labels.device)
     return same & ~eye, ~same
 
 
-def _distances(x: Tensor, squared: bool) -> Tensor:
-    """Pairwise Euclidean (or squared Euclidean) distances of the rows of ``x``, [N, N]."""
-    dist = torch.cdist(x, x, p=2)
+def _distances(x: Tensor, squared: bool, candidates: Tensor | None = None) -> Tensor:
+    """Euclidean (or squared Euclidean) distances of the rows of ``x`` to ``candidates`` (default
+    ``x`` itself), [N, M]."""
+    dist = torch.cdist(x, x if candidates is None else candidates, p=2)
     return dist.pow(2) if squared else dist
+
+
+def _with_memory(x: Tensor, labels: Tensor, memory: Tensor | None, memory_labels: Tensor | None):
+    """The candidates of a batch: the batch itself, then the memory's (detached) rows if any."""
+    if memory is None or memory.shape[0] == 0:
+        return x, labels
+    return torch.cat([x, _normalised_fp32(memory).to(x.device)]), torch.cat([labels, memory_labels.to(labels.device)])
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -194,23 +208,23 @@ class BatchHardTripletLoss(nn.Module):
         super().__init__()
         self.margin = _check_number("batch_hard", "margin", margin, positive=False)
         self.squared = _check_bool("batch_hard", "squared", squared)
-        if reduction not in self.REDUCTIONS:
-            raise InputError(
-                f"batch_hard: unknown reduction {reduction!r}; choose one of: "
-                + ", ".join(self.REDUCTIONS)
-            )
-        self.reduction = reduction
+        self.reduction = choose(reduction, self.REDUCTIONS, "batch_hard reduction")
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, squared={self.squared}, reduction={self.reduction!r}"
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+    def forward(self, embeddings: Tensor, labels: Tensor, memory: Tensor | None = None,
+                memory_labels: Tensor | None = None) -> Tensor:
+        """``memory`` / ``memory_labels``: extra candidates (detached embeddings of earlier
+        batches, see :class:`CrossBatchMemory`) mined as positives and negatives too."""
         _check_inputs(embeddings, labels)
         if embeddings.shape[0] < 2:
             return _zero(embeddings)
         with _fp32_region(embeddings):
-            dist = _distances(_normalised_fp32(embeddings), self.squared)
-            pos, neg = _label_masks(labels.to(embeddings.device))
+            x, labels = _normalised_fp32(embeddings), labels.to(embeddings.device)
+            candidates, candidate_labels = _with_memory(x, labels, memory, memory_labels)
+            dist = _distances(x, self.squared, candidates)
+            pos, neg = _label_masks(labels, candidate_labels)
             # max/min (not amax/amin) so that, like PML's miner, one index gets the gradient.
             hardest_pos = dist.masked_fill(~pos, float("-inf")).max(dim=1).values
             hardest_neg = dist.masked_fill(~neg, float("inf")).min(dim=1).values
@@ -253,14 +267,17 @@ class SupConLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+    def forward(self, embeddings: Tensor, labels: Tensor, memory: Tensor | None = None,
+                memory_labels: Tensor | None = None) -> Tensor:
+        """``memory`` / ``memory_labels``: extra candidates (see :class:`CrossBatchMemory`)."""
         _check_inputs(embeddings, labels)
         if embeddings.shape[0] < 2:
             return _zero(embeddings)
         with _fp32_region(embeddings):
-            x = _normalised_fp32(embeddings)
-            pos, neg = _label_masks(labels.to(embeddings.device))
-            logits = (x @ x.T) / self.temperature
+            x, labels = _normalised_fp32(embeddings), labels.to(embeddings.device)
+            candidates, candidate_labels = _with_memory(x, labels, memory, memory_labels)
+            pos, neg = _label_masks(labels, candidate_labels)
+            logits = (x @ candidates.T) / self.temperature
             logits = logits - logits.max(dim=1, keepdim=True).values.detach()  # stability only
             others = pos | neg  # every k != i
             log_denominator = torch.logsumexp(
@@ -272,6 +289,44 @@ class SupConLoss(nn.Module):
             per_anchor = -mean_log_prob_pos / n_pos.clamp(min=1).to(log_prob.dtype)
             valid = (per_anchor > 0) & pos.any() & neg.any()
             return _masked_mean(per_anchor, valid)
+
+
+class CrossBatchMemory(nn.Module):
+    """Cross-batch memory (XBM; Wang et al., CVPR 2020): mine over the current batch **and** the
+    detached embeddings of the last ``memory_size`` training images, so a small batch (all a
+    2-core CPU affords) still meets the many hard negatives a large batch would hold.
+
+    ``forward(embeddings, labels)`` returns ``loss(batch; candidates = batch + memory)``, then
+    enqueues the batch (detached, first in first out). The gradient flows through the batch
+    only, as in the paper. ``reset()`` empties the memory: the trainer calls it at the start of
+    every epoch (embeddings drift most early on, which is why the paper waits before using
+    it), which also keeps resume exact without saving the memory in checkpoints.
+    """
+
+    def __init__(self, loss: nn.Module, memory_size: int) -> None:
+        super().__init__()
+        if "memory" not in inspect.signature(loss.forward).parameters:
+            raise InputError(f"{type(loss).__name__} cannot mine a cross-batch memory: use batch_hard or infonce")
+        if memory_size < 1:
+            raise InputError(f"memory_size must be >= 1, got {memory_size}")
+        self.loss, self.memory_size = loss, memory_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.memory: Tensor | None = None
+        self.memory_labels: Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return f"memory_size={self.memory_size}"
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        loss = self.loss(embeddings, labels, self.memory, self.memory_labels)
+        with torch.no_grad(), _fp32_region(embeddings):
+            batch = _normalised_fp32(embeddings.detach())
+        if self.memory is not None:  # newest first, so truncation drops the oldest
+            batch, labels = torch.cat([batch, self.memory]), torch.cat([labels.detach(), self.memory_labels])
+        self.memory, self.memory_labels = batch[: self.memory_size], labels.detach()[: self.memory_size].clone()
+        return loss
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,9 +352,7 @@ def create_loss(name: str, **kwargs: Any) -> nn.Module:
     values can be passed straight through.  An unknown name, an option the loss does not take, or
     a bad option value raises :class:`~helpers.errors.InputError` with a one-line message.
     """
-    if name not in LOSSES:
-        raise InputError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}")
-    cls = LOSSES[name]
+    cls = LOSSES[choose(name, tuple(LOSSES), "loss")]
     options = {k: v for k, v in kwargs.items() if v is not None}
     allowed = _options(cls)
     unknown = sorted(k for k in options if k not in allowed)

@@ -27,11 +27,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from helpers.errors import InputError
-from helpers.retrieval import ArrayLike, as_float32_tensor, chunks
+from .arrays import ArrayLike, as_float32_tensor, chunks
+from .errors import InputError, choose
+from .schema import SPLITS, check_columns
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 20)
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 PROTOCOLS: dict[str, str] = {
     "official": (
@@ -324,9 +324,6 @@ def bootstrap_ci(
 # Protocols
 # ----------------------------------------------------------------------------------------
 
-_REQUIRED_COLUMNS = ("path", "item_id", "domain", "split")
-
-
 def protocol_sets(
     table: pd.DataFrame, split: str = "test", protocol: str = "official"
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -360,13 +357,9 @@ def protocol_sets(
     "Unique" means de-duplicated by ``path``. Raises :class:`InputError` for an unknown
     protocol or split, missing columns, or an empty query or gallery set.
     """
-    if protocol not in PROTOCOLS:
-        raise InputError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    if split not in SPLITS:
-        raise InputError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    missing = [c for c in _REQUIRED_COLUMNS if c not in table.columns]
-    if missing:
-        raise InputError(f"image table lacks column(s) {', '.join(missing)}")
+    choose(protocol, tuple(PROTOCOLS), "protocol")
+    choose(split, SPLITS, "split")
+    check_columns(table, ("path", "item_id", "domain", "split"))
 
     rows = table.reset_index(drop=True)  # index = position = embedding row
     in_split = rows["split"] == split

@@ -31,7 +31,7 @@ from timm.layers import SelectAdaptivePool2d
 from timm.models import get_arch_name, get_pretrained_cfg, is_model_pretrained
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, choose
 
 WEIGHT_SOURCES = ("auto", "hub", "packaged", "none")
 HEADS = ("bn", "bnneck", "pooled")
@@ -56,11 +56,6 @@ def _check_backbone(backbone: str) -> None:
         get_pretrained_cfg(backbone)
     except RuntimeError as error:  # a bad pretrained tag, e.g. "resnet34.nope"
         raise InputError(f"backbone {backbone!r}: {error}") from None
-
-
-def _check_choice(kind: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise InputError(f"unknown {kind} {value!r}: choose one of {', '.join(choices)}")
 
 
 def _packaged_names() -> str:
@@ -120,7 +115,7 @@ def resolve_weights(backbone: str, weights: str = "auto") -> str:
     without a package, and for ``auto`` when neither the hub nor a package can provide weights.
     """
     _check_backbone(backbone)
-    _check_choice("weights", weights, WEIGHT_SOURCES)
+    choose(weights, WEIGHT_SOURCES, "weights")
     has_package = get_arch_name(backbone) in PACKAGED_WEIGHTS
     if weights == "packaged" and not has_package:
         raise InputError(f"no packaged weights for {backbone}: packages exist only for {_packaged_names()}")
@@ -242,7 +237,7 @@ class GeM(nn.Module):
 
 def create_pooling(name: str) -> nn.Module:
     """``avg`` (global average) or ``gem`` (GeM, p initialised to 3): [N, C, H, W] → [N, C]."""
-    _check_choice("pooling", name, POOLINGS)
+    choose(name, POOLINGS, "pooling")
     return GeM() if name == "gem" else SelectAdaptivePool2d(pool_type="avg", flatten=True)
 
 
@@ -317,8 +312,8 @@ def create_embedder(
     ``weights_source``; :func:`embedder_from_config` rebuilds the architecture from it.
     """
     # Checked before any weights are fetched, so a typo fails fast.
-    _check_choice("head", head, HEADS)
-    _check_choice("pooling", pooling, POOLINGS)
+    choose(head, HEADS, "head")
+    choose(pooling, POOLINGS, "pooling")
     if not isinstance(embed_dim, int) or embed_dim < 1:
         raise InputError(f"embed_dim must be a positive integer, got {embed_dim!r}")
     if img_size is not None and (not isinstance(img_size, int) or img_size < 1):

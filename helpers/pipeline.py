@@ -7,12 +7,11 @@ demo can be interrupted and run again.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 
-from . import models, plots, repro, retrieval, sampling, train, workspace
+from . import inference, models, plots, repro, retrieval, schema, train, workspace
 from .config import Config
 
 METRIC_COLUMNS = ["recall@1", "recall@5", "recall@10", "recall@20", "map"]
@@ -24,7 +23,7 @@ def zero_shot(cfg: Config, table: pd.DataFrame, data_root: Path, out: Path, prog
         return json.loads(out.read_text())
     repro.seed_everything(cfg.seed, cfg.deterministic)  # a random init ("none") is seeded too
     embedder = models.create_embedder(cfg.backbone, weights=cfg.weights, head="pooled", img_size=cfg.img_size)
-    result = train.evaluate(cfg, embedder.eval(), table, data_root, split="test",
+    result = inference.evaluate(cfg, embedder.eval(), table, data_root, split="test",
                             device=repro.resolve_device(cfg.device), progress=progress)
     result["model"] = embedder.config
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -50,7 +49,7 @@ def comparison(results: dict[str, dict]) -> pd.DataFrame:
 def run_demo(cfg: Config, progress: bool = True) -> dict:
     """The whole demo for a profile; returns the paths it wrote and the comparison table."""
     data_root, table_path = workspace.ensure_prepared(cfg, progress)
-    table = sampling.read_table(table_path)
+    table = schema.read_table(table_path)
     work = cfg.work_dir
     plots.plot_pairs(table, data_root, n_items=4, seed=cfg.seed).savefig(work / "sample_pairs.png", dpi=80)
 

@@ -2,11 +2,9 @@
 
 Layout of this module (keep it in this order as it grows):
 
-1. Array helpers (``as_float32_tensor``, ``chunks``).
-2. Exact search: ``plan_blocks`` decides block sizes from a memory budget, ``exact_topk`` runs it.
-3. FAISS search: ``faiss_topk`` (``IndexFlatIP``, exact), the speed / correctness reference.
-4. Embedding extraction (``extract_embeddings``) and the gallery index (``GalleryIndex``,
-   ``build_index``): a gallery embedded once, saved with its model, searched per query.
+1. Exact search: ``plan_blocks`` decides block sizes from a memory budget, ``exact_topk`` runs it.
+2. FAISS search: ``faiss_topk`` (``IndexFlatIP``, exact), the speed / correctness reference.
+3. The gallery index (``GalleryIndex``, ``build_index``): a gallery embedded once, saved with its model, searched per query.
 
 Scores are inner products. On L2-normalised embeddings this is cosine similarity, so
 "higher is closer" everywhere in this module.
@@ -17,65 +15,27 @@ from __future__ import annotations
 import json
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
-from .errors import InputError
-
-ArrayLike = Union[np.ndarray, torch.Tensor]
+from . import inference, metrics, repro
+from .arrays import ArrayLike, as_float32_tensor, chunks
+from .checkpoints import embedder_from_state, load_embedder, read_checkpoint
+from .config import config_from_dict
+from .errors import InputError, choose
+from .files import sha256_file
+from .schema import read_table
 
 _MIB = 1024 * 1024
 # Bytes per element of the tensors the search allocates: float32 scores, int64 indices.
 _SCORE_BYTES = 4
 _INDEX_BYTES = 8
 _PAIR_BYTES = _SCORE_BYTES + _INDEX_BYTES
-
-
-# ----------------------------------------------------------------------------------------
-# 1. Array helpers
-# ----------------------------------------------------------------------------------------
-
-
-def as_float32_tensor(x: ArrayLike, name: str = "array") -> torch.Tensor:
-    """Return ``x`` as a contiguous 2-D float32 CPU tensor, sharing memory when it can.
-
-    A float32, C-contiguous NumPy array or CPU tensor is used as is (no copy); anything
-    else is converted once. Raises :class:`InputError` for a non-2-D input or one holding
-    NaN / inf.
-    """
-    if isinstance(x, torch.Tensor):
-        t = x.detach().to(device="cpu", dtype=torch.float32)
-    else:
-        # from_numpy shares memory; ascontiguousarray is a no-op for a float32 C array.
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    if t.ndim != 2:
-        raise InputError(f"{name} must be 2-D [n, dim], got shape {tuple(t.shape)}")
-    # NaN compares false with everything and would silently corrupt rankings. aminmax is
-    # one reduction without input-sized temporaries (isfinite would allocate a few) and
-    # propagates NaN.
-    if t.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
-        raise InputError(f"{name} contains NaN or infinite values")
-    return t.contiguous()
-
-
-def chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
-    """Yield ``(start, stop)`` bounds covering ``range(n)`` in blocks of at most ``size``.
-
-    >>> list(chunks(5, 2))
-    [(0, 2), (2, 4), (4, 5)]
-    >>> list(chunks(0, 3))
-    []
-    """
-    if size < 1:
-        raise ValueError(f"chunk size must be >= 1, got {size}")
-    for start in range(0, n, size):
-        yield start, min(start + size, n)
 
 
 def _check_pair(query: torch.Tensor, gallery: torch.Tensor, k: int) -> int:
@@ -93,7 +53,7 @@ def _check_pair(query: torch.Tensor, gallery: torch.Tensor, k: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------
-# 2. Exact search with a memory budget
+# 1. Exact search with a memory budget
 # ----------------------------------------------------------------------------------------
 
 
@@ -344,8 +304,7 @@ def exact_topk(
         best first. Equal scores are ordered by lower gallery index first; which of several
         gallery items tied exactly at the k-th place are returned is not specified.
     """
-    if matmul not in MATMULS:
-        raise InputError(f"unknown matmul {matmul!r}; choose one of {', '.join(MATMULS)}")
+    choose(matmul, MATMULS, "matmul")
     q_t = as_float32_tensor(query, "query")
     g_t = as_float32_tensor(gallery, "gallery")
     k = _check_pair(q_t, g_t, k)
@@ -370,7 +329,7 @@ def exact_topk(
 
 
 # ----------------------------------------------------------------------------------------
-# 3. FAISS reference search
+# 2. FAISS reference search
 # ----------------------------------------------------------------------------------------
 
 
@@ -395,38 +354,8 @@ def faiss_topk(query: ArrayLike, gallery: ArrayLike, k: int) -> tuple[np.ndarray
 
 
 # ----------------------------------------------------------------------------------------
-# 4. Embedding extraction and the gallery index
+# 3. The gallery index
 # ----------------------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def extract_embeddings(model: torch.nn.Module, loader, device: str = "cpu", flip_tta: bool = False,
-                       progress: bool = True, desc: str = "embedding",
-                       amp_dtype: torch.dtype | None = None) -> np.ndarray:
-    """``float32 [len(dataset), D]`` embeddings of a loader yielding ``(images, labels, index)``.
-
-    Rows are placed by the dataset index each batch carries, so any loader order is safe.
-    ``flip_tta`` averages each embedding with that of the horizontally flipped image and
-    re-normalises (test-time augmentation: +0.6 top-1 reported on C2S). ``amp_dtype``
-    (bf16 / fp16) runs the model under CUDA autocast; None runs it in fp32.
-    """
-    model.eval()
-    cuda = str(device).startswith("cuda")
-    out: np.ndarray | None = None
-    for images, _, index in tqdm(loader, desc=desc, disable=not progress, leave=False, mininterval=2.0):
-        images = images.to(device, non_blocking=True)
-        if cuda:
-            images = images.to(memory_format=torch.channels_last)
-        with torch.autocast(device_type="cuda", dtype=amp_dtype or torch.float16, enabled=cuda and amp_dtype is not None):
-            embeddings = model(images).float()
-            if flip_tta:
-                embeddings = torch.nn.functional.normalize(embeddings + model(images.flip(-1)).float(), dim=1)
-        if out is None:
-            out = np.zeros((len(loader.dataset), embeddings.shape[1]), dtype=np.float32)
-        out[index.numpy()] = embeddings.cpu().numpy()
-    if out is None:
-        raise InputError("nothing to embed: the image list is empty")
-    return out
 
 
 INDEX_FILES = ("index.json", "embeddings.npy", "gallery.csv", "model.pt")
@@ -481,29 +410,12 @@ class GalleryIndex:
     def embedder(self):
         """The model that embedded the gallery, in eval mode (built once)."""
         if self._embedder is None:
-            from .models import embedder_from_config
-
-            self._embedder = embedder_from_config(self.model_state["model_config"])
-            self._embedder.load_state_dict(self.model_state["model"])
-            self._embedder.eval()
+            self._embedder = embedder_from_state(self.model_state)
         return self._embedder
 
     def embed_image(self, image, box=None) -> np.ndarray:
         """One query photo (a path or a PIL image; ``box`` = garment box, else the whole photo)."""
-        from .data import open_rgb
-        from .train import config_from_dict, make_transform
-
-        cfg = config_from_dict(self.run_config)
-        # The gallery's own preprocessing; without a box the whole photo is the crop.
-        transform = make_transform(cfg, self.model_state["model_config"]["data_config"],
-                                   margin=None if box is not None else 0.0)
-        picture = open_rgb(image) if isinstance(image, (str, Path)) else image.convert("RGB")
-        batch = transform(picture, box).unsqueeze(0)
-        with torch.inference_mode():
-            embedding = self.embedder()(batch)
-            if cfg.flip_tta:
-                embedding = torch.nn.functional.normalize(embedding + self.embedder()(batch.flip(-1)), dim=1)
-        return embedding.numpy()
+        return inference.embed_image(self.embedder(), config_from_dict(self.run_config), image, box)
 
     def search(self, query: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k over the stored gallery embeddings (bounded memory, see exact_topk)."""
@@ -519,28 +431,25 @@ class GalleryIndex:
 
 
 def build_index(checkpoint: str | Path, table_path: str | Path, data_root: str | Path, out_dir: str | Path,
-                split: str = "test", protocol: str = "official", device: str = "auto", num_workers: int = 2,
+                split: str = "test", protocol: str = "official", device: str = "auto", num_workers: int | None = None,
                 progress: bool = True) -> dict:
     """Embed the protocol's gallery for ``split`` with a checkpoint's model and save the index."""
-    from dataclasses import replace
-
-    from . import metrics, repro, sampling, train
-
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise InputError(f"{out_dir}: not empty; choose a new index folder")
-    embedder, cfg = train.load_checkpoint(checkpoint)
-    device = repro.resolve_device(device)
-    cfg = replace(cfg, num_workers=num_workers)
-    table = sampling.read_table(table_path)
     if protocol == "seed_pairs":
         raise InputError("an index needs a gallery without duplicates: use --protocol official or split")
+    state = read_checkpoint(checkpoint)
+    embedder, cfg = load_embedder(checkpoint)
+    device = repro.resolve_device(device)
+    cfg = replace(cfg, num_workers=num_workers)
+    table = read_table(table_path)
     _, gallery = metrics.protocol_sets(table, split, protocol)
-    embeddings = train.embed_table(cfg, embedder.to(device), gallery, data_root, device, progress, "embedding gallery")
-    state = train.checkpoint_load(checkpoint)
+    embeddings = inference.embed_table(cfg, embedder.to(device), gallery, data_root, device, progress,
+                                       "embedding gallery")
     meta = {"n_gallery": len(gallery), "dim": int(embeddings.shape[1]), "split": split, "protocol": protocol,
             "gallery_definition": metrics.PROTOCOLS[protocol], "data_root": str(data_root),
-            "table": str(table_path), "table_sha256": train.table_sha256(table_path), "checkpoint": str(checkpoint),
+            "table": str(table_path), "table_sha256": sha256_file(table_path), "checkpoint": str(checkpoint),
             "env": repro.env_info()}
     GalleryIndex(embeddings, gallery, {"model": state["model"], "model_config": state["model_config"]},
                  state["config"], meta).save(out_dir)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +22,9 @@ import pandas as pd
 
 from . import deepfashion
 from .errors import InputError
+from .files import write_bytes_atomic
+from .schema import SPLITS, TABLE_COLUMNS
 
-SPLITS = deepfashion.SPLITS
 SEED_SAMPLE = (0.1, 0.02, 0.02)  # the seed study's fractions of train / val / test items
 
 
@@ -130,14 +130,7 @@ def split_stats(table: pd.DataFrame, pairs: pd.DataFrame | None = None) -> pd.Da
 
 def table_bytes(table: pd.DataFrame) -> bytes:
     """The CSV bytes of a table: fixed columns, ``\\n`` line ends, so equal tables hash equal."""
-    return table[deepfashion.TABLE_COLUMNS].to_csv(index=False, lineterminator="\n").encode("utf-8")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    return table[list(TABLE_COLUMNS)].to_csv(index=False, lineterminator="\n").encode("utf-8")
 
 
 def prepare(data_root: str | Path, out_dir: str | Path, categories: tuple[str, ...] | None = ("TOPS", "DRESSES"),
@@ -185,30 +178,6 @@ def prepare(data_root: str | Path, out_dir: str | Path, categories: tuple[str, .
         "images": len(selected),
         "table_sha256": hashlib.sha256(data).hexdigest(),
     }
-    write_atomic(table_path, data)
-    write_atomic(out_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
+    write_bytes_atomic(table_path, data)
+    write_bytes_atomic(out_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
     return summary
-
-
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read an ``images.csv`` written by :func:`prepare`, checking its columns."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: image table not found (run `python -m helpers prepare` first)")
-    try:
-        table = pd.read_csv(path, dtype={"path": str, "item_id": str, "domain": str, "split": str,
-                                         "category": str, "subcategory": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as error:
-        raise InputError(f"{path}: not an image table written by prepare ({type(error).__name__})") from None
-    missing = [c for c in deepfashion.TABLE_COLUMNS if c not in table.columns]
-    if missing:
-        raise InputError(f"{path}:1: missing columns {','.join(missing)}")
-    if table.empty:
-        raise InputError(f"{path}: the image table is empty")
-    # Line numbers below count the header as line 1.
-    bad = table[deepfashion.TABLE_COLUMNS].isna().any(axis=1)
-    bad |= ~table.domain.isin(("consumer", "shop")) | ~table.split.isin(SPLITS)
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise InputError(f"{path}:{row + 2}: empty field, or domain/split not consumer|shop / train|val|test")
-    return table

@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from helpers.errors import InputError
+from helpers.schema import SPLITS
 
 MIN_ITEMS = 4  # one item per split at least, and a train split of two
 LONG_SIDE = 300  # the release's low-resolution images have long side 300
@@ -39,7 +40,6 @@ SHOP_JPEG_QUALITY = 92
 CONSUMER_JPEG_QUALITY = 82  # phone photos are compressed harder than catalogue shots
 NAME_WIDTH = 72  # the lists pad image names to a fixed column, as the real files do
 
-SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.5, 0.25, 0.25)
 SHOP_SOURCE, CONSUMER_SOURCE = 1, 2  # ``source_type`` codes of the bbox list
 

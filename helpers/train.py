@@ -1,26 +1,32 @@
-"""Fit and evaluate an embedder: P×K batches, metric loss, val Recall@5 for model selection.
+"""Fit an embedder: P×K batches, a metric loss (optionally over a cross-batch memory), val
+Recall@5 for model selection, test evaluated once with the selected checkpoint.
 
 A run directory holds ``config.json`` (the resolved config, the model's config, the table's
 hash and ``env_info``), ``history.csv`` (one row per epoch), ``best.pt`` / ``last.pt``
 (written atomically) and ``metrics.json`` (the test split, official protocol, evaluated once
 with ``best.pt``; the val numbers used for selection are kept apart under ``"val"``).
 
-Reproducibility: every epoch reseeds torch from ``(seed, epoch)`` and the sampler draws from
-``(seed, epoch)``, so ``--resume`` from ``last.pt`` continues a run exactly as if it had not
-stopped. A run directory that already holds a run is never reused without ``--resume``, and
-``--resume`` refuses a checkpoint whose config differs (a resume never mixes two runs).
+Reproducibility: the sampler's batches are a function of ``(seed, epoch)`` and every sample's
+augmentation of ``(seed, epoch, batch, position)`` (:class:`helpers.data.SampleSeeds`), so a run
+gives the same batches, pixels and losses for any ``num_workers``, and ``--resume`` from
+``last.pt`` continues it exactly as if it had not stopped. A run directory that already holds
+a run is never reused without ``--resume``, and ``--resume`` refuses a checkpoint whose
+config (runtime fields such as ``num_workers`` aside) or table differs: a resume never mixes
+two runs.
+
+``fit`` reads as its steps: :func:`_open_run` (new or resumed state) → :func:`_build` (model,
+loss, optimiser, loaders) → :func:`_baseline` or :func:`_restore` → :func:`_train_epochs`
+→ :func:`_test`.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
+import io
 import json
 import math
-import os
-import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,98 +34,46 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import data, losses, metrics, models, repro, retrieval
-from .config import Config
+from . import data, inference, losses, models, repro
+from .checkpoints import read_checkpoint, save_checkpoint
+from .config import RUNTIME_FIELDS, Config
 from .errors import InputError
+from .files import copy_atomic, sha256_file, write_text_atomic
+from .schema import read_table
 
 COLLAPSE_THRESHOLD = 0.99  # norm of the mean unit embedding: 1.0 means all embeddings equal
 
 
-def checkpoint_save(path: Path, state: dict) -> None:
-    """``torch.save`` to a temporary file, then rename: a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+# --------------------------------------------------------------------------- parts of a run
 
 
-def checkpoint_load(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: checkpoint not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise InputError(f"{path}: not a readable checkpoint ({type(error).__name__})") from None
+def create_criterion(cfg: Config) -> torch.nn.Module:
+    """The config's loss, wrapped in a cross-batch memory when ``xbm_size`` > 0."""
+    options = {"temperature": cfg.temperature} if cfg.loss == "infonce" else {"margin": cfg.margin}
+    loss = losses.create_loss(cfg.loss, **options)
+    return losses.CrossBatchMemory(loss, cfg.xbm_size) if cfg.xbm_size else loss
 
 
-def load_checkpoint(path: str | Path) -> tuple[models.Embedder, Config]:
-    """The embedder of a checkpoint (``best.pt``, ``last.pt``) in eval mode, and its run's config
-    (so evaluation uses the preprocessing the model was trained with)."""
-    state = checkpoint_load(path)
-    if not {"model_config", "model", "config"} <= set(state):
-        raise InputError(f"{path}: not a checkpoint written by helpers.train")
-    embedder = models.embedder_from_config(state["model_config"])
-    embedder.load_state_dict(state["model"])
-    return embedder.eval(), config_from_dict(state["config"])
+def create_optimizer(cfg: Config, embedder: models.Embedder) -> torch.optim.Optimizer:
+    groups = models.param_groups(embedder, cfg.lr, cfg.backbone_lr_mult)
+    optimizer = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return optimizer(groups, weight_decay=cfg.weight_decay)
 
 
-def config_from_dict(values: dict) -> Config:
-    """Inverse of ``asdict`` after a JSON round trip (lists back to the tuples a Config holds)."""
-    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
-def table_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def make_transform(cfg: Config, data_config: dict, augment: str = "none", margin: float | None = None) -> data.C2STransform:
-    """The run's preprocessing: the model's input size / mean / std, the config's crop margin,
-    resize mode and photometric normalisation; ``augment`` only for training."""
-    return data.build_transform(data_config["input_size"][-1], data_config["mean"], data_config["std"],
-                                data_config["interpolation"], augment=augment, resize=cfg.resize,
-                                photometric=cfg.photometric, margin=cfg.box_margin if margin is None else margin)
-
-
-def embed_table(cfg: Config, embedder: models.Embedder, table: pd.DataFrame, data_root: str | Path,
-                device: str, progress: bool = True, desc: str = "embedding") -> np.ndarray:
-    """Embeddings of every row of ``table`` (row order kept), eval transform, no augmentation."""
-    dataset = data.C2SDataset(table, data_root, make_transform(cfg, embedder.data_config))
-    loader = data.make_loader(dataset, batch_size=64, num_workers=cfg.num_workers, seed=cfg.seed, device=device)
-    return retrieval.extract_embeddings(embedder, loader, device, flip_tta=cfg.flip_tta, progress=progress, desc=desc,
-                                        amp_dtype=_amp_dtype(cfg, device))
-
-
-def evaluate(cfg: Config, embedder: models.Embedder, table: pd.DataFrame, data_root: str | Path, split: str = "test",
-             protocol: str = "official", device: str = "cpu", progress: bool = True) -> dict:
-    """Recall@K / mAP of ``split`` under ``protocol`` (only the rows the protocol uses are embedded),
-    plus ``mean_embedding_norm``: the norm of the mean unit embedding, near 1 when collapsed."""
-    queries, gallery = metrics.protocol_sets(table, split, protocol)
-    # The protocol picks rows by their own columns, so the sub-table of the rows it uses
-    # gives the same query and gallery sets without embedding (or allocating) the rest.
-    used = table.iloc[np.union1d(queries.index.to_numpy(), gallery.index.to_numpy())].reset_index(drop=True)
-    embeddings = embed_table(cfg, embedder, used, data_root, device, progress, f"embedding {split}")
-    result = metrics.evaluate_protocol(used, embeddings, split=split, protocol=protocol)
-    result["mean_embedding_norm"] = float(np.linalg.norm(embeddings.mean(axis=0)))
-    return result
-
-
-def _schedule(cfg: Config, steps_per_epoch: int):
-    """Linear warm-up over ``warmup_epochs``, then cosine decay to 1 % of the base rate."""
+def lr_factor(cfg: Config, steps_per_epoch: int):
+    """Step → learning-rate factor: linear warm-up over ``warmup_epochs``, then cosine decay to
+    1 % of the base rate (``schedule="cosine"``) or the base rate (``"constant"``)."""
     warmup, total = cfg.warmup_epochs * steps_per_epoch, max(1, cfg.epochs * steps_per_epoch)
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
         progress = (step - warmup) / max(1, total - warmup)
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-def _amp_dtype(cfg: Config, device: str) -> torch.dtype | None:
-    if cfg.amp == "off" or not device.startswith("cuda"):
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def train_one_epoch(embedder, loader, criterion, optimizer, scheduler, scaler, device: str,
@@ -151,7 +105,33 @@ def train_one_epoch(embedder, loader, criterion, optimizer, scheduler, scaler, d
     return float(np.mean(losses_seen)), images_seen, time.perf_counter() - started
 
 
-def _check_resume(run_dir: Path, cfg: Config, table_path: str | Path, resume: bool) -> dict | None:
+@dataclass
+class Run:
+    """Everything one training run holds while it runs; ``state`` is what ``last.pt`` stores."""
+
+    cfg: Config
+    run_dir: Path
+    table: pd.DataFrame
+    table_path: Path
+    data_root: Path
+    device: str
+    embedder: models.Embedder
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp: torch.dtype | None
+    batches: data.SampleSeeds
+    loader: torch.utils.data.DataLoader
+    validate: inference.ProtocolEvaluator
+    state: dict | None
+
+
+# --------------------------------------------------------------------------- the steps of fit
+
+
+def _open_run(run_dir: Path, cfg: Config, table_path: Path, resume: bool) -> dict | None:
+    """The state to resume from (checked against this config and table), or None for a new run."""
     last = run_dir / "last.pt"
     existing = [p.name for p in (run_dir / "config.json", last, run_dir / "history.csv") if p.exists()]
     if not resume:
@@ -161,58 +141,23 @@ def _check_resume(run_dir: Path, cfg: Config, table_path: str | Path, resume: bo
         return None
     if not last.is_file():
         raise InputError(f"{last}: nothing to resume (no last.pt)")
-    state = checkpoint_load(last)
+    state = read_checkpoint(last)
     saved = state["config"]
-    differs = sorted(k for k, v in asdict(cfg).items() if _jsonable(saved.get(k)) != _jsonable(v))
+    differs = sorted(k for k, v in asdict(cfg).items()
+                     if k not in RUNTIME_FIELDS and _jsonable(saved.get(k)) != _jsonable(v))
     if differs:
         detail = ", ".join(f"{k}: {saved.get(k)!r} → {getattr(cfg, k)!r}" for k in differs)
         raise InputError(f"{last}: was trained with another config ({detail}); start a new --out instead")
-    if state["table_sha256"] != table_sha256(table_path):
+    if state["table_sha256"] != sha256_file(table_path):
         raise InputError(f"{table_path}: differs from the table {last} was trained on (sha256 changed); "
                          "start a new --out instead")
     return state
 
 
-def _jsonable(value):
-    return json.loads(json.dumps(value))
-
-
-def _write_history(path: Path, rows: list[dict]) -> None:
-    """history.csv is rewritten from the checkpoint's rows, so it always matches last.pt."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-def _copy_atomic(source: Path, target: Path) -> None:
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
-
-
-def fit(cfg: Config, table_path: str | Path, data_root: str | Path, run_dir: str | Path, resume: bool = False,
-        progress: bool = True, stop_after_epoch: int | None = None) -> dict | None:
-    """Train, select on val Recall@5 with early stopping, then evaluate ``best.pt`` on test once.
-
-    ``stop_after_epoch`` ends the call after that epoch as an interruption would (returns None,
-    no test evaluation); ``resume=True`` later continues the same run.
-
-    Crash safety: ``last.pt`` holds everything (weights, optimizer, schedule, early-stopping
-    state, the history rows) and is written first; ``best.pt`` is a copy of it and
-    ``history.csv`` is rewritten from it, so a crash between writes is repaired on resume.
-    """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state = _check_resume(run_dir, cfg, table_path, resume)
-    from .sampling import read_table
-
+def _build(cfg: Config, table_path: Path, data_root: Path, run_dir: Path, state: dict | None) -> Run:
     table = read_table(table_path)
     device = repro.resolve_device(cfg.device)
     repro.seed_everything(cfg.seed, cfg.deterministic)
-
     embedder = models.create_embedder(cfg.backbone, cfg.embed_dim, weights="none" if state else cfg.weights,
                                       head=cfg.head, pooling=cfg.pooling, img_size=cfg.img_size)
     if state:
@@ -221,95 +166,160 @@ def fit(cfg: Config, table_path: str | Path, data_root: str | Path, run_dir: str
     embedder.to(device)
     if device.startswith("cuda"):
         embedder.to(memory_format=torch.channels_last)
-    criterion = losses.create_loss(cfg.loss, **_loss_kwargs(cfg))
-    optimizer = torch.optim.AdamW(models.param_groups(embedder, cfg.lr, cfg.backbone_lr_mult), weight_decay=cfg.weight_decay)
 
     train_rows = table.loc[table.split == "train"].reset_index(drop=True)
     if train_rows.empty:
         raise InputError(f"{table_path}: the train split is empty")
-    train_set = data.C2SDataset(train_rows, data_root, make_transform(cfg, embedder.data_config, cfg.augment))
+    train_set = data.C2SDataset(train_rows, data_root, inference.make_transform(cfg, embedder.data_config, cfg.augment))
     sampler = data.PKSampler((train_set.labels, train_set.domains), cfg.p_items, cfg.k_images, seed=cfg.seed)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, len(sampler)))
-    amp_dtype = _amp_dtype(cfg, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    batches = data.SampleSeeds(sampler, cfg.seed)
+    # One loader for the whole run: its workers persist across epochs (no re-fork of a large
+    # process every epoch); set_epoch selects the batches before each pass.
+    loader = data.make_loader(train_set, batch_sampler=batches, num_workers=inference.resolve_num_workers(cfg, device),
+                              seed=cfg.seed, device=device)
+    optimizer = create_optimizer(cfg, embedder)
+    amp = inference.amp_dtype(cfg, device)
+    return Run(cfg=cfg, run_dir=run_dir, table=table, table_path=table_path, data_root=data_root, device=device,
+               embedder=embedder, criterion=create_criterion(cfg).to(device), optimizer=optimizer,
+               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, len(sampler))),
+               scaler=torch.amp.GradScaler("cuda", enabled=amp == torch.float16), amp=amp, batches=batches,
+               loader=loader, validate=inference.ProtocolEvaluator(cfg, embedder.data_config, table, data_root,
+                                                                    "val", "official", device),
+               state=state)
 
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        if state["bad_epochs"] == 0 and state["epoch"] >= 0:
-            _copy_atomic(run_dir / "last.pt", run_dir / "best.pt")  # the copy a crash may have missed
-        _write_history(run_dir / "history.csv", state["history"])
+
+def _baseline(run: Run) -> None:
+    """Epoch 0: the untrained model on val, and ``config.json``. The baseline is what training
+    must beat, and its embedding spread tells a collapse caused by training from a model that
+    starts nearly collapsed (a random init)."""
+    initial = run.validate(run.embedder, progress=False)
+    sha = sha256_file(run.table_path)
+    run.state = {"epoch": -1, "best": -1.0, "bad_epochs": 0, "initial_norm": initial["mean_embedding_norm"],
+                 "history": [_history_row(0, float("nan"), run.cfg.lr, initial, float("nan"))], "table_sha256": sha}
+    write_text_atomic(run.run_dir / "config.json", json.dumps({
+        "config": asdict(run.cfg), "model": run.embedder.config, "table": str(run.table_path), "table_sha256": sha,
+        "data_root": str(run.data_root), "ineligible_train_items": run.batches.batch_sampler.n_ineligible,
+        "env": repro.env_info()}, indent=2, default=str))
+    _save(run, epoch=-1, val=None)  # a crash in epoch 1 can then be resumed too
+
+
+def _restore(run: Run) -> None:
+    """Optimiser, schedule and scaler from ``last.pt``; repair what a crash between the writes
+    of the last save may have left (a missing ``best.pt`` copy, a stale ``history.csv``)."""
+    state = run.state
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"]:
+        run.scaler.load_state_dict(state["scaler"])
+    if state["bad_epochs"] == 0 and state["epoch"] >= 0:
+        copy_atomic(run.run_dir / "last.pt", run.run_dir / "best.pt")
+    _write_history(run.run_dir / "history.csv", state["history"])
+
+
+def _save(run: Run, epoch: int, val: dict | None) -> None:
+    """``last.pt`` first (everything), then ``best.pt`` as its copy when val improved, then the
+    history rewritten from it: a crash between writes is repaired by :func:`_restore`."""
+    run.state.update(model=run.embedder.state_dict(), optimizer=run.optimizer.state_dict(),
+                     scheduler=run.scheduler.state_dict(), scaler=run.scaler.state_dict(), epoch=epoch,
+                     config=_jsonable(asdict(run.cfg)), model_config=run.embedder.config, val=val)
+    save_checkpoint(run.run_dir / "last.pt", run.state)
+    if val is not None and run.state["bad_epochs"] == 0:
+        copy_atomic(run.run_dir / "last.pt", run.run_dir / "best.pt")
+    _write_history(run.run_dir / "history.csv", run.state["history"])
+
+
+def _train_epoch(run: Run, epoch: int, progress: bool) -> dict:
+    """One epoch and its validation; returns the val metrics."""
+    cfg, state = run.cfg, run.state
+    torch.manual_seed(cfg.seed * 100_003 + epoch)  # any model-side randomness = f(seed, epoch)
+    run.batches.set_epoch(epoch)
+    if isinstance(run.criterion, losses.CrossBatchMemory):
+        run.criterion.reset()  # per epoch: resume stays exact without storing the memory
+    criterion = run.criterion if epoch >= cfg.xbm_start_epoch else getattr(run.criterion, "loss", run.criterion)
+    loss, images_seen, seconds = train_one_epoch(run.embedder, run.loader, criterion, run.optimizer, run.scheduler,
+                                                 run.scaler, run.device, run.amp, cfg.grad_clip, progress,
+                                                 desc=f"epoch {epoch + 1}/{cfg.epochs}")
+    val = run.validate(run.embedder, progress=False)
+    improved = val["recall@5"] > state["best"]
+    state["best"], state["bad_epochs"] = (val["recall@5"], 0) if improved else (state["best"], state["bad_epochs"] + 1)
+    state["history"].append(_history_row(epoch + 1, loss, run.optimizer.param_groups[0]["lr"], val,
+                                         images_seen / seconds))
+    _save(run, epoch, val)
+    if progress:
+        print(f"epoch {epoch + 1}: loss {loss:.4f}  val R@1 {val['recall@1']:.3f}  R@5 {val['recall@5']:.3f}")
+    return val
+
+
+def _check_collapse(run: Run, val: dict, epoch: int) -> None:
+    spread, initial = val["mean_embedding_norm"], run.state["initial_norm"]
+    if spread > COLLAPSE_THRESHOLD and spread > initial + 0.005:
+        raise InputError(f"embeddings collapsed at epoch {epoch + 1} (mean unit embedding has norm {spread:.3f}, "
+                         f"{initial:.3f} before training): "
+                         "check that pretrained weights loaded (--weights), lower --lr, or try --loss infonce")
+
+
+def _train_epochs(run: Run, progress: bool, stop_after_epoch: int | None) -> tuple[bool, str | None]:
+    """Epochs from the one after the state's, until the last, early stop or ``stop_after_epoch``.
+    Returns (finished, why it stopped early or None)."""
+    for epoch in range(run.state["epoch"] + 1, run.cfg.epochs):
+        if run.state["bad_epochs"] >= run.cfg.patience:
+            return True, f"early stop: val recall@5 did not improve for {run.cfg.patience} epochs"
+        val = _train_epoch(run, epoch, progress)
+        _check_collapse(run, val, epoch)
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            return False, None  # as an interruption would: no test evaluation
+    return True, None
+
+
+def _test(run: Run, stopped: str | None, progress: bool) -> dict:
+    """``best.pt`` evaluated once on test (official protocol) → ``metrics.json``."""
+    best = read_checkpoint(run.run_dir / "best.pt")
+    run.embedder.load_state_dict(best["model"])
+    test = inference.evaluate(run.cfg, run.embedder, run.table, run.data_root, split="test", protocol="official",
+                              device=run.device, progress=progress)
+    result = {**test, "best_epoch": best["epoch"] + 1, "val": best["val"], "stopped": stopped}
+    write_text_atomic(run.run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def fit(cfg: Config, table_path: str | Path, data_root: str | Path, run_dir: str | Path, resume: bool = False,
+        progress: bool = True, stop_after_epoch: int | None = None) -> dict | None:
+    """Train, select on val Recall@5 with early stopping, then evaluate ``best.pt`` on test once.
+
+    ``stop_after_epoch`` ends the call after that epoch as an interruption would (returns None,
+    no test evaluation); ``resume=True`` later continues the same run.
+    """
+    repro.tune_allocator()
+    run_dir, table_path, data_root = Path(run_dir), Path(table_path), Path(data_root)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = _build(cfg, table_path, data_root, run_dir, _open_run(run_dir, cfg, table_path, resume))
+    if run.state is None:
+        _baseline(run)
     else:
-        # Epoch 0: the untrained model on val. It is the baseline that training must beat, and
-        # its embedding spread tells a collapse caused by training from a model that starts
-        # nearly collapsed (a random init).
-        initial = evaluate(cfg, embedder, table, data_root, split="val", device=device, progress=False)
-        state = {"epoch": -1, "best": -1.0, "bad_epochs": 0, "initial_norm": initial["mean_embedding_norm"],
-                 "history": [_history_row(0, float("nan"), cfg.lr, initial, float("nan"))],
-                 "table_sha256": table_sha256(table_path)}
-        (run_dir / "config.json").write_text(json.dumps({
-            "config": asdict(cfg), "model": embedder.config, "table": str(table_path),
-            "table_sha256": state["table_sha256"], "data_root": str(data_root),
-            "ineligible_train_items": sampler.n_ineligible, "env": repro.env_info()}, indent=2, default=str))
-
-    def save(epoch: int, val: dict | None) -> None:
-        state.update(model=embedder.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                     scaler=scaler.state_dict(), epoch=epoch, config=_jsonable(asdict(cfg)),
-                     model_config=embedder.config, val=val)
-        checkpoint_save(run_dir / "last.pt", state)
-        if val is not None and state["bad_epochs"] == 0:
-            _copy_atomic(run_dir / "last.pt", run_dir / "best.pt")
-        _write_history(run_dir / "history.csv", state["history"])
-
-    if state["epoch"] < 0 and not (run_dir / "last.pt").exists():
-        save(-1, None)  # a crash in epoch 1 can then be resumed too
+        _restore(run)
     if stop_after_epoch == 0:
         return None
+    finished, stopped = _train_epochs(run, progress, stop_after_epoch)
+    return _test(run, stopped, progress) if finished else None
 
-    stopped = None
-    for epoch in range(state["epoch"] + 1, cfg.epochs):
-        if state["bad_epochs"] >= cfg.patience:
-            stopped = f"early stop: val recall@5 did not improve for {cfg.patience} epochs"
-            break
-        torch.manual_seed(cfg.seed * 100_003 + epoch)  # augmentation and worker seeds = f(seed, epoch)
-        sampler.set_epoch(epoch)
-        loader = data.make_loader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers,
-                                  seed=cfg.seed * 100_003 + epoch, device=device)
-        loss, images_seen, seconds = train_one_epoch(embedder, loader, criterion, optimizer, scheduler, scaler,
-                                                     device, amp_dtype, cfg.grad_clip, progress,
-                                                     desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        del loader  # its workers are not needed during evaluation
 
-        val = evaluate(cfg, embedder, table, data_root, split="val", protocol="official", device=device, progress=False)
-        improved = val["recall@5"] > state["best"]
-        state["best"], state["bad_epochs"] = (val["recall@5"], 0) if improved else (state["best"], state["bad_epochs"] + 1)
-        state["history"].append(_history_row(epoch + 1, loss, optimizer.param_groups[0]["lr"], val, images_seen / seconds))
-        save(epoch, val)
-        if progress:
-            print(f"epoch {epoch + 1}: loss {loss:.4f}  val R@1 {val['recall@1']:.3f}  R@5 {val['recall@5']:.3f}")
-        spread, initial_norm = val["mean_embedding_norm"], state["initial_norm"]
-        if spread > COLLAPSE_THRESHOLD and spread > initial_norm + 0.005:
-            raise InputError(f"embeddings collapsed at epoch {epoch + 1} (mean unit embedding has norm {spread:.3f}, "
-                             f"{initial_norm:.3f} before training): "
-                             "check that pretrained weights loaded (--weights), lower --lr, or try --loss infonce")
-        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
-            return None
+# --------------------------------------------------------------------------- history
 
-    best_state = checkpoint_load(run_dir / "best.pt")
-    embedder.load_state_dict(best_state["model"])
-    test = evaluate(cfg, embedder, table, data_root, split="test", protocol="official", device=device, progress=progress)
-    result = {**test, "best_epoch": best_state["epoch"] + 1, "val": best_state["val"], "stopped": stopped}
-    (run_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))
+
+
+def _write_history(path: Path, rows: list[dict]) -> None:
+    """history.csv is rewritten from the checkpoint's rows, so it always matches last.pt."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, text.getvalue())
 
 
 def _history_row(epoch: int, loss: float, lr: float, val: dict, images_per_s: float) -> dict:
     return {"epoch": epoch, "loss": loss, "lr": lr, "val_recall@1": val["recall@1"], "val_recall@5": val["recall@5"],
             "val_recall@10": val["recall@10"], "val_map": val["map"], "mean_embedding_norm": val["mean_embedding_norm"],
             "train_images_per_s": images_per_s}
-
-
-def _loss_kwargs(cfg: Config) -> dict:
-    return {"temperature": cfg.temperature} if cfg.loss == "infonce" else {"margin": cfg.margin}

@@ -11,7 +11,7 @@ import pytest
 from handmade import (BBOX, EXPECTED_ALL, EXPECTED_TOPS_DRESSES_TEST, PARTITION, bbox_records,
                       format_list, write_tree)
 
-from helpers import deepfashion, sampling
+from helpers import deepfashion, sampling, schema
 from helpers.__main__ import main
 from helpers.errors import InputError
 
@@ -34,7 +34,7 @@ def test_table_from_hand_written_lists(tree):
     assert len(table) == 13 and len(pairs) == 8
     assert counts["images_not_in_partition"] == 1  # comsumer_09 of id_00000002
     assert counts["items_under_two_subcategories"] == 1
-    assert list(table.columns) == deepfashion.TABLE_COLUMNS
+    assert list(table.columns) == list(schema.TABLE_COLUMNS)
     row = table.set_index("path").loc["img/TOPS/Summer_Wear/id_00000002/comsumer_01.jpg"]
     assert (row.item_id, row.domain, row.split, row.category, row.subcategory) == (
         "id_00000002", "consumer", "train", "TOPS", "Summer_Wear")
@@ -65,7 +65,7 @@ def test_prepare_counts_and_clipping(tree, tmp_path):
     summary = sampling.prepare(tree, tmp_path / "out", categories=None, sample=None, progress=False)
     assert summary["splits"] == EXPECTED_ALL
     assert summary["image_check"]["clipped_boxes"] == 1
-    table = sampling.read_table(tmp_path / "out/images.csv")
+    table = schema.read_table(tmp_path / "out/images.csv")
     clipped = table.set_index("path").loc["img/TOPS/T_Shirt/id_00000001/comsumer_02.jpg"]
     assert (clipped.x_2, clipped.width, clipped.height) == (200, 200, 300)
     assert summary["table_sha256"] == hashlib.sha256((tmp_path / "out/images.csv").read_bytes()).hexdigest()
@@ -227,4 +227,4 @@ def test_cli_is_a_real_process_with_nonzero_exit(tmp_path):
 def test_read_table_checks_columns(tmp_path):
     pd.DataFrame({"path": ["a"], "item_id": ["id_1"]}).to_csv(tmp_path / "t.csv", index=False)
     with pytest.raises(InputError, match=r"t.csv:1: missing columns domain,split"):
-        sampling.read_table(tmp_path / "t.csv")
+        schema.read_table(tmp_path / "t.csv")

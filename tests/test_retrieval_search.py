@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import helpers.retrieval as retrieval
+from helpers import arrays, errors
 from helpers.errors import InputError
 from helpers.retrieval import exact_topk, faiss_topk, plan_blocks, working_bytes
 
@@ -229,6 +230,7 @@ def test_working_bytes_grows_with_block_size():
     assert working_bytes(2, 100, 5, 1000) < working_bytes(2, 200, 5, 1000)
 
 
-def test_doctests_of_retrieval_pass():
-    result = doctest.testmod(retrieval)
+@pytest.mark.parametrize("module", [arrays, errors])
+def test_doctests_pass(module):
+    result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0

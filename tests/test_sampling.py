@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from handmade import write_tree
 
-from helpers import sampling
+from helpers import sampling, schema
 from helpers.errors import InputError
 
 
@@ -99,10 +99,10 @@ def test_read_table_names_the_bad_line(tmp_path):
     table.loc[2, "split"] = "training"
     table.to_csv(tmp_path / "images.csv", index=False)
     with pytest.raises(InputError, match=r"images.csv:4: empty field, or domain/split"):
-        sampling.read_table(tmp_path / "images.csv")
+        schema.read_table(tmp_path / "images.csv")
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(InputError, match="empty.csv: not an image table"):
-        sampling.read_table(tmp_path / "empty.csv")
+        schema.read_table(tmp_path / "empty.csv")
 
 
 @pytest.mark.parametrize("text", ["nan,1,1", "inf,1,1"])

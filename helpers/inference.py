@@ -1,0 +1,149 @@
+"""Inference with a model: its preprocessing, embedding a table or one photo, and evaluating
+a split under a protocol. Used by training (validation), the CLI, the gallery index and the
+live demo alike, so a query is always embedded exactly as the gallery was.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import data, metrics, models
+from .config import Config
+from .errors import InputError
+
+# Measured on the 2-core CPU (benchmarks/README.md): smaller inference batches are faster per
+# image there (allocator page faults grow with the batch); a GPU wants large batches.
+CPU_EMBED_BATCH = 16
+GPU_EMBED_BATCH = 256
+
+
+def resolve_embed_batch(cfg: Config, device: str) -> int:
+    if cfg.embed_batch:
+        return cfg.embed_batch
+    return GPU_EMBED_BATCH if str(device).startswith("cuda") else CPU_EMBED_BATCH
+
+
+def resolve_num_workers(cfg: Config, device: str) -> int:
+    """``num_workers`` as configured; ``None`` (auto): on the CPU no workers on a machine of
+    2 cores or fewer, where decoding costs 3–5 % of a step and workers only compete with
+    torch's threads (benchmarks/README.md), else one per core beyond the first; on a GPU one
+    per core (the model no longer needs them); at most 8."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if str(device).startswith("cuda"):
+        return min(8, cores)
+    return 0 if cores <= 2 else min(8, cores - 1)
+
+
+def amp_dtype(cfg: Config, device: str) -> torch.dtype | None:
+    """bf16 on a GPU that has it natively, else fp16 on a GPU; None (fp32) on the CPU or with amp off."""
+    if cfg.amp == "off" or not str(device).startswith("cuda"):
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def make_transform(cfg: Config, data_config: dict, augment: str = "none", margin: float | None = None) -> data.C2STransform:
+    """The run's preprocessing: the model's input size / mean / std, the config's crop margin,
+    resize mode and photometric normalisation; ``augment`` only for training."""
+    return data.build_transform(data_config["input_size"][-1], data_config["mean"], data_config["std"],
+                                data_config["interpolation"], augment=augment, resize=cfg.resize,
+                                photometric=cfg.photometric, margin=cfg.box_margin if margin is None else margin)
+
+
+@torch.inference_mode()
+def extract_embeddings(model: torch.nn.Module, loader, device: str = "cpu", flip_tta: bool = False,
+                       progress: bool = True, desc: str = "embedding",
+                       amp: torch.dtype | None = None) -> np.ndarray:
+    """``float32 [len(dataset), D]`` embeddings of a loader yielding ``(images, labels, index)``.
+
+    Rows are placed by the dataset index each batch carries, so any loader order is safe.
+    ``flip_tta`` averages each embedding with that of the horizontally flipped image and
+    re-normalises (test-time augmentation: +0.6 top-1 reported on C2S). ``amp`` (bf16 / fp16)
+    runs the model under CUDA autocast; None runs it in fp32.
+    """
+    model.eval()
+    cuda = str(device).startswith("cuda")
+    out: np.ndarray | None = None
+    for images, _, index in tqdm(loader, desc=desc, disable=not progress, leave=False, mininterval=2.0):
+        images = images.to(device, non_blocking=True)
+        if cuda:
+            images = images.to(memory_format=torch.channels_last)
+        with torch.autocast(device_type="cuda", dtype=amp or torch.float16, enabled=cuda and amp is not None):
+            embeddings = model(images).float()
+            if flip_tta:
+                embeddings = torch.nn.functional.normalize(embeddings + model(images.flip(-1)).float(), dim=1)
+        if out is None:
+            out = np.zeros((len(loader.dataset), embeddings.shape[1]), dtype=np.float32)
+        out[index.numpy()] = embeddings.cpu().numpy()
+    if out is None:
+        raise InputError("nothing to embed: the image list is empty")
+    return out
+
+
+class TableEmbedder:
+    """Embeds the rows of one table, in order, as often as asked, through one loader whose
+    workers persist between calls (validation runs every epoch on the same rows)."""
+
+    def __init__(self, cfg: Config, data_config: dict, table: pd.DataFrame, data_root: str | Path, device: str):
+        self.cfg, self.device = cfg, device
+        dataset = data.C2SDataset(table, data_root, make_transform(cfg, data_config))
+        self.loader = data.make_loader(dataset, batch_size=resolve_embed_batch(cfg, device),
+                                       num_workers=resolve_num_workers(cfg, device), seed=cfg.seed, device=device)
+
+    def __call__(self, embedder: torch.nn.Module, progress: bool = True, desc: str = "embedding") -> np.ndarray:
+        return extract_embeddings(embedder, self.loader, self.device, flip_tta=self.cfg.flip_tta, progress=progress,
+                                  desc=desc, amp=amp_dtype(self.cfg, self.device))
+
+
+def embed_table(cfg: Config, embedder: models.Embedder, table: pd.DataFrame, data_root: str | Path,
+                device: str, progress: bool = True, desc: str = "embedding") -> np.ndarray:
+    """Embeddings of every row of ``table`` (row order kept), eval transform, no augmentation."""
+    return TableEmbedder(cfg, embedder.data_config, table, data_root, device)(embedder, progress, desc)
+
+
+class ProtocolEvaluator:
+    """Recall@K / mAP of one split under one protocol, for any model with the same
+    preprocessing. Only the rows the protocol uses are embedded; the loader is built once."""
+
+    def __init__(self, cfg: Config, data_config: dict, table: pd.DataFrame, data_root: str | Path,
+                 split: str = "test", protocol: str = "official", device: str = "cpu"):
+        queries, gallery = metrics.protocol_sets(table, split, protocol)
+        # The protocol picks rows by their own columns, so the sub-table of the rows it uses
+        # gives the same query and gallery sets without embedding (or allocating) the rest.
+        self.rows = table.iloc[np.union1d(queries.index.to_numpy(), gallery.index.to_numpy())].reset_index(drop=True)
+        self.split, self.protocol = split, protocol
+        self.embed = TableEmbedder(cfg, data_config, self.rows, data_root, device)
+
+    def __call__(self, embedder: torch.nn.Module, progress: bool = True) -> dict:
+        """The metrics dict, plus ``mean_embedding_norm``: the norm of the mean unit embedding,
+        near 1 when the embeddings have collapsed to one point."""
+        embeddings = self.embed(embedder, progress, f"embedding {self.split}")
+        result = metrics.evaluate_protocol(self.rows, embeddings, split=self.split, protocol=self.protocol)
+        result["mean_embedding_norm"] = float(np.linalg.norm(embeddings.mean(axis=0)))
+        return result
+
+
+def evaluate(cfg: Config, embedder: models.Embedder, table: pd.DataFrame, data_root: str | Path, split: str = "test",
+             protocol: str = "official", device: str = "cpu", progress: bool = True) -> dict:
+    """One evaluation of ``embedder`` (see :class:`ProtocolEvaluator`)."""
+    return ProtocolEvaluator(cfg, embedder.data_config, table, data_root, split, protocol, device)(embedder, progress)
+
+
+def embed_image(embedder: models.Embedder, cfg: Config, image, box=None) -> np.ndarray:
+    """``[1, D]`` embedding of one photo (a path or a PIL image) as the run's gallery was
+    embedded; ``box`` = the garment's box (with the run's margin), else the whole photo."""
+    transform = make_transform(cfg, embedder.data_config, margin=None if box is not None else 0.0)
+    picture = data.open_rgb(image) if isinstance(image, (str, Path)) else image.convert("RGB")
+    batch = transform(picture, box).unsqueeze(0)
+    with torch.inference_mode():
+        embedding = embedder(batch)
+        if cfg.flip_tta:
+            embedding = torch.nn.functional.normalize(embedding + embedder(batch.flip(-1)), dim=1)
+    return embedding.numpy()

@@ -1,202 +1,212 @@
-"""Benchmark: embedding extraction (``helpers.retrieval.extract_embeddings`` over the real eval
-loader) vs bare inference (``model(x)`` under ``torch.inference_mode`` on in-memory tensors).
+"""Benchmark: embedding extraction as the project runs it (``inference.TableEmbedder`` /
+``embed_table``) vs the best bare inference of the same model on this machine, found by a
+small sweep in the same run.
 
-Prints the throughput ratio full / bare in images/s (goal: >= 0.9). Asserts nothing: it is a
-measurement.
+Prints images/s of each, two ratios and a verdict: the project's extraction / bare inference at
+the project's own settings, and the project's extraction / the best bare configuration,
+against the goal **>= 0.9 × the best bare inference** (PASS / MISS). It asserts nothing: it is
+a measurement.
 
-* **bare**: ``model(x)`` under ``inference_mode``, model in eval mode, on batches already in
-  memory (real images of the demo table through the eval transform, loaded once before timing),
-  as many batches of ``--batch-size`` as the full pass has.
-* **full (new loader)**: what ``helpers.train.embed_table`` does (``evaluate()`` calls it for
-  val every epoch and for test at the end): a new ``data.make_loader`` over ``C2SDataset`` with
-  the eval transform (decode, box crop, letterbox, ToImage/ToDtype/Normalize) and
-  ``--num-workers`` workers, then ``extract_embeddings``; worker start-up is included.
-* **full (warm workers)**: the same on a loader whose persistent workers have already made one
-  pass, so only the steady state is measured.
+* **project: TableEmbedder**: ``inference.TableEmbedder`` over the demo table (what validation
+  runs every epoch): one loader at ``resolve_embed_batch`` (16 on the CPU) and
+  ``resolve_num_workers`` that persists between calls, the eval transform (decode, box crop,
+  letterbox, normalise), then ``extract_embeddings``. Timed on its second and later calls
+  (the steady state); the goal applies to it.
+* **project: embed_table**: ``inference.embed_table`` (a new loader per call, as the test
+  evaluation and the gallery index use it); worker start-up included. Not recorded per batch.
+* **bare, project settings, this process**: ``model(x)`` under ``torch.inference_mode`` on
+  batches already in memory (real images through the same transform, prepared once) at the
+  project's batch size, in this process with its allocator setting, alternating with the above.
+* **bare sweep**: the same bare inference, each variant in a fresh subprocess (the allocator
+  setting is process-wide and cannot be undone): batch size (default 16, 32, 64 and the
+  project's), allocator default (``C2S_MALLOPT=0``, no ``MALLOC_*_`` variables) or tuned
+  (``repro.tune_allocator``, as the project's training entry points apply it), and
+  ``channels_last`` off or on (model and batches). The best bare is the fastest of these and
+  the in-process bare loop. Embeddings do not depend on the batch size in eval mode, so the
+  project is free to pick any of them.
 
-Every method runs over the same images (default: every row of the demo table), after a warm-up
-of the model; with ``--repeats > 1`` the methods alternate and each keeps its best throughput.
-Per method the output also gives the main process's first batch and its other batches: wall
-time, system CPU time and minor page faults (see ``bench_train.py``; ``--mallopt`` as there). On
-CPU these faults are a large share of inference time, and they depend on the allocation pattern,
-so the ratio can exceed 1: it compares two runs of the same model code, not a theoretical bound.
-A short profile then tells where the loader's time goes (per-image cost of each stage on one
-thread, as in a worker; the loader alone; a new loader's time to its first batch).
+With ``--repeats > 1`` every method and variant runs once per round and keeps its best run.
+The output also gives, per method, the first batch and the others (wall, system CPU, minor page
+faults), the CPU other processes used (a WARNING when over 0.15 cores) and a loader profile.
 
-On a 2-core CPU the loader's workers compete with torch's compute threads for the same cores:
-the output prints both counts; try ``--num-workers 0/1/2`` and ``--threads 1/2``.
-
-    python benchmarks/bench_embed.py                      # demo: lite0, 128 px, batch 64, 2 workers
-    python benchmarks/bench_embed.py --batch-size 16 --mallopt --profile-images 0
-    python benchmarks/bench_embed.py --backbone test_efficientnet --weights none --images 256
+    python benchmarks/bench_embed.py                         # demo: lite0, 128 px, every demo image
+    python benchmarks/bench_embed.py --sweep-batches 16,32 --sweep-channels-last off --images 512
+    python benchmarks/bench_embed.py --backbone test_efficientnet --weights none --img-size 64 --images 64
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import resource
+import json
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _timing as T  # noqa: E402  (also puts the repository root on sys.path)
 
-from bench_train import (OtherLoad, print_other_load, print_steps, profile_stages, record_steps,  # noqa: E402
-                         summarise_steps, tune_malloc)  # shared with the training benchmark
+GOAL = 0.9
+PROJECT = "project: TableEmbedder (persistent loader)"
+PROJECT_NEW = "project: embed_table (new loader per call)"
+OWN_BARE = "bare, project settings, this process"
 
 
-class _Batches:
-    """An iterable of batches with the ``dataset`` attribute ``extract_embeddings`` reads."""
+def build(args: argparse.Namespace):
+    """The demo config, its table (first ``--images`` rows), the model in eval mode and the
+    eval dataset, as ``inference.TableEmbedder`` builds it."""
+    import torch
 
-    def __init__(self, batches, dataset):
-        self.batches, self.dataset = batches, dataset
+    from helpers import config, data, inference, models, workspace
+    from helpers.schema import read_table
 
-    def __iter__(self):
-        return iter(self.batches)
+    cfg = config.get_config("demo", backbone=args.backbone, weights=args.weights, img_size=args.img_size,
+                            num_workers=args.num_workers, embed_batch=args.batch_size, device="cpu")
+    data_root, table_path = workspace.ensure_prepared(cfg, progress=False)
+    table = read_table(table_path)
+    if args.images:
+        table = table.iloc[: args.images].reset_index(drop=True)
+    torch.manual_seed(0)
+    embedder = models.create_embedder(cfg.backbone, cfg.embed_dim, weights=cfg.weights, head=cfg.head,
+                                      pooling=cfg.pooling, img_size=cfg.img_size).eval()
+    dataset = data.C2SDataset(table, data_root, inference.make_transform(cfg, embedder.data_config))
+    return cfg, table, data_root, embedder, dataset
+
+
+def in_memory_batches(dataset, batch: int, channels_last: bool = False) -> list:
+    """As many batches of ``batch`` as a full pass has (the last one partial), from the first
+    few real ones (at most 4 distinct, cycled), loaded once without workers."""
+    import torch
+
+    from helpers import data
+
+    n_batches = -(-len(dataset) // batch)
+    distinct = min(n_batches, 4)
+    prepared = []
+    for images, _, _ in data.make_loader(dataset, batch_size=batch, num_workers=0):
+        prepared.append(images.contiguous(memory_format=torch.channels_last) if channels_last else images)
+        if len(prepared) == distinct:
+            break
+    batches = [prepared[i % distinct] for i in range(n_batches)]
+    batches[-1] = batches[-1][: len(dataset) - batch * (n_batches - 1)]
+    return batches
+
+
+def bare_pass(embedder, batches: list):
+    import torch
+
+    def go(seen: list) -> int:
+        with torch.inference_mode():
+            for x in T.record_steps(batches, seen):
+                embedder(x)
+        return sum(len(x) for x in batches)
+    return go
+
+
+def project_pass(embedder_call, embedder, n_images: int):
+    """``TableEmbedder.__call__`` as is, its loader seen through :class:`_timing.Recorded`."""
+    def go(seen: list) -> int:
+        loader = embedder_call.loader
+        embedder_call.loader = T.Recorded(loader, seen)
+        try:
+            embedder_call(embedder, progress=False)
+        finally:
+            embedder_call.loader = loader
+        return n_images
+    return go
+
+
+def child(args: argparse.Namespace) -> None:
+    """One bare variant (``--bare-variant``), in its own process."""
+    import torch
+
+    variant = json.loads(args.bare_variant)
+    info = T.child_setup(variant)
+    cfg, table, data_root, embedder, dataset = build(args)
+    if variant["channels_last"]:
+        embedder.to(memory_format=torch.channels_last)
+    batches = in_memory_batches(dataset, variant["batch"], variant["channels_last"])
+    bare_pass(embedder, batches[: max(2, args.warmup)])([])
+    T.child_report({**T.timed(bare_pass(embedder, batches)), **info})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
-    parser.add_argument("--weights", default="packaged", help="auto | hub | packaged | none")
-    parser.add_argument("--img-size", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=64, help="embed_table's batch size is 64")
-    parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads in the main process (default: torch's own choice)")
-    parser.add_argument("--mallopt", action="store_true",
-                        help="glibc: keep freed memory instead of returning it to the kernel (see bench_train)")
+    T.add_common_args(parser)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="the project's embed_batch (default: inference.resolve_embed_batch on the CPU, 16)")
     parser.add_argument("--images", type=int, default=None, help="rows of the demo table (default: all)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed bare batches before timing")
-    parser.add_argument("--repeats", type=int, default=1, help="alternating runs per method; best kept")
-    parser.add_argument("--profile-images", type=int, default=128,
-                        help="images for the per-stage profile (0: skip the profile)")
+    parser.add_argument("--sweep-batches", default="16,32,64",
+                        help="bare variants' batch sizes (the project's is always added)")
+    parser.add_argument("--sweep-threads", default="own",
+                        help="bare variants' torch threads: own (torch's count), auto (it and half of it), or a list")
     args = parser.parse_args()
+    if args.bare_variant:
+        child(args)
+        return
 
     import torch
 
-    from helpers import config, data, models, workspace
-    from helpers.retrieval import extract_embeddings
-    from helpers.sampling import read_table
+    from helpers import data, inference
 
+    started = time.perf_counter()
+    allocator = T.project_allocator()  # as the training entry points (fit, helpers train) do
     if args.threads:
         torch.set_num_threads(args.threads)
-    malloc_note = ("tuned (mallopt: mmap threshold 32 MiB, no trim)" if tune_malloc() else "mallopt failed") \
-        if args.mallopt else "default"
-    started = time.perf_counter()
-    cfg = config.get_config("demo", num_workers=args.num_workers)
-    data_root, table_path = workspace.ensure_prepared(cfg, progress=False)
-    table = read_table(table_path)
-    if args.images:
-        table = table.iloc[: args.images]
-    torch.manual_seed(0)
-    embedder = models.create_embedder(args.backbone, cfg.embed_dim, weights=args.weights, head=cfg.head,
-                                      pooling=cfg.pooling, img_size=args.img_size).eval()
-    dc = embedder.data_config
-    # The eval transform as helpers.train builds it for embed_table (no augmentation).
-    transform = data.build_transform(dc["input_size"][-1], dc["mean"], dc["std"], dc["interpolation"],
-                                     augment="none", resize=cfg.resize, photometric=cfg.photometric,
-                                     margin=cfg.box_margin)
-    dataset = data.C2SDataset(table, data_root, transform)
+    cfg, table, data_root, embedder, dataset = build(args)
+    project = inference.TableEmbedder(cfg, embedder.data_config, table, data_root, "cpu")
+    batch, workers = project.loader.batch_size, project.loader.num_workers
+    n = len(table)
+    batches = T.parse_list(args.sweep_batches, int)
+    variants = [] if args.no_sweep else T.grid(
+        batch=batches + ([batch] if batch not in batches else []),
+        allocator=T.parse_list(args.sweep_allocator),
+        channels_last=[T.on_off(v) for v in T.parse_list(args.sweep_channels_last)],
+        threads=T.threads_axis(args.sweep_threads))
 
-    def loader(workers: int = args.num_workers):
-        # As embed_table builds it (batch 64 there), with this benchmark's batch size.
-        return data.make_loader(dataset, batch_size=args.batch_size, num_workers=workers, seed=cfg.seed, device="cpu")
+    T.print_header(f"embedding: backbone={cfg.backbone} weights={embedder.config['weights_source']} "
+                   f"img_size={cfg.img_size} images={n} flip_tta={cfg.flip_tta}")
+    print(f"project settings: batch {batch} (resolve_embed_batch), num_workers={workers} (resolve_num_workers), "
+          f"allocator {allocator} (repro.tune_allocator), channels_last off (the CPU path), "
+          f"threads {torch.get_num_threads()}")
+    print(f"bare sweep: {len(variants)} variant(s) in fresh processes (batch x allocator x channels_last x threads), "
+          f"{args.repeats} round(s)")
 
-    n_batches = -(-len(dataset) // args.batch_size)
-    print(f"backbone={args.backbone} weights={embedder.config['weights_source']} img_size={args.img_size} "
-          f"batch={args.batch_size} images={len(dataset)} ({n_batches} batches)")
-    print(f"cores={os.cpu_count()} torch threads={torch.get_num_threads()} (interop "
-          f"{torch.get_num_interop_threads()}) num_workers={args.num_workers} "
-          f"(each worker runs torch with 1 thread) torch {torch.__version__}, malloc {malloc_note}")
-    print("load average before: {:.2f} {:.2f} {:.2f} (1/5/15 min; the machine may be shared)".format(*os.getloadavg()))
+    bare_batches = in_memory_batches(dataset, batch)
+    project(embedder, progress=False)  # start its persistent workers (if any), as the first validation does
+    bare_pass(embedder, bare_batches[: max(2, args.warmup)])([])  # after that fork: absorbs its copy-on-write
 
-    # In-memory batches: the first few real batches, cycled to the full pass's batch count
-    # (the last one is partial in both).
-    distinct = min(n_batches, 4)
-    prepared = []
-    for images, _, _ in loader(0):
-        prepared.append(images)
-        if len(prepared) == distinct:
-            break
-    bare_batches = [prepared[i % distinct] for i in range(n_batches)]
-    bare_batches[-1] = bare_batches[-1][: len(dataset) - args.batch_size * (n_batches - 1)]
-
-    def bare() -> dict:
-        steps_seen: list = []
-        with OtherLoad() as load:
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                for x in record_steps(bare_batches, steps_seen):
-                    embedder(x)
-            seconds = time.perf_counter() - t0
-        return {"images/s": len(dataset) / seconds, "load": load.result, **summarise_steps(steps_seen)}
-
-    def full(some_loader) -> dict:
-        steps_seen: list = []
-        recorded = record_steps(some_loader, steps_seen)
-        with OtherLoad() as load:
-            t0 = time.perf_counter()
-            # extract_embeddings needs loader.dataset (for the output's size) beside the batches.
-            extract_embeddings(embedder, _Batches(recorded, dataset), "cpu", flip_tta=False, progress=False)
-            seconds = time.perf_counter() - t0
-        return {"images/s": len(dataset) / seconds, "load": load.result, **summarise_steps(steps_seen)}
-
-    warm_loader = loader()
-    t0 = time.perf_counter()
-    for _ in warm_loader:  # start the persistent workers and let them initialise
-        pass
-    warm_pass_seconds = time.perf_counter() - t0
-    with torch.inference_mode():  # after that fork, so the warm-up also absorbs its copy-on-write faults
-        for x in prepared[: max(2, args.warmup)]:
-            embedder(x)
-
-    results: dict[str, list[dict]] = {"bare": [], "full (warm workers)": [], "full (new loader)": []}
+    rows: dict[str, list[dict]] = {PROJECT: [], PROJECT_NEW: [], OWN_BARE: []}
+    rows.update({"bare " + T.describe(v): [] for v in variants})
     for _ in range(args.repeats):
-        results["bare"].append(bare())
-        results["full (warm workers)"].append(full(warm_loader))
-        results["full (new loader)"].append(full(loader()))  # dropped after the pass, as in embed_table
-    del warm_loader
+        rows[OWN_BARE].append(T.timed(bare_pass(embedder, bare_batches)))
+        rows[PROJECT].append(T.timed(project_pass(project, embedder, n)))
+        rows[PROJECT_NEW].append(T.timed(lambda seen: len(inference.embed_table(cfg, embedder, table, data_root, "cpu",
+                                                                                 progress=False))))
+        T.sweep_round(__file__, variants, rows)
+    del project
 
-    best = {name: max(runs, key=lambda r: r["images/s"]) for name, runs in results.items()}
-    how = f"best of {args.repeats}" if args.repeats > 1 else "one run"
-    for name, runs in results.items():
-        r, values = best[name], ", ".join(f"{x['images/s']:.1f}" for x in runs)
-        print(f"{name:>20}: {r['images/s']:7.1f} images/s  ({how}: {values}; "
-              f"{1e3 * args.batch_size / r['images/s']:.0f} ms/batch)")
-    print_steps(best, "batch")
-    print_other_load(results, best)
+    def batch_of(name: str) -> int:
+        for v in variants:
+            if name == "bare " + T.describe(v):
+                return v["batch"]
+        return batch
+
+    print()
+    best = T.print_rows(rows, batch_of, "batch", args.repeats)
+    bare_names = [name for name in best if name.startswith("bare")]
+    best_bare = max(bare_names, key=lambda name: best[name]["images/s"])
+    T.print_steps(best, "batch")
+    T.print_other_load([best[k] for k in (PROJECT, OWN_BARE, best_bare) if k in best],
+                       [r for runs in rows.values() for r in runs])
 
     if args.profile_images > 0:
-        print("\nwhere the loader's time goes (ms per image, one thread, after a warm-up):")
-        stages = profile_stages(dataset, args.profile_images)
-        for name, ms in stages.items():
-            print(f"  {name:>24}: {ms:6.2f}")
-        per_batch = stages["whole __getitem__"] * args.batch_size
-        bare_batch = 1e3 * args.batch_size / best["bare"]["images/s"]
-        print(f"  => one batch of {args.batch_size} costs {per_batch:.0f} ms of one core to load vs bare "
-              f"inference of {bare_batch:.0f} ms on {torch.get_num_threads()} thread(s)")
-        t0 = time.perf_counter()
-        iterator = iter(loader())
-        next(iterator)
-        first = time.perf_counter() - t0
-        for _ in iterator:
-            pass
-        alone = len(dataset) / (time.perf_counter() - t0)
-        print(f"  new loader: first batch after {1e3 * first:.0f} ms (worker start-up + one batch); "
-              f"loader alone (no model): {alone:.0f} images/s")
-        print(f"  warm-up pass of the persistent loader (start-up + {n_batches} batches, no model): "
-              f"{warm_pass_seconds:.2f} s")
+        T.print_loader_profile(dataset, args.profile_images, batch, 1e3 * batch / best[OWN_BARE]["images/s"],
+                               lambda: data.make_loader(dataset, batch_size=batch, num_workers=workers, seed=cfg.seed),
+                               "batch")
 
-    print(f"\nratio full (warm workers) / bare: {best['full (warm workers)']['images/s'] / best['bare']['images/s']:.2f} (goal >= 0.9)")
-    print(f"ratio full (new loader, as embed_table) / bare: {best['full (new loader)']['images/s'] / best['bare']['images/s']:.2f}")
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(f"(total {time.perf_counter() - started:.0f} s; peak RSS of the main process {peak_mib:.0f} MiB; "
-          "load average after: " + " ".join(f"{v:.2f}" for v in os.getloadavg()) + ")")
+    print()
+    T.print_goal("extraction (TableEmbedder)", best[PROJECT], best[OWN_BARE], best_bare, best[best_bare], GOAL)
+    T.print_footer(started)
 
 
 if __name__ == "__main__":

@@ -1,375 +1,214 @@
-"""Benchmark: the full training loop (``helpers.train.train_one_epoch`` over a real DataLoader)
-vs the bare training step on in-memory tensors.
+"""Benchmark: the training loop ``fit()`` runs vs the best bare training step of the same model
+on this machine, found by a small sweep in the same run.
 
-Prints the throughput ratio full / bare in images/s (goal: >= 0.85). Asserts nothing: it is a
-measurement.
+Prints images/s of each, two ratios and a verdict: the project's loop / the bare loop at the
+project's own settings, and the project's loop / the best bare configuration, against the
+goal **>= 0.9 × the best bare step** (PASS / MISS). It asserts nothing: it is a measurement.
 
-* **bare**: ``train_one_epoch`` over a Python list of batches already prepared in memory
-  (real images of the demo table, loaded once before timing): forward, loss, backward, grad
-  clipping, AdamW step, scheduler step. No decoding, no sampler, no worker.
-* **full (warm workers)**: ``train_one_epoch`` over ``data.make_loader`` on the demo table:
-  JPEG decoding, box crop, letterbox, the augmentation preset, ``PKSampler`` batches, collation
-  in ``--num-workers`` worker processes. The loader's persistent workers are started and run
-  through one pass of the sampler before timing, so only the steady state is measured.
-* **full (new loader)**: the same, on a DataLoader built just before the pass, as ``fit()``
-  builds one per epoch: its worker start-up and the wait for the first batches are included.
+* **project: fit loop**: what ``train.fit()`` builds (``train._build``: the demo config's model,
+  ``create_criterion``, ``create_optimizer``, the ``lr_factor`` schedule, one persistent
+  DataLoader over ``data.SampleSeeds(PKSampler)`` at ``inference.resolve_num_workers``, with JPEG
+  decoding, box crop, letterbox and the augmentation preset), run as ``fit()`` runs an epoch:
+  ``set_epoch``, then ``train.train_one_epoch``. The allocator is tuned as ``fit()`` tunes it
+  (``repro.tune_allocator``; ``C2S_MALLOPT=0`` turns it off). Epoch 1 includes the loader's
+  start-up; the goal applies to the later epochs (the steady state of a run).
+* **bare, project settings, this process**: the same ``train_one_epoch`` with the same model,
+  loss, optimizer, schedule and batch (P × K), on batches already in memory (real images of
+  the demo table through the same transform, prepared once): no decoding, no sampler, no
+  worker. Timed in this process, alternating with the project's loop.
+* **bare sweep**: the same bare loop, each variant in a fresh subprocess (the allocator setting
+  is process-wide and cannot be undone): allocator default (``C2S_MALLOPT=0``, no ``MALLOC_*_``
+  variables) or tuned (``repro.tune_allocator``), ``channels_last`` off or on (model and
+  batches), and torch threads (default: all of torch's and half of them). The batch is fixed
+  by P × K. The best bare is the fastest of these and the in-process bare loop.
 
-The same code (``train_one_epoch``) and the same model, loss, optimizer and batch size run in
-all three; only where the batches come from differs. Each method is timed over ``--steps``
-steps (default: one demo epoch, as ``fit()`` runs it), after a warm-up of the model; with
-``--repeats > 1`` the methods alternate and each keeps its best throughput, so background load
-on a shared machine hits all alike. (With ``--num-workers 0`` there are no workers: "warm" and
-"new" then differ only in the DataLoader object.)
+With ``--repeats > 1`` every method and variant runs once per round and keeps its best run.
+The output also gives, per method, the first step and the others (wall, system CPU, minor page
+faults), the CPU other processes used (a WARNING when over 0.15 cores) and a loader profile.
 
-Per method the output also gives the main process's first step and its other steps: wall time,
-system CPU time and minor page faults. Faults are the kernel handing the process a zero-filled
-page (glibc returns big freed blocks to the kernel, so they recur every step) or copying a page
-it shares with a worker forked from it (copy-on-write: the first step after a fork pays for
-every page it writes). ``--mallopt`` (:func:`tune_malloc`) keeps freed memory in the process, to
-show what the recurring faults cost.
-
-A short profile then tells where the loader's time goes: per-image cost of each preprocessing
-stage (one thread, as in a worker), the loader alone, and a new loader's time to its first batch.
-
-On a 2-core CPU the loader's workers compete with torch's compute threads for the same cores:
-the output prints both counts; try ``--num-workers 0/1/2`` and ``--threads 1/2``.
-
-    python benchmarks/bench_train.py                           # demo: lite0, 128 px, P=8, K=4
-    python benchmarks/bench_train.py --num-workers 0 --mallopt --profile-images 0
-    python benchmarks/bench_train.py --backbone test_efficientnet --weights none --steps 10
+    python benchmarks/bench_train.py                           # demo: lite0, 128 px, P=8 x K=4
+    python benchmarks/bench_train.py --sweep-threads own --sweep-channels-last off   # smaller sweep
+    python benchmarks/bench_train.py --backbone test_efficientnet --weights none --img-size 64 --steps 3
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import resource
+import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _timing as T  # noqa: E402  (also puts the repository root on sys.path)
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+GOAL = 0.9
+PROJECT = "project: fit loop, later epochs"
+PROJECT_FIRST = "project: fit loop, epoch 1 (loader start-up)"
+OWN_BARE = "bare, project settings, this process"
 
 
-def tune_malloc() -> bool:
-    """glibc only: keep freed memory in the process instead of handing it back to the kernel.
+def make_config(args: argparse.Namespace):
+    from helpers import config
 
-    By default glibc serves large blocks (activations, gradients) with ``mmap`` and returns them
-    with ``munmap`` (or trims the heap), so every step the kernel zero-fills the same memory
-    again: a minor page fault per 4 KiB page, counted as system CPU time. Equivalent to
-    ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647`` in the environment.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    libc = ctypes.CDLL(name)
-    if not hasattr(libc, "mallopt"):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    # 32 MiB is glibc's largest mmap threshold on 64-bit; bigger blocks still use mmap.
-    return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    return config.get_config("demo", backbone=args.backbone, weights=args.weights, img_size=args.img_size,
+                             p_items=args.p, k_images=args.k, augment=args.augment, num_workers=args.num_workers,
+                             device="cpu")
 
 
 def build(args: argparse.Namespace):
-    """The demo's training pieces as ``fit()`` builds them, with the benchmark's sizes."""
-    import torch
+    """What ``fit()`` builds for a new run (``train._build``), with the epoch cut to ``steps``."""
+    from helpers import train, workspace
 
-    from helpers import config, data, losses, models, workspace
-    from helpers.sampling import read_table
-
-    cfg = config.get_config("demo")
+    cfg = make_config(args)
     data_root, table_path = workspace.ensure_prepared(cfg, progress=False)
-    table = read_table(table_path)
-    train_rows = table.loc[table.split == "train"].reset_index(drop=True)
-
-    torch.manual_seed(0)
-    embedder = models.create_embedder(args.backbone, cfg.embed_dim, weights=args.weights, head=cfg.head,
-                                      pooling=cfg.pooling, img_size=args.img_size)
-    criterion = losses.create_loss(cfg.loss, margin=cfg.margin)
-    optimizer = torch.optim.AdamW(models.param_groups(embedder, cfg.lr, cfg.backbone_lr_mult),
-                                  weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    scaler = torch.amp.GradScaler("cuda", enabled=False)  # what fit() builds on a CPU
-    dc = embedder.data_config
-    transform = data.build_transform(dc["input_size"][-1], dc["mean"], dc["std"], dc["interpolation"],
-                                     augment=args.augment, resize=cfg.resize, photometric=cfg.photometric,
-                                     margin=cfg.box_margin)
-    dataset = data.C2SDataset(train_rows, data_root, transform)
-    return cfg, embedder, criterion, optimizer, scheduler, scaler, dataset
+    run = train._build(cfg, table_path, data_root, Path(tempfile.gettempdir()), None)  # writes nothing
+    steps = args.steps or len(run.batches)
+    run.batches.batch_sampler.epoch_len = steps
+    return run, steps
 
 
-def sampler_for(dataset, args: argparse.Namespace, epoch: int, steps: int | None):
-    from helpers import data
-
-    sampler = data.PKSampler((dataset.labels, dataset.domains), args.p, args.k, epoch_len=steps, seed=0)
-    sampler.set_epoch(epoch)
-    return sampler
-
-
-def loader_for(dataset, args: argparse.Namespace, epoch: int, steps: int):
-    from helpers import data
-
-    return data.make_loader(dataset, batch_sampler=sampler_for(dataset, args, epoch, steps),
-                            num_workers=args.num_workers, seed=epoch, device="cpu")
-
-
-def _own_cpu_seconds() -> float:
-    """CPU seconds of this process and its children: reaped ones (``RUSAGE_CHILDREN``) plus live
-    ones such as persistent DataLoader workers (psutil)."""
-    import psutil
-
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
-    total = own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
-    for child in psutil.Process().children(recursive=True):
-        try:
-            times = child.cpu_times()
-            total += times.user + times.system
-        except psutil.Error:  # exited in between (then counted as reaped, or lost: a few ms)
-            pass
-    return total
-
-
-def _machine_ticks() -> tuple[int, int]:
-    """(busy, steal) clock ticks of the whole machine since boot, from ``/proc/stat``."""
-    with open("/proc/stat") as handle:
-        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in handle.readline().split()[1:9])
-    return user + nice + system + irq + softirq, steal
-
-
-class OtherLoad:
-    """How many cores other processes (not this one or its workers) kept busy, and how much the
-    hypervisor stole, while a measurement ran: a shared machine's noise, made visible. Linux
-    only (reads ``/proc/stat``); None elsewhere."""
-
-    def __enter__(self) -> "OtherLoad":
-        self.result: dict | None = None
-        try:
-            self._start = time.perf_counter(), _machine_ticks(), _own_cpu_seconds()
-        except (OSError, ValueError, ImportError):
-            self._start = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._start is None:
-            return
-        wall = time.perf_counter() - self._start[0]
-        (busy, steal), own = _machine_ticks(), _own_cpu_seconds()
-        hz = os.sysconf("SC_CLK_TCK")
-        self.result = {"other": max(0.0, ((busy - self._start[1][0]) / hz - (own - self._start[2])) / wall),
-                       "steal": (steal - self._start[1][1]) / hz / wall}
-
-
-def print_other_load(results: dict, best: dict) -> None:
-    """Other processes' load during the runs kept (``best``) and during all runs; a warning when
-    a kept run was disturbed."""
-    def worst(runs: list) -> tuple[float, float] | None:
-        loads = [r["load"] for r in runs if r.get("load")]
-        return (max(x["other"] for x in loads), max(x["steal"] for x in loads)) if loads else None
-
-    kept, every = worst(list(best.values())), worst([r for runs in results.values() for r in runs])
-    if kept is None:
-        return
-    line = (f"other processes during the timed runs kept: at most {kept[0]:.2f} cores busy, {kept[1]:.2f} cores "
-            f"stolen by the hypervisor (of {os.cpu_count()})")
-    if every != kept:
-        line += f"; during all runs: {every[0]:.2f} busy, {every[1]:.2f} stolen"
-    print(line)
-    if max(kept) > 0.15:
-        print("WARNING: the machine was not quiet; these numbers are disturbed, rerun when it is idle")
-
-
-def record_steps(batches, out: list):
-    """Yield ``batches`` unchanged, appending to ``out`` for each one (wall seconds, main-process
-    system CPU seconds, minor page faults) from its hand-over to the next request, i.e. the step
-    run on it plus the wait for the next batch. Page faults are the kernel zero-filling (fresh
-    memory) or copying (copy-on-write after a fork) 4 KiB pages for the process."""
-    last = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-    for item in batches:
-        yield item
-        now = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-        out.append((now[0] - last[0], now[1].ru_stime - last[1].ru_stime, now[1].ru_minflt - last[1].ru_minflt))
-        last = now
-
-
-def summarise_steps(steps_seen: list) -> dict:
-    """The first step's (wall, system, faults) and, over the others, median wall and mean system/faults."""
-    wall, system, faults = (np.array(column) for column in zip(*steps_seen))
-    rest = slice(1, None) if len(wall) > 1 else slice(None)
-    return {"first": (wall[0], system[0], faults[0]),
-            "rest": (np.median(wall[rest]), system[rest].mean(), faults[rest].mean())}
-
-
-def print_steps(best: dict, unit: str = "step") -> None:
-    print(f"main process per {unit}: wall ms / system CPU ms / minor page faults "
-          f"(first {unit}; median wall and mean of the others)")
-    for name, r in best.items():
-        (w0, s0, f0), (w, s_, f_) = r["first"], r["rest"]
-        print(f"{name:>20}: first {1e3 * w0:5.0f} / {1e3 * s0:5.0f} / {f0:7.0f};  others {1e3 * w:5.0f} / "
-              f"{1e3 * s_:5.0f} / {f_:7.0f}")
-
-
-def profile_stages(dataset, n: int) -> dict[str, float]:
-    """Mean ms per image of each preprocessing stage, on one thread (as in a DataLoader worker)."""
+def in_memory_batches(run, steps: int, channels_last: bool = False) -> list:
+    """``steps`` real batches (the same transform, sampler and per-sample seeds as the run,
+    loaded once without workers; at most 8 distinct, cycled)."""
     import torch
 
     from helpers import data
 
-    transform = dataset.transform
-    ops = list(transform.tensor_ops.transforms)
-    names = [type(op).__name__ for op in ops]
-    totals = {"read+decode (open_rgb)": 0.0, "crop_box": 0.0, "photometric": 0.0, "letterbox/resize": 0.0}
-    totals.update({name: 0.0 for name in names})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        rows = [i % len(dataset) for i in range(n + 16)]
-        for j, i in enumerate(rows):
-            path = dataset.data_root / dataset._paths[i]
-            t0 = time.perf_counter()
-            image = data.open_rgb(path)
-            t1 = time.perf_counter()
-            image = data.crop_box(image, dataset._boxes[i], transform.margin)
-            t2 = time.perf_counter()
-            image = data.photometric(image, transform.photometric)
-            t3 = time.perf_counter()
-            x = data.resize_image(image, transform.img_size, transform.resize, transform.interpolation, transform.fill)
-            t4 = time.perf_counter()
-            op_times = []
-            for op in ops:
-                a = time.perf_counter()
-                x = op(x)
-                op_times.append(time.perf_counter() - a)
-            if j < 16:  # warm-up: the first calls initialise lazily (kernels, tables)
-                continue
-            for key, seconds in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                totals[key] += seconds
-            for name, seconds in zip(names, op_times):
-                totals[name] += seconds
-        start = time.perf_counter()
-        for i in rows[16:]:
-            dataset[i]
-        whole = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(threads)
-    result = {key: 1e3 * seconds / n for key, seconds in totals.items()}
-    result["whole __getitem__"] = 1e3 * whole / n
-    return result
+    dataset = run.loader.dataset
+    distinct = min(steps, 8)
+    sampler = data.PKSampler((dataset.labels, dataset.domains), run.cfg.p_items, run.cfg.k_images,
+                             epoch_len=distinct, seed=run.cfg.seed)
+    seeds = data.SampleSeeds(sampler, run.cfg.seed)
+    seeds.set_epoch(99)  # not an epoch the timed passes use
+    prepared = list(data.make_loader(dataset, batch_sampler=seeds, num_workers=0, seed=run.cfg.seed))
+    if channels_last:
+        prepared = [(x.contiguous(memory_format=torch.channels_last), y, i) for x, y, i in prepared]
+    return [prepared[i % distinct] for i in range(steps)]
+
+
+def bare_pass(run, batches: list, desc: str = "bare"):
+    from helpers.train import train_one_epoch
+
+    def go(seen: list) -> int:
+        return train_one_epoch(run.embedder, T.record_steps(batches, seen), _criterion(run, 1), run.optimizer,
+                               run.scheduler, run.scaler, run.device, run.amp, run.cfg.grad_clip, progress=False,
+                               desc=desc)[1]
+    return go
+
+
+def _criterion(run, epoch: int):
+    """The criterion ``fit()`` uses at ``epoch`` (the plain loss before ``xbm_start_epoch``)."""
+    if epoch >= run.cfg.xbm_start_epoch:
+        return run.criterion
+    return getattr(run.criterion, "loss", run.criterion)
+
+
+def project_epoch(run, epoch: int):
+    """One epoch as ``train._train_epoch`` runs it, without validation and checkpointing."""
+    import torch
+
+    from helpers import losses
+    from helpers.train import train_one_epoch
+
+    def go(seen: list) -> int:
+        torch.manual_seed(run.cfg.seed * 100_003 + epoch)
+        run.batches.set_epoch(epoch)
+        if isinstance(run.criterion, losses.CrossBatchMemory):
+            run.criterion.reset()
+        return train_one_epoch(run.embedder, T.Recorded(run.loader, seen), _criterion(run, epoch), run.optimizer,
+                               run.scheduler, run.scaler, run.device, run.amp, run.cfg.grad_clip, progress=False,
+                               desc=f"epoch {epoch + 1}")[1]
+    return go
+
+
+def child(args: argparse.Namespace) -> None:
+    """One bare variant (``--bare-variant``), in its own process."""
+    import torch
+
+    variant = json.loads(args.bare_variant)
+    info = T.child_setup(variant)
+    run, steps = build(args)
+    if variant["channels_last"]:
+        run.embedder.to(memory_format=torch.channels_last)
+    batches = in_memory_batches(run, steps, variant["channels_last"])
+    bare_pass(run, batches[: max(2, args.warmup)], "warm-up")([])
+    T.child_report({**T.timed(bare_pass(run, batches)), **info})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
-    parser.add_argument("--weights", default="packaged", help="auto | hub | packaged | none")
-    parser.add_argument("--img-size", type=int, default=128)
-    parser.add_argument("--p", type=int, default=8, help="items per batch")
-    parser.add_argument("--k", type=int, default=4, help="images per item")
-    parser.add_argument("--augment", default="medium", help="augmentation preset (the demo's: medium)")
-    parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads in the main process (default: torch's own choice)")
-    parser.add_argument("--mallopt", action="store_true",
-                        help="glibc: keep freed memory instead of returning it to the kernel (tune_malloc)")
+    T.add_common_args(parser)
+    parser.add_argument("--p", type=int, default=None, help="items per batch (default: the demo profile's, 8)")
+    parser.add_argument("--k", type=int, default=None, help="images per item (default: the demo profile's, 4)")
+    parser.add_argument("--augment", default=None, help="augmentation preset (default: the demo profile's)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="timed steps per method (default: one demo epoch, n_eligible_items // P)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed bare steps before timing")
-    parser.add_argument("--repeats", type=int, default=1, help="alternating runs per method; best kept")
-    parser.add_argument("--profile-images", type=int, default=128,
-                        help="images for the per-stage profile (0: skip the profile)")
+                        help="steps per timed pass (default: one demo epoch, n_eligible_items // P)")
+    parser.add_argument("--sweep-threads", default="auto",
+                        help="bare variants' torch threads: auto (torch's count and half of it), own, or a list")
     args = parser.parse_args()
+    if args.bare_variant:
+        child(args)
+        return
 
     import torch
 
-    from helpers.train import train_one_epoch
+    from helpers import data, inference
 
+    started = time.perf_counter()
+    allocator = T.project_allocator()  # as fit() does, before anything is built
     if args.threads:
         torch.set_num_threads(args.threads)
-    malloc_note = ("tuned (mallopt: mmap threshold 32 MiB, no trim)" if tune_malloc() else "mallopt failed") \
-        if args.mallopt else "default"
-    started = time.perf_counter()
-    cfg, embedder, criterion, optimizer, scheduler, scaler, dataset = build(args)
-    steps = args.steps or len(sampler_for(dataset, args, 0, None))
-    batch = args.p * args.k
-    print(f"backbone={args.backbone} weights={embedder.config['weights_source']} img_size={args.img_size} "
-          f"batch={batch} (P={args.p} x K={args.k}) augment={args.augment} steps={steps} "
-          f"train images={len(dataset)}")
-    print(f"cores={os.cpu_count()} torch threads={torch.get_num_threads()} (interop "
-          f"{torch.get_num_interop_threads()}) num_workers={args.num_workers} "
-          f"(each worker runs torch with 1 thread) torch {torch.__version__}, malloc {malloc_note}")
-    print("load average before: {:.2f} {:.2f} {:.2f} (1/5/15 min; the machine may be shared)".format(*os.getloadavg()))
+    run, steps = build(args)
+    cfg, batch = run.cfg, run.cfg.p_items * run.cfg.k_images
+    own = {"allocator": allocator, "channels_last": False, "threads": torch.get_num_threads()}
+    variants = [] if args.no_sweep else T.grid(
+        allocator=T.parse_list(args.sweep_allocator),
+        channels_last=[T.on_off(v) for v in T.parse_list(args.sweep_channels_last)],
+        threads=T.threads_axis(args.sweep_threads))
 
-    def run_epoch(loader, desc: str) -> dict:
-        """One timed ``train_one_epoch``, with the per-step record of :func:`record_steps`."""
-        steps_seen: list = []
-        with OtherLoad() as load:
-            _, images, seconds = train_one_epoch(embedder, record_steps(loader, steps_seen), criterion, optimizer,
-                                                 scheduler, scaler, "cpu", None, cfg.grad_clip, progress=False,
-                                                 desc=desc)
-        return {"images/s": images / seconds, "load": load.result, **summarise_steps(steps_seen)}
+    T.print_header(f"training: backbone={cfg.backbone} weights={run.embedder.config['weights_source']} "
+                   f"img_size={cfg.img_size} batch={batch} (P={cfg.p_items} x K={cfg.k_images}) augment={cfg.augment} "
+                   f"loss={cfg.loss} optimizer={cfg.optimizer} steps/pass={steps} "
+                   f"train images={len(run.loader.dataset)}")
+    print(f"project settings: num_workers={run.loader.num_workers} (resolve_num_workers), allocator {allocator} "
+          f"(repro.tune_allocator), channels_last off (the CPU path), threads {own['threads']}")
+    print(f"bare sweep: {len(variants)} variant(s) in fresh processes (allocator x channels_last x threads), "
+          f"{args.repeats} round(s)")
 
-    # In-memory batches: real images through the same transform and sampler, loaded once.
-    distinct = min(steps, 8)
-    prepared = list(loader_for(dataset, argparse.Namespace(**{**vars(args), "num_workers": 0}), 99, distinct))
-    bare_batches = [prepared[i % distinct] for i in range(steps)]
+    bare_batches = in_memory_batches(run, steps)
+    bare_pass(run, bare_batches[: max(2, args.warmup)], "warm-up")([])  # kernels, optimizer state
+    first = T.timed(project_epoch(run, 0))  # the loader's start-up, as a run's first epoch
 
-    warm_loader = loader_for(dataset, args, 1, steps)
-    t0 = time.perf_counter()
-    for _ in warm_loader:  # start the persistent workers and let them initialise
-        pass
-    warm_pass_seconds = time.perf_counter() - t0
-    # After the fork above: the warm-up steps also absorb the copy-on-write faults it causes.
-    run_epoch(bare_batches[: max(2, args.warmup)], "warm-up")  # allocator, kernels, optimizer state
+    rows: dict[str, list[dict]] = {PROJECT: [], PROJECT_FIRST: [first], OWN_BARE: []}
+    rows.update({"bare " + T.describe(v): [] for v in variants})
+    for round_ in range(args.repeats):
+        rows[OWN_BARE].append(T.timed(bare_pass(run, bare_batches)))
+        rows[PROJECT].append(T.timed(project_epoch(run, 1 + round_)))
+        T.sweep_round(__file__, variants, rows)
 
-    results: dict[str, list[dict]] = {"bare": [], "full (warm workers)": [], "full (new loader)": []}
-    for repeat in range(args.repeats):
-        results["bare"].append(run_epoch(bare_batches, "bare"))
-        results["full (warm workers)"].append(run_epoch(warm_loader, "full"))
-        # Built here and dropped after the pass (its workers exit), as fit() does each epoch.
-        results["full (new loader)"].append(run_epoch(loader_for(dataset, args, 2 + repeat, steps), "full"))
-    del warm_loader
-
-    best = {name: max(runs, key=lambda r: r["images/s"]) for name, runs in results.items()}
-    how = f"best of {args.repeats}" if args.repeats > 1 else "one run"
-    for name, runs in results.items():
-        r, values = best[name], ", ".join(f"{x['images/s']:.1f}" for x in runs)
-        print(f"{name:>20}: {r['images/s']:7.1f} images/s  ({how}: {values}; {1e3 * batch / r['images/s']:.0f} ms/step)")
-    print_steps(best)
-    print_other_load(results, best)
+    print()
+    best = T.print_rows(rows, lambda name: batch, "step", args.repeats)
+    bare_names = [name for name in best if name.startswith("bare")]
+    best_bare = max(bare_names, key=lambda name: best[name]["images/s"])
+    T.print_steps(best, "step")
+    T.print_other_load([best[n] for n in (PROJECT, OWN_BARE, best_bare) if n in best],
+                       [r for runs in rows.values() for r in runs])
 
     if args.profile_images > 0:
-        print("\nwhere the loader's time goes (ms per image, one thread, after a warm-up):")
-        stages = profile_stages(dataset, args.profile_images)
-        for name, ms in stages.items():
-            print(f"  {name:>24}: {ms:6.2f}")
-        per_batch = stages["whole __getitem__"] * batch
-        bare_step = 1e3 * batch / best["bare"]["images/s"]
-        print(f"  => one batch of {batch} costs {per_batch:.0f} ms of one core to load vs a bare step of "
-              f"{bare_step:.0f} ms on {torch.get_num_threads()} thread(s)")
-        loader = loader_for(dataset, args, 50, steps)
-        t0 = time.perf_counter()
-        iterator = iter(loader)
-        next(iterator)
-        first = time.perf_counter() - t0
-        for _ in iterator:
-            pass
-        alone = (steps * batch) / (time.perf_counter() - t0)
-        print(f"  new loader: first batch after {1e3 * first:.0f} ms (worker start-up + one batch); "
-              f"loader alone (no model): {alone:.0f} images/s over {steps} steps")
-        print(f"  warm-up pass of the persistent loader (start-up + {steps} steps, no model): "
-              f"{warm_pass_seconds:.2f} s")
+        def new_loader():
+            dataset = run.loader.dataset
+            sampler = data.PKSampler((dataset.labels, dataset.domains), cfg.p_items, cfg.k_images, epoch_len=steps,
+                                     seed=cfg.seed)
+            return data.make_loader(dataset, batch_sampler=data.SampleSeeds(sampler, cfg.seed),
+                                    num_workers=inference.resolve_num_workers(cfg, "cpu"), seed=cfg.seed)
+        T.print_loader_profile(run.loader.dataset, args.profile_images, batch,
+                               1e3 * batch / best[OWN_BARE]["images/s"], new_loader, "step")
 
-    print(f"\nratio full (warm workers) / bare: {best['full (warm workers)']['images/s'] / best['bare']['images/s']:.2f} (goal >= 0.85)")
-    print(f"ratio full (new loader, as fit() per epoch) / bare: {best['full (new loader)']['images/s'] / best['bare']['images/s']:.2f}")
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(f"(total {time.perf_counter() - started:.0f} s; peak RSS of the main process {peak_mib:.0f} MiB; "
-          "load average after: " + " ".join(f"{v:.2f}" for v in os.getloadavg()) + ")")
+    print()
+    T.print_goal("training loop", best[PROJECT], best[OWN_BARE], best_bare, best[best_bare], GOAL)
+    T.print_footer(started)
 
 
 if __name__ == "__main__":

@@ -204,6 +204,10 @@ def build_image_table(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dic
     bbox_path, partition_path = root / BBOX_LIST, root / PARTITION_LIST
     boxes = parse_bbox_list(bbox_path)
     pairs = parse_partition(partition_path)
+    if pairs.empty:
+        raise at(partition_path, None, "no pair records: the partition list names no image to use")
+    if boxes.empty:
+        raise at(bbox_path, None, "no image records")
     if (root / ITEM_LIST).is_file():
         listed = parse_item_list(root / ITEM_LIST)
         unknown = pairs.loc[~pairs.item_id.isin(listed)]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import inference, models, plots, repro, retrieval, schema, train, workspace
+from . import inference, models, plots, repro, retrieval, sampling, schema, train, workspace
 from .config import Config
 
 METRIC_COLUMNS = ["recall@1", "recall@5", "recall@10", "recall@20", "map"]
@@ -50,6 +50,8 @@ def run_demo(cfg: Config, progress: bool = True) -> dict:
     """The whole demo for a profile; returns the paths it wrote and the comparison table."""
     data_root, table_path = workspace.ensure_prepared(cfg, progress)
     table = schema.read_table(table_path)
+    if progress:  # before the long steps, so the data is known while they run
+        print(f"prepared {table_path}:\n{sampling.split_stats(table).to_string()}\n", flush=True)
     work = cfg.work_dir
     plots.plot_pairs(table, data_root, n_items=4, seed=cfg.seed).savefig(work / "sample_pairs.png", dpi=80)
 

@@ -228,3 +228,9 @@ def test_read_table_checks_columns(tmp_path):
     pd.DataFrame({"path": ["a"], "item_id": ["id_1"]}).to_csv(tmp_path / "t.csv", index=False)
     with pytest.raises(InputError, match=r"t.csv:1: missing columns domain,split"):
         schema.read_table(tmp_path / "t.csv")
+
+
+def test_partition_without_records_is_named(tmp_path):
+    empty = write_tree(tmp_path / "empty", partition_text=format_list([], PARTITION_HEADER))
+    with pytest.raises(InputError, match=r"list_eval_partition.txt: no pair records"):
+        sampling.prepare(empty, tmp_path / "out", progress=False)

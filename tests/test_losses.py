@@ -17,6 +17,7 @@ from helpers.errors import InputError
 from helpers.losses import (
     LOSSES,
     BatchHardTripletLoss,
+    CrossBatchMemory,
     SemiHardTripletLoss,
     SupConLoss,
     create_loss,
@@ -461,3 +462,60 @@ def test_create_loss_unknown_name_lists_choices():
 def test_create_loss_rejects_bad_options(name, kwargs, fragment):
     with pytest.raises(InputError, match=fragment):
         create_loss(name, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# cross-batch memory (XBM)
+# --------------------------------------------------------------------------------------------
+
+
+def _xbm_loop_oracle(batches, margin: float, memory_size: int) -> list[float]:
+    """Batch-hard over batch ∪ memory with explicit loops; memory = the last ``memory_size``
+    normalised rows of earlier batches."""
+    memory: list[tuple[list[float], int]] = []
+    values = []
+    for x, labels in batches:
+        rows = F.normalize(x.detach().double(), dim=1).tolist()
+        y = labels.tolist()
+        candidates = list(zip(rows, y)) + memory
+        per_anchor = []
+        for a, (row, label) in enumerate(zip(rows, y)):
+            dists = [math.dist(row, c) for c, _ in candidates]
+            pos = [d for j, (d, (_, cl)) in enumerate(zip(dists, candidates)) if j != a and cl == label]
+            neg = [d for d, (_, cl) in zip(dists, candidates) if cl != label]
+            if pos and neg:
+                per_anchor.append(max(0.0, max(pos) - min(neg) + margin))
+        values.append(sum(per_anchor) / len(per_anchor))
+        memory = (list(zip(rows, y)) + memory)[:memory_size]
+    return values
+
+
+def test_cross_batch_memory_matches_loop_oracle():
+    generator = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(6, 5, generator=generator), torch.tensor(labels))
+               for labels in ([0, 0, 1, 1, 2, 2], [1, 1, 3, 3, 4, 4], [0, 0, 4, 4, 5, 5], [5, 5, 6, 6, 1, 1])]
+    xbm = CrossBatchMemory(BatchHardTripletLoss(margin=0.2), memory_size=8)
+    got = [xbm(x, labels).item() for x, labels in batches]
+    assert got == pytest.approx(_xbm_loop_oracle(batches, 0.2, 8), abs=1e-6)
+    assert xbm.memory.shape == (8, 5) and xbm.memory_labels.tolist() == [5, 5, 6, 6, 1, 1, 0, 0]
+    # The memory changes the loss (it holds harder negatives than the batch alone) ...
+    assert got[1] != pytest.approx(BatchHardTripletLoss(margin=0.2)(*batches[1]).item(), abs=1e-6)
+    # ... and after reset the loss is the plain batch's again.
+    xbm.reset()
+    assert xbm(*batches[2]).item() == pytest.approx(BatchHardTripletLoss(margin=0.2)(*batches[2]).item())
+
+
+def test_cross_batch_memory_gradient_flows_through_the_batch_only():
+    x = torch.randn(4, 3, requires_grad=True)
+    xbm = CrossBatchMemory(SupConLoss(temperature=0.1), memory_size=16)
+    xbm(torch.randn(4, 3), torch.tensor([0, 1, 2, 3]))
+    xbm(x, torch.tensor([0, 0, 1, 1])).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert not xbm.memory.requires_grad
+
+
+def test_cross_batch_memory_refuses_semi_hard_and_bad_sizes():
+    with pytest.raises(InputError, match="cannot mine a cross-batch memory"):
+        CrossBatchMemory(SemiHardTripletLoss(), 8)
+    with pytest.raises(InputError, match="memory_size"):
+        CrossBatchMemory(BatchHardTripletLoss(), 0)

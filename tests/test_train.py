@@ -9,7 +9,7 @@ import pytest
 import torch
 from handmade import write_tree
 
-from helpers import checkpoints, config, retrieval, sampling, schema, synthetic, train
+from helpers import checkpoints, config, data, retrieval, sampling, schema, synthetic, train
 from helpers.__main__ import main
 from helpers.errors import InputError
 
@@ -186,3 +186,56 @@ def test_cli_demo_on_the_fixture_profile(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--profile", "fixture", "--quiet"]) == 0
     assert (tmp_path / "fixture/run/metrics.json").stat().st_mtime_ns == stamp
     assert capsys.readouterr().out == out
+
+
+def _augmented_batches(dataset, workers: int) -> list[torch.Tensor]:
+    batches = data.SampleSeeds(data.PKSampler((dataset.labels, dataset.domains), 2, 2, seed=3), seed=3)
+    # The loader's own seed differs per call on purpose: the pixels must not depend on it.
+    loader = data.make_loader(dataset, batch_sampler=batches, num_workers=workers, seed=100 + workers)
+    images = []
+    for epoch in (0, 1):
+        batches.set_epoch(epoch)
+        images += [batch for batch, _, _ in loader]
+    return images
+
+
+def test_augmented_pixels_do_not_depend_on_the_worker_count(prepared):
+    root, table = prepared
+    rows = schema.read_table(table)
+    transform = data.build_transform(48, (0.5,) * 3, (0.5,) * 3, augment="super_strong")
+    dataset = data.C2SDataset(rows[rows.split == "train"], root, transform)
+    reference = _augmented_batches(dataset, 0)
+    for workers in (1, 2):
+        got = _augmented_batches(dataset, workers)
+        assert len(got) == len(reference) and all(torch.equal(a, b) for a, b in zip(reference, got))
+    # The draws are random all the same: the same rows in another epoch look different.
+    first = data.SampleSeeds(data.PKSampler((dataset.labels, dataset.domains), 2, 2, seed=3), seed=3)
+    first.set_epoch(0)
+    batch = next(iter(first))
+    row, draw = batch[0]
+    assert not torch.equal(dataset[(row, draw)][0], dataset[(row, draw + 1)][0])
+    assert torch.equal(dataset[(row, draw)][0], dataset[(row, draw)][0])
+
+
+def test_runs_and_resume_do_not_depend_on_the_worker_count(prepared, tmp_path):
+    root, table = prepared
+    cfg = fixture_cfg(augment="strong")
+    train.fit(replace(cfg, num_workers=0), table, root, tmp_path / "w0", progress=False)
+    train.fit(replace(cfg, num_workers=2), table, root, tmp_path / "w2", progress=False)
+    history = [pd.read_csv(tmp_path / f"{run}/history.csv").drop(columns="train_images_per_s") for run in ("w0", "w2")]
+    pd.testing.assert_frame_equal(*history)
+    weights = checkpoints.read_checkpoint(tmp_path / "w0/last.pt")["model"]
+    assert state_dicts_equal(weights, checkpoints.read_checkpoint(tmp_path / "w2/last.pt")["model"])
+    # Interrupted with one worker count, resumed with another: the same run.
+    train.fit(replace(cfg, num_workers=1), table, root, tmp_path / "mixed", progress=False, stop_after_epoch=1)
+    train.fit(replace(cfg, num_workers=0), table, root, tmp_path / "mixed", resume=True, progress=False)
+    assert state_dicts_equal(weights, checkpoints.read_checkpoint(tmp_path / "mixed/last.pt")["model"])
+
+
+def test_cli_help_lists_choices_and_profile_defaults(capsys):
+    assert main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--loss {semi_hard,batch_hard,infonce}" in text
+    assert "{none,flip,weak,medium,strong,super_strong}" in text
+    assert "input side in px; None: the backbone's pretrained input size; default 128 (fixture 64, full None)" in text
+    assert "--xbm-size" in text and "--no-deterministic" in text

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test notebooks bench clean-outputs
+.PHONY: venv demo test notebooks bench study report clean-outputs
 
 venv: $(STAMP)
 
@@ -18,9 +18,20 @@ $(STAMP): requirements.txt pyproject.toml
 demo: $(STAMP)
 	$(PY) -m helpers demo
 
-# Unit tests plus nbval over every notebook, on the fixture profile (set by conftest.py).
+# Lint and format check, then unit tests plus nbval over every notebook, on the fixture profile
+# (set by conftest.py).
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest --nbval -q
+
+# The whole study of 02 + 03 on the demo profile (<= 2 h on a 2-core CPU, resumable: run it again
+# after an interruption). `make report` then rebuilds report/ from results/ only.
+study: $(STAMP)
+	$(PY) -m helpers study all --profile demo
+
+report: $(STAMP)
+	$(PY) -m helpers report
 
 # Re-execute the notebooks in place on the demo profile (the outputs that are committed).
 notebooks: $(STAMP)

@@ -41,21 +41,37 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default=None, help="default: the demo profile's (tf_efficientnet_lite0)")
     parser.add_argument("--weights", default=None, help="auto | hub | packaged | none (default: the demo profile's)")
     parser.add_argument("--img-size", type=int, default=None, help="default: the demo profile's (128)")
-    parser.add_argument("--num-workers", type=int, default=None,
-                        help="the project's loader workers (default: inference.resolve_num_workers on the CPU)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads in the main process (default: torch's own choice, as the project)")
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="the project's loader workers (default: inference.resolve_num_workers on the CPU)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads in the main process (default: torch's own choice, as the project)",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed bare steps/batches before timing")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="rounds: each round runs every method and every bare variant once; best kept")
-    parser.add_argument("--profile-images", type=int, default=128,
-                        help="images for the loader profile (0: skip it)")
-    parser.add_argument("--sweep-allocator", default="default,tuned",
-                        help="bare variants' allocator: default (C2S_MALLOPT=0, no MALLOC_* env) and/or tuned "
-                             "(repro.tune_allocator)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds: each round runs every method and every bare variant once; best kept",
+    )
+    parser.add_argument("--profile-images", type=int, default=128, help="images for the loader profile (0: skip it)")
+    parser.add_argument(
+        "--sweep-allocator",
+        default="default,tuned",
+        help="bare variants' allocator: default (C2S_MALLOPT=0, no MALLOC_* env) and/or tuned (repro.tune_allocator)",
+    )
     parser.add_argument("--sweep-channels-last", default="off,on", help="bare variants' memory format")
-    parser.add_argument("--no-sweep", action="store_true",
-                        help="no subprocess variants: the best bare is the bare loop at the project's settings")
+    parser.add_argument(
+        "--no-sweep",
+        action="store_true",
+        help="no subprocess variants: the best bare is the bare loop at the project's settings",
+    )
     parser.add_argument("--bare-variant", default=None, help=argparse.SUPPRESS)  # internal: child mode
 
 
@@ -167,8 +183,10 @@ class OtherLoad:
         wall = time.perf_counter() - self._start[0]
         (busy, steal), own = _machine_ticks(), _own_cpu_seconds()
         hz = os.sysconf("SC_CLK_TCK")
-        self.result = {"other": max(0.0, ((busy - self._start[1][0]) / hz - (own - self._start[2])) / wall),
-                       "steal": (steal - self._start[1][1]) / hz / wall}
+        self.result = {
+            "other": max(0.0, ((busy - self._start[1][0]) / hz - (own - self._start[2])) / wall),
+            "steal": (steal - self._start[1][1]) / hz / wall,
+        }
 
 
 def record_steps(batches, out: list):
@@ -204,8 +222,10 @@ def summarise_steps(steps_seen: list) -> dict:
         return {}
     wall, system, faults = (np.array(column, dtype=float) for column in zip(*steps_seen))
     rest = slice(1, None) if len(wall) > 1 else slice(None)
-    return {"first": (float(wall[0]), float(system[0]), float(faults[0])),
-            "rest": (float(np.median(wall[rest])), float(system[rest].mean()), float(faults[rest].mean()))}
+    return {
+        "first": (float(wall[0]), float(system[0]), float(faults[0])),
+        "rest": (float(np.median(wall[rest])), float(system[rest].mean()), float(faults[rest].mean())),
+    }
 
 
 def timed(run_pass) -> dict:
@@ -216,8 +236,13 @@ def timed(run_pass) -> dict:
         started = time.perf_counter()
         images = run_pass(steps_seen)
         seconds = time.perf_counter() - started
-    return {"images/s": images / seconds, "seconds": seconds, "images": images, "load": load.result,
-            **summarise_steps(steps_seen)}
+    return {
+        "images/s": images / seconds,
+        "seconds": seconds,
+        "images": images,
+        "load": load.result,
+        **summarise_steps(steps_seen),
+    }
 
 
 # --------------------------------------------------------------------------- subprocess variants
@@ -228,13 +253,19 @@ def run_variant(script: str, argv: list[str], variant: dict, timeout: float = 18
     variant's allocator environment; the child's result dict, or ``{"error": …}``."""
     command = [sys.executable, script, *argv, "--bare-variant", json.dumps(variant)]
     try:
-        done = subprocess.run(command, env=variant_env(variant["allocator"]), capture_output=True, text=True,
-                              timeout=timeout, cwd=str(ROOT))
+        done = subprocess.run(
+            command,
+            env=variant_env(variant["allocator"]),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=str(ROOT),
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(RESULT_MARK):
-            return json.loads(line[len(RESULT_MARK):])
+            return json.loads(line[len(RESULT_MARK) :])
     tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
     return {"error": f"exit {done.returncode}: " + " | ".join(tail)}
 
@@ -283,8 +314,10 @@ def print_header(what: str, threads_note: str = "") -> None:
     import torch
 
     print(what)
-    print(f"cores={os.cpu_count()} torch {torch.__version__}, threads={torch.get_num_threads()} (interop "
-          f"{torch.get_num_interop_threads()}){threads_note}")
+    print(
+        f"cores={os.cpu_count()} torch {torch.__version__}, threads={torch.get_num_threads()} (interop "
+        f"{torch.get_num_interop_threads()}){threads_note}"
+    )
     print("load average before: {:.2f} {:.2f} {:.2f} (1/5/15 min; the machine may be shared)".format(*os.getloadavg()))
 
 
@@ -307,27 +340,34 @@ def print_rows(rows: dict[str, list[dict]], batch_of, unit: str, repeats: int) -
         values = ", ".join(f"{x['images/s']:.1f}" if "error" not in x else "failed" for x in runs)
         how = f"  (runs: {values})" if repeats > 1 else ""
         note = f"  [{r['note']}]" if r.get("note") else ""
-        print(f"  {name:<{width}}  {r['images/s']:8.1f} images/s  {1e3 * batch_of(name) / r['images/s']:6.0f} ms/{unit}"
-              f"{how}{note}")
+        print(
+            f"  {name:<{width}}  {r['images/s']:8.1f} images/s  {1e3 * batch_of(name) / r['images/s']:6.0f} ms/{unit}"
+            f"{how}{note}"
+        )
     return best
 
 
 def print_steps(best: dict[str, dict], unit: str) -> None:
-    print(f"\nmain process per {unit}: wall ms / system CPU ms / minor page faults "
-          f"(first {unit}; median wall and mean of the others)")
+    print(
+        f"\nmain process per {unit}: wall ms / system CPU ms / minor page faults "
+        f"(first {unit}; median wall and mean of the others)"
+    )
     width = max(len(name) for name in best)
     for name, r in best.items():
         if "first" not in r:
             print(f"  {name:<{width}}  (not recorded per {unit})")
             continue
         (w0, s0, f0), (w, s_, f_) = r["first"], r["rest"]
-        print(f"  {name:<{width}}  first {1e3 * w0:5.0f} / {1e3 * s0:5.0f} / {f0:7.0f};  others {1e3 * w:5.0f} / "
-              f"{1e3 * s_:5.0f} / {f_:7.0f}")
+        print(
+            f"  {name:<{width}}  first {1e3 * w0:5.0f} / {1e3 * s0:5.0f} / {f0:7.0f};  others {1e3 * w:5.0f} / "
+            f"{1e3 * s_:5.0f} / {f_:7.0f}"
+        )
 
 
 def print_other_load(kept: list[dict], every: list[dict]) -> bool:
     """Other processes' load during the runs kept (those the ratios use) and during all runs;
     a WARNING when a kept run was disturbed. Returns whether it warned."""
+
     def worst(runs: list) -> tuple[float, float] | None:
         loads = [r["load"] for r in runs if r and r.get("load")]
         return (max(x["other"] for x in loads), max(x["steal"] for x in loads)) if loads else None
@@ -336,8 +376,10 @@ def print_other_load(kept: list[dict], every: list[dict]) -> bool:
     if kept_load is None:
         print("\nother processes: not measured (no /proc/stat)")
         return False
-    line = (f"\nother processes during the timed runs kept: at most {kept_load[0]:.2f} cores busy, "
-            f"{kept_load[1]:.2f} cores stolen by the hypervisor (of {os.cpu_count()})")
+    line = (
+        f"\nother processes during the timed runs kept: at most {kept_load[0]:.2f} cores busy, "
+        f"{kept_load[1]:.2f} cores stolen by the hypervisor (of {os.cpu_count()})"
+    )
     if every_load != kept_load:
         line += f"; during all runs: {every_load[0]:.2f} busy, {every_load[1]:.2f} stolen"
     print(line)
@@ -358,8 +400,10 @@ def print_goal(label: str, project: dict, own: dict, best_name: str, best: dict,
 
 def print_footer(started: float) -> None:
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(f"(total {time.perf_counter() - started:.0f} s; peak RSS of the main process {peak_mib:.0f} MiB; "
-          "load average after: " + " ".join(f"{v:.2f}" for v in os.getloadavg()) + ")")
+    print(
+        f"(total {time.perf_counter() - started:.0f} s; peak RSS of the main process {peak_mib:.0f} MiB; "
+        "load average after: " + " ".join(f"{v:.2f}" for v in os.getloadavg()) + ")"
+    )
 
 
 # --------------------------------------------------------------------------- loader profile
@@ -422,8 +466,10 @@ def print_loader_profile(dataset, n: int, batch: int, model_ms: float, new_loade
     stages = profile_stages(dataset, n)
     for name, ms in stages.items():
         print(f"  {name:>24}: {ms:6.2f}")
-    print(f"  => one {unit} of {batch} costs {stages['whole __getitem__'] * batch:.0f} ms of one core to load vs "
-          f"{model_ms:.0f} ms for the model at the project's settings on {torch.get_num_threads()} thread(s)")
+    print(
+        f"  => one {unit} of {batch} costs {stages['whole __getitem__'] * batch:.0f} ms of one core to load vs "
+        f"{model_ms:.0f} ms for the model at the project's settings on {torch.get_num_threads()} thread(s)"
+    )
     loader = new_loader()
     started = time.perf_counter()
     iterator = iter(loader)
@@ -433,6 +479,8 @@ def print_loader_profile(dataset, n: int, batch: int, model_ms: float, new_loade
     for item in iterator:
         images += len(item[0])
     alone = images / (time.perf_counter() - started)
-    print(f"  new loader at the project's settings ({loader.num_workers} workers): first batch after "
-          f"{1e3 * first_s:.0f} ms; alone (no model) {alone:.0f} images/s")
+    print(
+        f"  new loader at the project's settings ({loader.num_workers} workers): first batch after "
+        f"{1e3 * first_s:.0f} ms; alone (no model) {alone:.0f} images/s"
+    )
     del iterator, loader

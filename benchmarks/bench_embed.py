@@ -59,15 +59,23 @@ def build(args: argparse.Namespace):
     from helpers import config, data, inference, models, workspace
     from helpers.schema import read_table
 
-    cfg = config.get_config("demo", backbone=args.backbone, weights=args.weights, img_size=args.img_size,
-                            num_workers=args.num_workers, embed_batch=args.batch_size, device="cpu")
+    cfg = config.get_config(
+        "demo",
+        backbone=args.backbone,
+        weights=args.weights,
+        img_size=args.img_size,
+        num_workers=args.num_workers,
+        embed_batch=args.batch_size,
+        device="cpu",
+    )
     data_root, table_path = workspace.ensure_prepared(cfg, progress=False)
     table = read_table(table_path)
     if args.images:
         table = table.iloc[: args.images].reset_index(drop=True)
     torch.manual_seed(0)
-    embedder = models.create_embedder(cfg.backbone, cfg.embed_dim, weights=cfg.weights, head=cfg.head,
-                                      pooling=cfg.pooling, img_size=cfg.img_size).eval()
+    embedder = models.create_embedder(
+        cfg.backbone, cfg.embed_dim, weights=cfg.weights, head=cfg.head, pooling=cfg.pooling, img_size=cfg.img_size
+    ).eval()
     dataset = data.C2SDataset(table, data_root, inference.make_transform(cfg, embedder.data_config))
     return cfg, table, data_root, embedder, dataset
 
@@ -99,11 +107,13 @@ def bare_pass(embedder, batches: list):
             for x in T.record_steps(batches, seen):
                 embedder(x)
         return sum(len(x) for x in batches)
+
     return go
 
 
 def project_pass(embedder_call, embedder, n_images: int):
     """``TableEmbedder.__call__`` as is, its loader seen through :class:`_timing.Recorded`."""
+
     def go(seen: list) -> int:
         loader = embedder_call.loader
         embedder_call.loader = T.Recorded(loader, seen)
@@ -112,6 +122,7 @@ def project_pass(embedder_call, embedder, n_images: int):
         finally:
             embedder_call.loader = loader
         return n_images
+
     return go
 
 
@@ -132,13 +143,21 @@ def child(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     T.add_common_args(parser)
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="the project's embed_batch (default: inference.resolve_embed_batch on the CPU, 16)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="the project's embed_batch (default: inference.resolve_embed_batch on the CPU, 16)",
+    )
     parser.add_argument("--images", type=int, default=None, help="rows of the demo table (default: all)")
-    parser.add_argument("--sweep-batches", default="16,32,64",
-                        help="bare variants' batch sizes (the project's is always added)")
-    parser.add_argument("--sweep-threads", default="own",
-                        help="bare variants' torch threads: own (torch's count), auto (it and half of it), or a list")
+    parser.add_argument(
+        "--sweep-batches", default="16,32,64", help="bare variants' batch sizes (the project's is always added)"
+    )
+    parser.add_argument(
+        "--sweep-threads",
+        default="own",
+        help="bare variants' torch threads: own (torch's count), auto (it and half of it), or a list",
+    )
     args = parser.parse_args()
     if args.bare_variant:
         child(args)
@@ -157,19 +176,30 @@ def main() -> None:
     batch, workers = project.loader.batch_size, project.loader.num_workers
     n = len(table)
     batches = T.parse_list(args.sweep_batches, int)
-    variants = [] if args.no_sweep else T.grid(
-        batch=batches + ([batch] if batch not in batches else []),
-        allocator=T.parse_list(args.sweep_allocator),
-        channels_last=[T.on_off(v) for v in T.parse_list(args.sweep_channels_last)],
-        threads=T.threads_axis(args.sweep_threads))
+    variants = (
+        []
+        if args.no_sweep
+        else T.grid(
+            batch=batches + ([batch] if batch not in batches else []),
+            allocator=T.parse_list(args.sweep_allocator),
+            channels_last=[T.on_off(v) for v in T.parse_list(args.sweep_channels_last)],
+            threads=T.threads_axis(args.sweep_threads),
+        )
+    )
 
-    T.print_header(f"embedding: backbone={cfg.backbone} weights={embedder.config['weights_source']} "
-                   f"img_size={cfg.img_size} images={n} flip_tta={cfg.flip_tta}")
-    print(f"project settings: batch {batch} (resolve_embed_batch), num_workers={workers} (resolve_num_workers), "
-          f"allocator {allocator} (repro.tune_allocator), channels_last off (the CPU path), "
-          f"threads {torch.get_num_threads()}")
-    print(f"bare sweep: {len(variants)} variant(s) in fresh processes (batch x allocator x channels_last x threads), "
-          f"{args.repeats} round(s)")
+    T.print_header(
+        f"embedding: backbone={cfg.backbone} weights={embedder.config['weights_source']} "
+        f"img_size={cfg.img_size} images={n} flip_tta={cfg.flip_tta}"
+    )
+    print(
+        f"project settings: batch {batch} (resolve_embed_batch), num_workers={workers} (resolve_num_workers), "
+        f"allocator {allocator} (repro.tune_allocator), channels_last off (the CPU path), "
+        f"threads {torch.get_num_threads()}"
+    )
+    print(
+        f"bare sweep: {len(variants)} variant(s) in fresh processes (batch x allocator x channels_last x threads), "
+        f"{args.repeats} round(s)"
+    )
 
     bare_batches = in_memory_batches(dataset, batch)
     project(embedder, progress=False)  # start its persistent workers (if any), as the first validation does
@@ -180,8 +210,9 @@ def main() -> None:
     for _ in range(args.repeats):
         rows[OWN_BARE].append(T.timed(bare_pass(embedder, bare_batches)))
         rows[PROJECT].append(T.timed(project_pass(project, embedder, n)))
-        rows[PROJECT_NEW].append(T.timed(lambda seen: len(inference.embed_table(cfg, embedder, table, data_root, "cpu",
-                                                                                 progress=False))))
+        rows[PROJECT_NEW].append(
+            T.timed(lambda seen: len(inference.embed_table(cfg, embedder, table, data_root, "cpu", progress=False)))
+        )
         T.sweep_round(__file__, variants, rows)
     del project
 
@@ -196,13 +227,19 @@ def main() -> None:
     bare_names = [name for name in best if name.startswith("bare")]
     best_bare = max(bare_names, key=lambda name: best[name]["images/s"])
     T.print_steps(best, "batch")
-    T.print_other_load([best[k] for k in (PROJECT, OWN_BARE, best_bare) if k in best],
-                       [r for runs in rows.values() for r in runs])
+    T.print_other_load(
+        [best[k] for k in (PROJECT, OWN_BARE, best_bare) if k in best], [r for runs in rows.values() for r in runs]
+    )
 
     if args.profile_images > 0:
-        T.print_loader_profile(dataset, args.profile_images, batch, 1e3 * batch / best[OWN_BARE]["images/s"],
-                               lambda: data.make_loader(dataset, batch_size=batch, num_workers=workers, seed=cfg.seed),
-                               "batch")
+        T.print_loader_profile(
+            dataset,
+            args.profile_images,
+            batch,
+            1e3 * batch / best[OWN_BARE]["images/s"],
+            lambda: data.make_loader(dataset, batch_size=batch, num_workers=workers, seed=cfg.seed),
+            "batch",
+        )
 
     print()
     T.print_goal("extraction (TableEmbedder)", best[PROJECT], best[OWN_BARE], best_bare, best[best_bare], GOAL)

@@ -65,11 +65,14 @@ def worker(args: argparse.Namespace) -> None:
     query = make_data(args.queries, args.dim, seed=1)
     gallery = make_data(args.gallery, args.dim, seed=2)
     if args.worker == "exact":
+
         def search(q):
             return exact_topk(q, gallery, args.k, memory_budget_mb=args.budget_mb, matmul=args.matmul)
     else:
+
         def search(q):
             return faiss_topk(q, gallery, args.k)
+
     # Warm-up with 64 queries (FAISS switches to its BLAS path at >= 20): thread pools,
     # BLAS buffers and lazy imports then belong to the baseline, not to the search.
     search(query[:64])
@@ -93,18 +96,22 @@ def worker(args: argparse.Namespace) -> None:
     sampler.join()
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     np.save(args.save, indices)
-    print(json.dumps({
-        "method": args.worker,
-        "seconds": elapsed,
-        # Peak RSS during the search minus RSS at its start. Exact when the search set a new
-        # process peak (ru_maxrss grew); otherwise only an upper bound (flagged).
-        "ru_maxrss_extra_mb": peak_kb / 1024 - baseline_rss,
-        "ru_maxrss_grew": peak_kb > baseline_peak_kb,
-        "psutil_peak_delta_mb": max(samples, default=baseline_rss) - baseline_rss,
-        "baseline_rss_mb": baseline_rss,
-        "torch_threads": torch.get_num_threads(),
-        "faiss_threads": __import__("faiss").omp_get_max_threads(),
-    }))
+    print(
+        json.dumps(
+            {
+                "method": args.worker,
+                "seconds": elapsed,
+                # Peak RSS during the search minus RSS at its start. Exact when the search set a new
+                # process peak (ru_maxrss grew); otherwise only an upper bound (flagged).
+                "ru_maxrss_extra_mb": peak_kb / 1024 - baseline_rss,
+                "ru_maxrss_grew": peak_kb > baseline_peak_kb,
+                "psutil_peak_delta_mb": max(samples, default=baseline_rss) - baseline_rss,
+                "baseline_rss_mb": baseline_rss,
+                "torch_threads": torch.get_num_threads(),
+                "faiss_threads": __import__("faiss").omp_get_max_threads(),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -123,8 +130,10 @@ def main() -> None:
         worker(args)
         return
 
-    print(f"queries={args.queries} gallery={args.gallery} dim={args.dim} k={args.k} "
-          f"budget={args.budget_mb} MiB, matmul={args.matmul}, cores={os.cpu_count()}")
+    print(
+        f"queries={args.queries} gallery={args.gallery} dim={args.dim} k={args.k} "
+        f"budget={args.budget_mb} MiB, matmul={args.matmul}, cores={os.cpu_count()}"
+    )
     full_mb = args.queries * args.gallery * 4 / 2**20
     print(f"(a full Q x G float32 score matrix would be {full_mb:,.0f} MiB)")
     parser_note = "min over" if args.repeats > 1 else "one run of"
@@ -136,10 +145,26 @@ def main() -> None:
         for _ in range(args.repeats):
             for method in ("faiss", "exact"):
                 save = os.path.join(tmp, f"{method}.npy")
-                cmd = [sys.executable, __file__, "--worker", method, "--save", save,
-                       "--queries", str(args.queries), "--gallery", str(args.gallery),
-                       "--dim", str(args.dim), "--k", str(args.k), "--budget-mb", str(args.budget_mb),
-                       "--matmul", args.matmul]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    method,
+                    "--save",
+                    save,
+                    "--queries",
+                    str(args.queries),
+                    "--gallery",
+                    str(args.gallery),
+                    "--dim",
+                    str(args.dim),
+                    "--k",
+                    str(args.k),
+                    "--budget-mb",
+                    str(args.budget_mb),
+                    "--matmul",
+                    args.matmul,
+                ]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 times[method].append(r["seconds"])
@@ -150,11 +175,13 @@ def main() -> None:
         r = results[method]
         r["seconds"] = min(times[method])
         flag = "" if r["ru_maxrss_grew"] else " (upper bound: no new peak)"
-        print(f"{method:>6}: {r['seconds']:7.2f} s ({parser_note} {args.repeats}: "
-              f"{', '.join(f'{t:.2f}' for t in times[method])})   peak extra RSS: ru_maxrss "
-              f"{r['ru_maxrss_extra_mb']:7.1f} MiB{flag}, psutil {r['psutil_peak_delta_mb']:7.1f} MiB"
-              f"   (baseline RSS {r['baseline_rss_mb']:.0f} MiB, torch threads {r['torch_threads']},"
-              f" faiss threads {r['faiss_threads']})")
+        print(
+            f"{method:>6}: {r['seconds']:7.2f} s ({parser_note} {args.repeats}: "
+            f"{', '.join(f'{t:.2f}' for t in times[method])})   peak extra RSS: ru_maxrss "
+            f"{r['ru_maxrss_extra_mb']:7.1f} MiB{flag}, psutil {r['psutil_peak_delta_mb']:7.1f} MiB"
+            f"   (baseline RSS {r['baseline_rss_mb']:.0f} MiB, torch threads {r['torch_threads']},"
+            f" faiss threads {r['faiss_threads']})"
+        )
     agree = float((results["exact"]["indices"] == results["faiss"]["indices"]).mean())
     print(f"index agreement exact vs faiss: {agree:.6f} (differences only from float rounding near ties)")
     ratio = results["exact"]["seconds"] / results["faiss"]["seconds"]

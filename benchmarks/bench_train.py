@@ -52,9 +52,17 @@ OWN_BARE = "bare, project settings, this process"
 def make_config(args: argparse.Namespace):
     from helpers import config
 
-    return config.get_config("demo", backbone=args.backbone, weights=args.weights, img_size=args.img_size,
-                             p_items=args.p, k_images=args.k, augment=args.augment, num_workers=args.num_workers,
-                             device="cpu")
+    return config.get_config(
+        "demo",
+        backbone=args.backbone,
+        weights=args.weights,
+        img_size=args.img_size,
+        p_items=args.p,
+        k_images=args.k,
+        augment=args.augment,
+        num_workers=args.num_workers,
+        device="cpu",
+    )
 
 
 def build(args: argparse.Namespace):
@@ -78,8 +86,9 @@ def in_memory_batches(run, steps: int, channels_last: bool = False) -> list:
 
     dataset = run.loader.dataset
     distinct = min(steps, 8)
-    sampler = data.PKSampler((dataset.labels, dataset.domains), run.cfg.p_items, run.cfg.k_images,
-                             epoch_len=distinct, seed=run.cfg.seed)
+    sampler = data.PKSampler(
+        (dataset.labels, dataset.domains), run.cfg.p_items, run.cfg.k_images, epoch_len=distinct, seed=run.cfg.seed
+    )
     seeds = data.SampleSeeds(sampler, run.cfg.seed)
     seeds.set_epoch(99)  # not an epoch the timed passes use
     prepared = list(data.make_loader(dataset, batch_sampler=seeds, num_workers=0, seed=run.cfg.seed))
@@ -92,9 +101,20 @@ def bare_pass(run, batches: list, desc: str = "bare"):
     from helpers.train import train_one_epoch
 
     def go(seen: list) -> int:
-        return train_one_epoch(run.embedder, T.record_steps(batches, seen), _criterion(run, 1), run.optimizer,
-                               run.scheduler, run.scaler, run.device, run.amp, run.cfg.grad_clip, progress=False,
-                               desc=desc)[1]
+        return train_one_epoch(
+            run.embedder,
+            T.record_steps(batches, seen),
+            _criterion(run, 1),
+            run.optimizer,
+            run.scheduler,
+            run.scaler,
+            run.device,
+            run.amp,
+            run.cfg.grad_clip,
+            progress=False,
+            desc=desc,
+        )[1]
+
     return go
 
 
@@ -117,9 +137,20 @@ def project_epoch(run, epoch: int):
         run.batches.set_epoch(epoch)
         if isinstance(run.criterion, losses.CrossBatchMemory):
             run.criterion.reset()
-        return train_one_epoch(run.embedder, T.Recorded(run.loader, seen), _criterion(run, epoch), run.optimizer,
-                               run.scheduler, run.scaler, run.device, run.amp, run.cfg.grad_clip, progress=False,
-                               desc=f"epoch {epoch + 1}")[1]
+        return train_one_epoch(
+            run.embedder,
+            T.Recorded(run.loader, seen),
+            _criterion(run, epoch),
+            run.optimizer,
+            run.scheduler,
+            run.scaler,
+            run.device,
+            run.amp,
+            run.cfg.grad_clip,
+            progress=False,
+            desc=f"epoch {epoch + 1}",
+        )[1]
+
     return go
 
 
@@ -143,10 +174,14 @@ def main() -> None:
     parser.add_argument("--p", type=int, default=None, help="items per batch (default: the demo profile's, 8)")
     parser.add_argument("--k", type=int, default=None, help="images per item (default: the demo profile's, 4)")
     parser.add_argument("--augment", default=None, help="augmentation preset (default: the demo profile's)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="steps per timed pass (default: one demo epoch, n_eligible_items // P)")
-    parser.add_argument("--sweep-threads", default="auto",
-                        help="bare variants' torch threads: auto (torch's count and half of it), own, or a list")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="steps per timed pass (default: one demo epoch, n_eligible_items // P)"
+    )
+    parser.add_argument(
+        "--sweep-threads",
+        default="auto",
+        help="bare variants' torch threads: auto (torch's count and half of it), own, or a list",
+    )
     args = parser.parse_args()
     if args.bare_variant:
         child(args)
@@ -163,19 +198,30 @@ def main() -> None:
     run, steps = build(args)
     cfg, batch = run.cfg, run.cfg.p_items * run.cfg.k_images
     own = {"allocator": allocator, "channels_last": False, "threads": torch.get_num_threads()}
-    variants = [] if args.no_sweep else T.grid(
-        allocator=T.parse_list(args.sweep_allocator),
-        channels_last=[T.on_off(v) for v in T.parse_list(args.sweep_channels_last)],
-        threads=T.threads_axis(args.sweep_threads))
+    variants = (
+        []
+        if args.no_sweep
+        else T.grid(
+            allocator=T.parse_list(args.sweep_allocator),
+            channels_last=[T.on_off(v) for v in T.parse_list(args.sweep_channels_last)],
+            threads=T.threads_axis(args.sweep_threads),
+        )
+    )
 
-    T.print_header(f"training: backbone={cfg.backbone} weights={run.embedder.config['weights_source']} "
-                   f"img_size={cfg.img_size} batch={batch} (P={cfg.p_items} x K={cfg.k_images}) augment={cfg.augment} "
-                   f"loss={cfg.loss} optimizer={cfg.optimizer} steps/pass={steps} "
-                   f"train images={len(run.loader.dataset)}")
-    print(f"project settings: num_workers={run.loader.num_workers} (resolve_num_workers), allocator {allocator} "
-          f"(repro.tune_allocator), channels_last off (the CPU path), threads {own['threads']}")
-    print(f"bare sweep: {len(variants)} variant(s) in fresh processes (allocator x channels_last x threads), "
-          f"{args.repeats} round(s)")
+    T.print_header(
+        f"training: backbone={cfg.backbone} weights={run.embedder.config['weights_source']} "
+        f"img_size={cfg.img_size} batch={batch} (P={cfg.p_items} x K={cfg.k_images}) augment={cfg.augment} "
+        f"loss={cfg.loss} optimizer={cfg.optimizer} steps/pass={steps} "
+        f"train images={len(run.loader.dataset)}"
+    )
+    print(
+        f"project settings: num_workers={run.loader.num_workers} (resolve_num_workers), allocator {allocator} "
+        f"(repro.tune_allocator), channels_last off (the CPU path), threads {own['threads']}"
+    )
+    print(
+        f"bare sweep: {len(variants)} variant(s) in fresh processes (allocator x channels_last x threads), "
+        f"{args.repeats} round(s)"
+    )
 
     bare_batches = in_memory_batches(run, steps)
     bare_pass(run, bare_batches[: max(2, args.warmup)], "warm-up")([])  # kernels, optimizer state
@@ -193,18 +239,27 @@ def main() -> None:
     bare_names = [name for name in best if name.startswith("bare")]
     best_bare = max(bare_names, key=lambda name: best[name]["images/s"])
     T.print_steps(best, "step")
-    T.print_other_load([best[n] for n in (PROJECT, OWN_BARE, best_bare) if n in best],
-                       [r for runs in rows.values() for r in runs])
+    T.print_other_load(
+        [best[n] for n in (PROJECT, OWN_BARE, best_bare) if n in best], [r for runs in rows.values() for r in runs]
+    )
 
     if args.profile_images > 0:
+
         def new_loader():
             dataset = run.loader.dataset
-            sampler = data.PKSampler((dataset.labels, dataset.domains), cfg.p_items, cfg.k_images, epoch_len=steps,
-                                     seed=cfg.seed)
-            return data.make_loader(dataset, batch_sampler=data.SampleSeeds(sampler, cfg.seed),
-                                    num_workers=inference.resolve_num_workers(cfg, "cpu"), seed=cfg.seed)
-        T.print_loader_profile(run.loader.dataset, args.profile_images, batch,
-                               1e3 * batch / best[OWN_BARE]["images/s"], new_loader, "step")
+            sampler = data.PKSampler(
+                (dataset.labels, dataset.domains), cfg.p_items, cfg.k_images, epoch_len=steps, seed=cfg.seed
+            )
+            return data.make_loader(
+                dataset,
+                batch_sampler=data.SampleSeeds(sampler, cfg.seed),
+                num_workers=inference.resolve_num_workers(cfg, "cpu"),
+                seed=cfg.seed,
+            )
+
+        T.print_loader_profile(
+            run.loader.dataset, args.profile_images, batch, 1e3 * batch / best[OWN_BARE]["images/s"], new_loader, "step"
+        )
 
     print()
     T.print_goal("training loop", best[PROJECT], best[OWN_BARE], best_bare, best[best_bare], GOAL)

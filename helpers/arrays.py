@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Union
+import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from .errors import InputError
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
+ArrayLike = np.ndarray | torch.Tensor
 
 
 def as_float32_tensor(x: ArrayLike, name: str = "array") -> torch.Tensor:
@@ -22,8 +23,12 @@ def as_float32_tensor(x: ArrayLike, name: str = "array") -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         t = x.detach().to(device="cpu", dtype=torch.float32)
     else:
-        # from_numpy shares memory; ascontiguousarray is a no-op for a float32 C array.
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        # from_numpy shares memory; ascontiguousarray is a no-op for a float32 C array. A
+        # read-only array (a memory-mapped gallery) is shared too: nothing here writes to it,
+        # so torch's warning about non-writable arrays does not apply.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     if t.ndim != 2:
         raise InputError(f"{name} must be 2-D [n, dim], got shape {tuple(t.shape)}")
     # NaN compares false with everything and would silently corrupt rankings. aminmax is

@@ -51,6 +51,7 @@ class Config:
     img_size: int | None = _opt(None, "input side in px; None: the backbone's pretrained input size")
     resize: str = _opt("letterbox", "letterbox keeps the aspect ratio; squash is the seed's")
     box_margin: float = _opt(0.0, "grow the box by this fraction of its size on each side")
+    crop: bool = _opt(True, "crop each image to its garment box (+ box_margin); False: the whole photo")
     augment: str = _opt("medium", "augmentation preset of the training images")
     photometric: str = _opt("none", "photometric 'domain normalisation' of every image")
     # model
@@ -83,6 +84,7 @@ class Config:
     embed_batch: int | None = _opt(None, "embedding batch size; None: 16 on CPU (measured fastest), 256 on GPU")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N | mps")
     flip_tta: bool = _opt(False, "average each embedding with its horizontally flipped image's")
+    compile: bool = _opt(False, "torch.compile the model for training (GPU: faster steps after a slow first one)")
 
     @property
     def work_dir(self) -> Path:
@@ -99,18 +101,45 @@ class Config:
 
 PROFILES: dict[str, Config] = {
     "fixture": Config(
-        profile="fixture", synthetic_items=24, categories=None, sample=None,
-        img_size=64, augment="weak", backbone="test_efficientnet", weights="none", embed_dim=32,
-        p_items=4, k_images=2, epochs=1, warmup_epochs=0, num_workers=0, patience=1,
+        profile="fixture",
+        synthetic_items=24,
+        categories=None,
+        sample=None,
+        img_size=64,
+        augment="weak",
+        backbone="test_efficientnet",
+        weights="none",
+        embed_dim=32,
+        p_items=4,
+        k_images=2,
+        epochs=1,
+        warmup_epochs=0,
+        num_workers=0,
+        patience=1,
     ),
     "demo": Config(
-        profile="demo", synthetic_items=300, categories=None, sample=None,
-        img_size=128, backbone="tf_efficientnet_lite0", weights="packaged", embed_dim=128,
-        p_items=8, k_images=4, epochs=15,
+        profile="demo",
+        synthetic_items=300,
+        categories=None,
+        sample=None,
+        img_size=128,
+        backbone="tf_efficientnet_lite0",
+        weights="packaged",
+        embed_dim=128,
+        p_items=8,
+        k_images=4,
+        epochs=15,
     ),
     "full": Config(
-        profile="full", img_size=None, backbone="efficientnet_b3", weights="hub", embed_dim=256,
-        p_items=16, k_images=4, epochs=40, deterministic=False,
+        profile="full",
+        img_size=None,
+        backbone="efficientnet_b3",
+        weights="hub",
+        embed_dim=256,
+        p_items=16,
+        k_images=4,
+        epochs=40,
+        deterministic=False,
     ),
 }
 
@@ -141,8 +170,16 @@ def check(cfg: Config) -> Config:
     for name in ("epochs", "patience", "p_items", "embed_dim", "synthetic_items"):
         if getattr(cfg, name) < 1:
             raise InputError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("warmup_epochs", "num_workers", "box_margin", "weight_decay", "grad_clip", "xbm_size",
-                 "xbm_start_epoch", "embed_batch"):
+    for name in (
+        "warmup_epochs",
+        "num_workers",
+        "box_margin",
+        "weight_decay",
+        "grad_clip",
+        "xbm_size",
+        "xbm_start_epoch",
+        "embed_batch",
+    ):
         if (getattr(cfg, name) or 0) < 0:
             raise InputError(f"{name} must be non-negative, got {getattr(cfg, name)}")
     if cfg.k_images < 2:

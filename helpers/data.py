@@ -11,9 +11,9 @@ a batch brings both a consumer and a shop photo; :func:`make_loader` wraps it al
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -25,8 +25,8 @@ from torchvision.transforms import v2
 
 from . import errors
 from .errors import InputError, choose
-from .schema import BOX_COLUMNS, DOMAINS, IMAGE_COLUMNS, check_columns
 from .repro import torch_generator, worker_init_fn
+from .schema import BOX_COLUMNS, DOMAINS, IMAGE_COLUMNS, check_columns
 
 # ImageNet mean × 255, rounded: the padding colour that normalises to about zero.
 IMAGENET_FILL = (124, 116, 104)
@@ -207,9 +207,12 @@ def augmentation(preset: str, size: int, interpolation: str = "bicubic") -> tupl
     if p.min_scale < 1:
         before.append(
             # An InterpolationMode, not the string: torchvision < 0.29 rejects strings here.
-            v2.RandomResizedCrop(size, scale=(p.min_scale, 1.0), antialias=True,
-                                 interpolation=v2.InterpolationMode(choose(interpolation, tuple(_PIL_RESAMPLE),
-                                                                            "interpolation")))
+            v2.RandomResizedCrop(
+                size,
+                scale=(p.min_scale, 1.0),
+                antialias=True,
+                interpolation=v2.InterpolationMode(choose(interpolation, tuple(_PIL_RESAMPLE), "interpolation")),
+            )
         )
     if p.jitter > 0:
         before.append(v2.ColorJitter(brightness=p.jitter, contrast=p.jitter, saturation=p.jitter))
@@ -236,13 +239,14 @@ class C2STransform:
         resize: str = "letterbox",
         photometric: str = "none",
         margin: float = 0.0,
+        crop: bool = True,
     ):
         if img_size < 1:
             raise InputError(f"image size must be >= 1, got {img_size}")
         if margin < 0:
             raise InputError(f"box margin must be >= 0, got {margin}")
         _resample(interpolation)  # fail at build time, not in the first worker
-        self.img_size, self.interpolation, self.margin = img_size, interpolation, margin
+        self.img_size, self.interpolation, self.margin, self.crop = img_size, interpolation, margin, crop
         self.resize = choose(resize, RESIZE_MODES, "resize mode")
         self.photometric = choose(photometric, PHOTOMETRIC_MODES, "photometric mode")
         self.augment = augment
@@ -259,7 +263,7 @@ class C2STransform:
         )
 
     def __call__(self, image: Image.Image, box: Sequence[float] | None = None) -> torch.Tensor:
-        image = crop_box(image, box, self.margin)
+        image = crop_box(image, box if self.crop else None, self.margin)  # crop=False: the whole photo
         image = photometric(image, self.photometric)
         image = resize_image(image, self.img_size, self.resize, self.interpolation, self.fill)
         return self.tensor_ops(image)
@@ -268,7 +272,7 @@ class C2STransform:
         return (
             f"C2STransform(img_size={self.img_size}, interpolation={self.interpolation!r}, "
             f"augment={self.augment!r}, resize={self.resize!r}, photometric={self.photometric!r}, "
-            f"margin={self.margin})"
+            f"margin={self.margin}, crop={self.crop})"
         )
 
 
@@ -281,6 +285,7 @@ def build_transform(
     resize: str = "letterbox",
     photometric: str = "none",
     margin: float = 0.0,
+    crop: bool = True,
 ) -> C2STransform:
     """crop(margin) → photometric → resize → augmentation → tensor/Normalize.
 
@@ -288,7 +293,7 @@ def build_transform(
     data config (``timm.data.resolve_data_config``), so EfficientNet-B3 gets its 288/300 px,
     not the seed's 224. Letterbox padding uses the ``mean`` colour.
     """
-    return C2STransform(img_size, mean, std, interpolation, augment, resize, photometric, margin)
+    return C2STransform(img_size, mean, std, interpolation, augment, resize, photometric, margin, crop)
 
 
 # --------------------------------------------------------------------------- dataset

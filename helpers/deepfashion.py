@@ -57,8 +57,12 @@ class ImageCheckReport:
     bad_paths_file: str | None = None
 
     def as_dict(self) -> dict:
-        return {"checked": self.checked, "clipped_boxes": self.clipped_boxes, "bad": dict(self.bad),
-                "bad_paths_file": self.bad_paths_file}
+        return {
+            "checked": self.checked,
+            "clipped_boxes": self.clipped_boxes,
+            "bad": dict(self.bad),
+            "bad_paths_file": self.bad_paths_file,
+        }
 
 
 def read_records(path: Path, header: tuple[str, ...] | None, n_columns: int | tuple[int, ...]) -> list[Record]:
@@ -136,10 +140,37 @@ def parse_bbox_list(path: Path) -> pd.DataFrame:
             raise at(path, record.line, f"negative box corner ({x_1}, {y_1})")
         if x_2 <= x_1 or y_2 <= y_1:
             raise at(path, record.line, f"inverted or zero-area box ({x_1}, {y_1}, {x_2}, {y_2})")
-        rows.append((name, item_id, SOURCE_TYPES[source_type], parts[1], parts[2], clothes_type,
-                     x_1, y_1, x_2, y_2, record.line))
-    return pd.DataFrame(rows, columns=["path", "item_id", "domain", "category", "subcategory",
-                                       "clothes_type", "x_1", "y_1", "x_2", "y_2", "line"])
+        rows.append(
+            (
+                name,
+                item_id,
+                SOURCE_TYPES[source_type],
+                parts[1],
+                parts[2],
+                clothes_type,
+                x_1,
+                y_1,
+                x_2,
+                y_2,
+                record.line,
+            )
+        )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "path",
+            "item_id",
+            "domain",
+            "category",
+            "subcategory",
+            "clothes_type",
+            "x_1",
+            "y_1",
+            "x_2",
+            "y_2",
+            "line",
+        ],
+    )
 
 
 def parse_partition(path: Path) -> pd.DataFrame:
@@ -225,8 +256,12 @@ def build_image_table(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dic
         swapped = pairs.loc[domains != column]
         if len(swapped):
             row = swapped.iloc[0]
-            raise at(partition_path, int(row.line), f"image {row[column]} is listed as {column} here but its "
-                                                     f"source_type in {BBOX_LIST} says {domain_of[row[column]]}")
+            raise at(
+                partition_path,
+                int(row.line),
+                f"image {row[column]} is listed as {column} here but its "
+                f"source_type in {BBOX_LIST} says {domain_of[row[column]]}",
+            )
 
     split_of_item = pairs.drop_duplicates("item_id").set_index("item_id").split
     in_partition = set(pairs.consumer) | set(pairs.shop)
@@ -263,14 +298,24 @@ def _inspect_image(root: Path, row) -> tuple[str | None, tuple[int, int] | None]
     except Exception:
         return "corrupt", None
     width, height = size
-    if (row.x_2 > width + BOX_OVERSHOOT_PX or row.y_2 > height + BOX_OVERSHOOT_PX
-            or row.x_1 >= width or row.y_1 >= height):
+    if (
+        row.x_2 > width + BOX_OVERSHOOT_PX
+        or row.y_2 > height + BOX_OVERSHOOT_PX
+        or row.x_1 >= width
+        or row.y_1 >= height
+    ):
         return "box_outside", size
     return None, size
 
 
-def check_images(table: pd.DataFrame, root: str | Path, bad_paths_file: str | Path | None = None,
-                 strict: bool = False, progress: bool = True, workers: int = 8) -> tuple[pd.DataFrame, ImageCheckReport]:
+def check_images(
+    table: pd.DataFrame,
+    root: str | Path,
+    bad_paths_file: str | Path | None = None,
+    strict: bool = False,
+    progress: bool = True,
+    workers: int = 8,
+) -> tuple[pd.DataFrame, ImageCheckReport]:
     """Open every image of the table; drop bad ones, clip 1–2 px box overshoots, add sizes.
 
     Bad images are counted by reason and written (``path<TAB>reason``) to ``bad_paths_file``;
@@ -281,8 +326,15 @@ def check_images(table: pd.DataFrame, root: str | Path, bad_paths_file: str | Pa
     report = ImageCheckReport(checked=len(table))
     rows = list(table.itertuples(index=False))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(tqdm(pool.map(lambda row: _inspect_image(root, row), rows), total=len(rows),
-                            desc="checking images", disable=not progress, mininterval=1.0))
+        results = list(
+            tqdm(
+                pool.map(lambda row: _inspect_image(root, row), rows),
+                total=len(rows),
+                desc="checking images",
+                disable=not progress,
+                mininterval=1.0,
+            )
+        )
     keep, bad_lines = [], []
     widths, heights = [], []
     for row, (problem, size) in zip(rows, results):

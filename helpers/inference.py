@@ -49,24 +49,43 @@ def amp_dtype(cfg: Config, device: str) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
-def make_transform(cfg: Config, data_config: dict, augment: str = "none", margin: float | None = None) -> data.C2STransform:
+def make_transform(
+    cfg: Config, data_config: dict, augment: str = "none", margin: float | None = None
+) -> data.C2STransform:
     """The run's preprocessing: the model's input size / mean / std, the config's crop margin,
     resize mode and photometric normalisation; ``augment`` only for training."""
-    return data.build_transform(data_config["input_size"][-1], data_config["mean"], data_config["std"],
-                                data_config["interpolation"], augment=augment, resize=cfg.resize,
-                                photometric=cfg.photometric, margin=cfg.box_margin if margin is None else margin)
+    return data.build_transform(
+        data_config["input_size"][-1],
+        data_config["mean"],
+        data_config["std"],
+        data_config["interpolation"],
+        augment=augment,
+        resize=cfg.resize,
+        photometric=cfg.photometric,
+        margin=cfg.box_margin if margin is None else margin,
+        crop=cfg.crop,
+    )
 
 
 @torch.inference_mode()
-def extract_embeddings(model: torch.nn.Module, loader, device: str = "cpu", flip_tta: bool = False,
-                       progress: bool = True, desc: str = "embedding",
-                       amp: torch.dtype | None = None) -> np.ndarray:
+def extract_embeddings(
+    model: torch.nn.Module,
+    loader,
+    device: str = "cpu",
+    flip_tta: bool = False,
+    progress: bool = True,
+    desc: str = "embedding",
+    amp: torch.dtype | None = None,
+    sink=None,
+) -> np.ndarray | None:
     """``float32 [len(dataset), D]`` embeddings of a loader yielding ``(images, labels, index)``.
 
     Rows are placed by the dataset index each batch carries, so any loader order is safe.
     ``flip_tta`` averages each embedding with that of the horizontally flipped image and
     re-normalises (test-time augmentation: +0.6 top-1 reported on C2S). ``amp`` (bf16 / fp16)
-    runs the model under CUDA autocast; None runs it in fp32.
+    runs the model under CUDA autocast; None runs it in fp32. ``sink(rows, embeddings)``
+    (e.g. :meth:`helpers.ann.EmbeddingWriter.write`) receives each batch instead of an
+    in-memory array, so a gallery of millions stays on disk; then nothing is returned.
     """
     model.eval()
     cuda = str(device).startswith("cuda")
@@ -79,9 +98,14 @@ def extract_embeddings(model: torch.nn.Module, loader, device: str = "cpu", flip
             embeddings = model(images).float()
             if flip_tta:
                 embeddings = torch.nn.functional.normalize(embeddings + model(images.flip(-1)).float(), dim=1)
+        if sink is not None:
+            sink(index.numpy(), embeddings.cpu().numpy())
+            continue
         if out is None:
             out = np.zeros((len(loader.dataset), embeddings.shape[1]), dtype=np.float32)
         out[index.numpy()] = embeddings.cpu().numpy()
+    if sink is not None:
+        return None
     if out is None:
         raise InputError("nothing to embed: the image list is empty")
     return out
@@ -94,26 +118,58 @@ class TableEmbedder:
     def __init__(self, cfg: Config, data_config: dict, table: pd.DataFrame, data_root: str | Path, device: str):
         self.cfg, self.device = cfg, device
         dataset = data.C2SDataset(table, data_root, make_transform(cfg, data_config))
-        self.loader = data.make_loader(dataset, batch_size=resolve_embed_batch(cfg, device),
-                                       num_workers=resolve_num_workers(cfg, device), seed=cfg.seed, device=device)
+        self.loader = data.make_loader(
+            dataset,
+            batch_size=resolve_embed_batch(cfg, device),
+            num_workers=resolve_num_workers(cfg, device),
+            seed=cfg.seed,
+            device=device,
+        )
 
-    def __call__(self, embedder: torch.nn.Module, progress: bool = True, desc: str = "embedding") -> np.ndarray:
-        return extract_embeddings(embedder, self.loader, self.device, flip_tta=self.cfg.flip_tta, progress=progress,
-                                  desc=desc, amp=amp_dtype(self.cfg, self.device))
+    def __call__(
+        self, embedder: torch.nn.Module, progress: bool = True, desc: str = "embedding", sink=None
+    ) -> np.ndarray | None:
+        return extract_embeddings(
+            embedder,
+            self.loader,
+            self.device,
+            flip_tta=self.cfg.flip_tta,
+            progress=progress,
+            desc=desc,
+            amp=amp_dtype(self.cfg, self.device),
+            sink=sink,
+        )
 
 
-def embed_table(cfg: Config, embedder: models.Embedder, table: pd.DataFrame, data_root: str | Path,
-                device: str, progress: bool = True, desc: str = "embedding") -> np.ndarray:
-    """Embeddings of every row of ``table`` (row order kept), eval transform, no augmentation."""
-    return TableEmbedder(cfg, embedder.data_config, table, data_root, device)(embedder, progress, desc)
+def embed_table(
+    cfg: Config,
+    embedder: models.Embedder,
+    table: pd.DataFrame,
+    data_root: str | Path,
+    device: str,
+    progress: bool = True,
+    desc: str = "embedding",
+    sink=None,
+) -> np.ndarray | None:
+    """Embeddings of every row of ``table`` (row order kept), eval transform, no augmentation;
+    with ``sink``, streamed to it batch by batch instead (see :func:`extract_embeddings`)."""
+    return TableEmbedder(cfg, embedder.data_config, table, data_root, device)(embedder, progress, desc, sink)
 
 
 class ProtocolEvaluator:
     """Recall@K / mAP of one split under one protocol, for any model with the same
     preprocessing. Only the rows the protocol uses are embedded; the loader is built once."""
 
-    def __init__(self, cfg: Config, data_config: dict, table: pd.DataFrame, data_root: str | Path,
-                 split: str = "test", protocol: str = "official", device: str = "cpu"):
+    def __init__(
+        self,
+        cfg: Config,
+        data_config: dict,
+        table: pd.DataFrame,
+        data_root: str | Path,
+        split: str = "test",
+        protocol: str = "official",
+        device: str = "cpu",
+    ):
         queries, gallery = metrics.protocol_sets(table, split, protocol)
         # The protocol picks rows by their own columns, so the sub-table of the rows it uses
         # gives the same query and gallery sets without embedding (or allocating) the rest.
@@ -130,10 +186,37 @@ class ProtocolEvaluator:
         return result
 
 
-def evaluate(cfg: Config, embedder: models.Embedder, table: pd.DataFrame, data_root: str | Path, split: str = "test",
-             protocol: str = "official", device: str = "cpu", progress: bool = True) -> dict:
+def evaluate(
+    cfg: Config,
+    embedder: models.Embedder,
+    table: pd.DataFrame,
+    data_root: str | Path,
+    split: str = "test",
+    protocol: str = "official",
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
     """One evaluation of ``embedder`` (see :class:`ProtocolEvaluator`)."""
     return ProtocolEvaluator(cfg, embedder.data_config, table, data_root, split, protocol, device)(embedder, progress)
+
+
+def evaluate_zero_shot(
+    cfg: Config,
+    table: pd.DataFrame,
+    data_root: str | Path,
+    split: str = "test",
+    protocol: str = "official",
+    progress: bool = True,
+) -> dict:
+    """Metrics of ``cfg.backbone``'s pooled, L2-normalised features with ``cfg.weights`` and no
+    training (the baseline every trained model is compared with); ``model`` records how it was built."""
+    from . import repro
+
+    repro.seed_everything(cfg.seed, cfg.deterministic)  # a random init ("none") is seeded too
+    embedder = models.create_embedder(cfg.backbone, weights=cfg.weights, head="pooled", img_size=cfg.img_size)
+    device = repro.resolve_device(cfg.device)
+    result = evaluate(cfg, embedder.to(device).eval(), table, data_root, split, protocol, device, progress)
+    return {**result, "model": embedder.config}
 
 
 def embed_image(embedder: models.Embedder, cfg: Config, image, box=None) -> np.ndarray:

@@ -60,9 +60,7 @@ def _check_inputs(embeddings: Tensor, labels: Tensor) -> None:
     if embeddings.ndim != 2:
         raise ValueError(f"embeddings must be [N, D], got shape {tuple(embeddings.shape)}")
     if labels.ndim != 1 or labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(
-            f"labels must be [N] with N = {embeddings.shape[0]}, got shape {tuple(labels.shape)}"
-        )
+        raise ValueError(f"labels must be [N] with N = {embeddings.shape[0]}, got shape {tuple(labels.shape)}")
 
 
 def _fp32_region(embeddings: Tensor) -> contextlib.AbstractContextManager:
@@ -213,8 +211,9 @@ class BatchHardTripletLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"margin={self.margin}, squared={self.squared}, reduction={self.reduction!r}"
 
-    def forward(self, embeddings: Tensor, labels: Tensor, memory: Tensor | None = None,
-                memory_labels: Tensor | None = None) -> Tensor:
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, memory: Tensor | None = None, memory_labels: Tensor | None = None
+    ) -> Tensor:
         """``memory`` / ``memory_labels``: extra candidates (detached embeddings of earlier
         batches, see :class:`CrossBatchMemory`) mined as positives and negatives too."""
         _check_inputs(embeddings, labels)
@@ -267,8 +266,9 @@ class SupConLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
 
-    def forward(self, embeddings: Tensor, labels: Tensor, memory: Tensor | None = None,
-                memory_labels: Tensor | None = None) -> Tensor:
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, memory: Tensor | None = None, memory_labels: Tensor | None = None
+    ) -> Tensor:
         """``memory`` / ``memory_labels``: extra candidates (see :class:`CrossBatchMemory`)."""
         _check_inputs(embeddings, labels)
         if embeddings.shape[0] < 2:
@@ -357,7 +357,5 @@ def create_loss(name: str, **kwargs: Any) -> nn.Module:
     allowed = _options(cls)
     unknown = sorted(k for k in options if k not in allowed)
     if unknown:
-        raise InputError(
-            f"loss {name!r} does not take {', '.join(unknown)}; it takes: {', '.join(allowed)}"
-        )
+        raise InputError(f"loss {name!r} does not take {', '.join(unknown)}; it takes: {', '.join(allowed)}")
     return cls(**options)

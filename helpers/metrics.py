@@ -20,8 +20,8 @@ Protocols (which images are queries and which form the gallery) are documented i
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -250,9 +250,7 @@ def retrieval_metrics(
         within = np.where(valid, starts[codes][:, None] + slot[None, :], 0)
         columns = order[within]  # gallery position of each relevant slot (padding: any)
 
-        ranks = _relevant_ranks(
-            scores, torch.from_numpy(columns), torch.from_numpy(valid), elements_per_op
-        ).numpy()
+        ranks = _relevant_ranks(scores, torch.from_numpy(columns), torch.from_numpy(valid), elements_per_op).numpy()
         # Padding sorts last (rank G is beyond any real rank); then slot i holds the i-th
         # best relevant rank, and AP = mean_i (i+1)/(rank_i+1) over the real slots.
         ranks = np.sort(np.where(valid, ranks, n_gallery), axis=1)
@@ -323,6 +321,7 @@ def bootstrap_ci(
 # ----------------------------------------------------------------------------------------
 # Protocols
 # ----------------------------------------------------------------------------------------
+
 
 def protocol_sets(
     table: pd.DataFrame, split: str = "test", protocol: str = "official"
@@ -429,14 +428,16 @@ def evaluate_protocol(
         embeddings = embeddings.detach().cpu().numpy()
     emb = np.asarray(embeddings)
     if emb.ndim != 2 or emb.shape[0] != len(table):
-        raise InputError(
-            f"embeddings have shape {emb.shape}; expected [{len(table)}, dim], one row per table row"
-        )
+        raise InputError(f"embeddings have shape {emb.shape}; expected [{len(table)}, dim], one row per table row")
     queries, gallery = protocol_sets(table, split, protocol)
     q_pos, g_pos = queries.index.to_numpy(), gallery.index.to_numpy()
     res = retrieval_metrics(
-        emb[q_pos], queries["item_id"].to_numpy(), emb[g_pos], gallery["item_id"].to_numpy(),
-        ks=ks, memory_budget_mb=memory_budget_mb,
+        emb[q_pos],
+        queries["item_id"].to_numpy(),
+        emb[g_pos],
+        gallery["item_id"].to_numpy(),
+        ks=ks,
+        memory_budget_mb=memory_budget_mb,
     )
     if res.n_queries == 0:
         raise InputError(
@@ -464,10 +465,7 @@ def evaluate_protocol(
     bounds = np.quantile(means, [alpha / 2, 1 - alpha / 2], axis=0)
     for j, name in enumerate([f"recall@{k}" for k in ks] + ["map"]):
         out[f"{name}_ci"] = [float(bounds[0, j]), float(bounds[1, j])]
-    out["ci"] = (
-        f"percentile bootstrap over queries, {int(round((1 - alpha) * 100))}%, "
-        f"n_boot={n_boot}, seed={seed}"
-    )
+    out["ci"] = f"percentile bootstrap over queries, {int(round((1 - alpha) * 100))}%, n_boot={n_boot}, seed={seed}"
     out["rank_base"] = "Recall@K counts a hit when the first relevant entry has 0-based rank < K"
 
     per_category: dict[str, dict] = {}

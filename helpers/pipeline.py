@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import inference, models, plots, repro, retrieval, sampling, schema, train, workspace
+from . import inference, plots, retrieval, sampling, schema, train, workspace
 from .config import Config
 
 METRIC_COLUMNS = ["recall@1", "recall@5", "recall@10", "recall@20", "map"]
@@ -21,11 +21,7 @@ def zero_shot(cfg: Config, table: pd.DataFrame, data_root: Path, out: Path, prog
     """Test metrics of the pretrained backbone's pooled features, before any training."""
     if out.is_file():
         return json.loads(out.read_text())
-    repro.seed_everything(cfg.seed, cfg.deterministic)  # a random init ("none") is seeded too
-    embedder = models.create_embedder(cfg.backbone, weights=cfg.weights, head="pooled", img_size=cfg.img_size)
-    result = inference.evaluate(cfg, embedder.eval(), table, data_root, split="test",
-                            device=repro.resolve_device(cfg.device), progress=progress)
-    result["model"] = embedder.config
+    result = inference.evaluate_zero_shot(cfg, table, data_root, split="test", progress=progress)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -60,15 +56,33 @@ def run_demo(cfg: Config, progress: bool = True) -> dict:
     result = trained(cfg, table_path, data_root, run_dir, progress)
     index_dir = work / "index"
     if not (index_dir / "index.json").is_file():
-        retrieval.build_index(run_dir / "best.pt", table_path, data_root, index_dir, device=cfg.device,
-                              num_workers=cfg.num_workers, progress=progress)
+        retrieval.build_index(
+            run_dir / "best.pt",
+            table_path,
+            data_root,
+            index_dir,
+            device=cfg.device,
+            num_workers=cfg.num_workers,
+            progress=progress,
+        )
     index = retrieval.GalleryIndex.load(index_dir)
     queries = table.loc[(table.split == "test") & (table.domain == "consumer")].drop_duplicates("item_id")
     queries = queries.sample(n=min(4, len(queries)), random_state=cfg.seed)
-    hits = [index.search_image(data_root / q.path, box=(q.x_1, q.y_1, q.x_2, q.y_2), k=5)
-            for q in queries.itertuples(index=False)]
+    hits = [
+        index.search_image(data_root / q.path, box=(q.x_1, q.y_1, q.x_2, q.y_2), k=5)
+        for q in queries.itertuples(index=False)
+    ]
     plots.plot_retrieval(queries, hits, data_root).savefig(work / "retrieval.png", dpi=80)
-    return {"data_root": data_root, "table": table_path, "run": run_dir, "index": index_dir,
-            "comparison": comparison({f"zero-shot ({baseline['model']['weights_source']} weights)": baseline,
-                                      f"trained (best.pt, epoch {result['best_epoch']})": result}),
-            "figures": [work / "sample_pairs.png", work / "retrieval.png"]}
+    return {
+        "data_root": data_root,
+        "table": table_path,
+        "run": run_dir,
+        "index": index_dir,
+        "comparison": comparison(
+            {
+                f"zero-shot ({baseline['model']['weights_source']} weights)": baseline,
+                f"trained (best.pt, epoch {result['best_epoch']})": result,
+            }
+        ),
+        "figures": [work / "sample_pairs.png", work / "retrieval.png"],
+    }

@@ -102,6 +102,8 @@ def tune_allocator() -> bool:
 
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+        )
     except (OSError, AttributeError):  # musl or another libc: nothing to tune
         return False

@@ -62,9 +62,13 @@ def _sample_items(items: np.ndarray, fraction: float, rng: np.random.Generator) 
     return np.sort(rng.choice(items, size=count, replace=False))
 
 
-def select_items(table: pd.DataFrame, categories: tuple[str, ...] | None = ("TOPS", "DRESSES"),
-                 sample: tuple[float, float, float] | None = SEED_SAMPLE,
-                 resplit: tuple[float, float, float] | None = None, seed: int = 42) -> tuple[pd.DataFrame, dict]:
+def select_items(
+    table: pd.DataFrame,
+    categories: tuple[str, ...] | None = ("TOPS", "DRESSES"),
+    sample: tuple[float, float, float] | None = SEED_SAMPLE,
+    resplit: tuple[float, float, float] | None = None,
+    seed: int = 42,
+) -> tuple[pd.DataFrame, dict]:
     """Filter categories, keep items with both domains, then sample or re-split by item.
 
     Returns the new table (sorted by path) and the dropped-row counts by reason.
@@ -75,7 +79,9 @@ def select_items(table: pd.DataFrame, categories: tuple[str, ...] | None = ("TOP
     if categories is not None:
         unknown = sorted(set(categories) - set(table.category))
         if unknown:
-            raise InputError(f"unknown categories {','.join(unknown)}; the data has {','.join(sorted(set(table.category)))}")
+            raise InputError(
+                f"unknown categories {','.join(unknown)}; the data has {','.join(sorted(set(table.category)))}"
+            )
         keep = table.category.isin(categories)
         dropped["other_category"] = int((~keep).sum())
         table = table.loc[keep]
@@ -133,9 +139,17 @@ def table_bytes(table: pd.DataFrame) -> bytes:
     return table[list(TABLE_COLUMNS)].to_csv(index=False, lineterminator="\n").encode("utf-8")
 
 
-def prepare(data_root: str | Path, out_dir: str | Path, categories: tuple[str, ...] | None = ("TOPS", "DRESSES"),
-            sample: tuple[float, float, float] | None = SEED_SAMPLE, resplit: tuple[float, float, float] | None = None,
-            seed: int = 42, strict: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+def prepare(
+    data_root: str | Path,
+    out_dir: str | Path,
+    categories: tuple[str, ...] | None = ("TOPS", "DRESSES"),
+    sample: tuple[float, float, float] | None = SEED_SAMPLE,
+    resplit: tuple[float, float, float] | None = None,
+    seed: int = 42,
+    strict: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
     """Parse, check, sample and write ``out_dir/images.csv`` and ``out_dir/summary.json``.
 
     Refuses to replace an existing ``images.csv`` unless ``overwrite``. Returns the summary.
@@ -149,8 +163,9 @@ def prepare(data_root: str | Path, out_dir: str | Path, categories: tuple[str, .
     table, pairs, read_counts = deepfashion.build_image_table(data_root)
     out_dir.mkdir(parents=True, exist_ok=True)
     selected, dropped = select_items(table, categories, sample, resplit, seed)
-    selected, report = deepfashion.check_images(selected, data_root, out_dir / "bad_images.txt",
-                                                strict=strict, progress=progress)
+    selected, report = deepfashion.check_images(
+        selected, data_root, out_dir / "bad_images.txt", strict=strict, progress=progress
+    )
     for reason, count in report.bad.items():
         dropped[f"bad_image_{reason}"] = count
     # An item can lose its only consumer or shop image to the image checks: drop it too.
@@ -167,12 +182,18 @@ def prepare(data_root: str | Path, out_dir: str | Path, categories: tuple[str, .
     stats = split_stats(selected, pairs)
     summary = {
         "data_root": str(data_root),
-        "parameters": {"categories": list(categories) if categories else "all",
-                       "sample": list(sample) if sample and resplit is None else None,
-                       "resplit": list(resplit) if resplit else None, "seed": seed, "strict": strict},
+        "parameters": {
+            "categories": list(categories) if categories else "all",
+            "sample": list(sample) if sample and resplit is None else None,
+            "resplit": list(resplit) if resplit else None,
+            "seed": seed,
+            "strict": strict,
+        },
         "read": read_counts,
         "splits": stats.to_dict(orient="index"),
-        "categories": {k: int(v) for k, v in selected.drop_duplicates("item_id").category.value_counts().sort_index().items()},
+        "categories": {
+            k: int(v) for k, v in selected.drop_duplicates("item_id").category.value_counts().sort_index().items()
+        },
         "dropped_rows": dropped,
         "image_check": report.as_dict(),
         "images": len(selected),

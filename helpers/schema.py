@@ -5,8 +5,8 @@ here (as open-metric-learning's ``const.py`` does).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -18,8 +18,17 @@ DOMAINS = ("consumer", "shop")
 BOX_COLUMNS = ("x_1", "y_1", "x_2", "y_2")
 # The columns `prepare` writes, in order.
 TABLE_COLUMNS = (
-    "path", "item_id", "domain", "split", "category", "subcategory", "clothes_type",
-    *BOX_COLUMNS, "width", "height", "variation_type",
+    "path",
+    "item_id",
+    "domain",
+    "split",
+    "category",
+    "subcategory",
+    "clothes_type",
+    *BOX_COLUMNS,
+    "width",
+    "height",
+    "variation_type",
 )
 # What a dataset needs to load and batch images; a hand-made table may hold only these.
 IMAGE_COLUMNS = ("path", "item_id", "domain", *BOX_COLUMNS)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import colorsys
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -295,8 +295,11 @@ def _draw_details(item: Item, texture: Image.Image, scale: float) -> None:
     if item.collar and item.silhouette != "trousers":
         d = item.neck_depth
         for sign in (-1, 1):
-            draw.polygon(px([(0.5, d + 0.02), (0.5 + sign * 0.1, 0.0), (0.5 + sign * 0.17, 0.1),
-                             (0.5 + sign * 0.03, d + 0.1)]), fill=item.accent, outline=dark)
+            draw.polygon(
+                px([(0.5, d + 0.02), (0.5 + sign * 0.1, 0.0), (0.5 + sign * 0.17, 0.1), (0.5 + sign * 0.03, d + 0.1)]),
+                fill=item.accent,
+                outline=dark,
+            )
     if item.pocket:
         x0, y0 = (0.22, 0.16) if item.silhouette == "trousers" else (0.57, 0.32)
         draw.rectangle(px([(x0, y0), (x0 + 0.13, y0 + 0.14)]), outline=dark, width=max(2, int(0.012 * scale)))
@@ -378,11 +381,11 @@ def _render_shop(garment: Image.Image, rng: np.random.Generator) -> tuple[Image.
     image.paste(layer, (left, top), layer)
 
     alpha = np.zeros((h, w), np.uint8)
-    alpha[top:top + gh, left:left + gw] = np.asarray(layer.getchannel("A"))
+    alpha[top : top + gh, left : left + gw] = np.asarray(layer.getchannel("A"))
     return image, _alpha_box(alpha)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _photo(name: str) -> Image.Image:
     """One of scikit-image's bundled photos as RGB, loaded once per process."""
     from skimage import data
@@ -443,8 +446,9 @@ def _apply(hom: np.ndarray, points: np.ndarray) -> np.ndarray:
     return p[:, :2] / p[:, 2:]
 
 
-def _consumer_pose(garment: Image.Image, outline: np.ndarray, size: tuple[int, int],
-                   overshoot: bool, rng: np.random.Generator) -> np.ndarray:
+def _consumer_pose(
+    garment: Image.Image, outline: np.ndarray, size: tuple[int, int], overshoot: bool, rng: np.random.Generator
+) -> np.ndarray:
     """Homography from the garment canvas into a consumer photo: scale, rotation, perspective.
 
     With ``overshoot`` the garment is pushed past the right or bottom edge, which is where the
@@ -474,8 +478,7 @@ def _consumer_pose(garment: Image.Image, outline: np.ndarray, size: tuple[int, i
     return np.array([[1, 0, shift[0]], [0, 1, shift[1]], [0, 0, 1]]) @ hom
 
 
-def _wearer(draw: ImageDraw.ImageDraw, item: Item, hom: np.ndarray, scale: float,
-            rng: np.random.Generator) -> None:
+def _wearer(draw: ImageDraw.ImageDraw, item: Item, hom: np.ndarray, scale: float, rng: np.random.Generator) -> None:
     """The person wearing the garment, drawn over and around it.
 
     A head above the neckline (or a shirt above the waistband of trousers) puts the garment in
@@ -489,8 +492,7 @@ def _wearer(draw: ImageDraw.ImageDraw, item: Item, hom: np.ndarray, scale: float
     skin = SKIN_TONES[rng.integers(len(SKIN_TONES))]
     if item.silhouette == "trousers":
         shirt = tuple(int(c) for c in rng.integers(0, 256, size=3))
-        draw.polygon([tuple(at(u, v)) for u, v in ((0.12, -0.7), (0.88, -0.7), (0.85, 0.03), (0.15, 0.03))],
-                     fill=shirt)
+        draw.polygon([tuple(at(u, v)) for u, v in ((0.12, -0.7), (0.88, -0.7), (0.85, 0.03), (0.15, 0.03))], fill=shirt)
     else:
         neck, chest = at(0.5, 0.0), at(0.5, 0.2)
         head = neck + 1.2 * (neck - chest)  # up the garment's own axis, so it tilts with it
@@ -498,15 +500,13 @@ def _wearer(draw: ImageDraw.ImageDraw, item: Item, hom: np.ndarray, scale: float
         draw.line([tuple(neck), tuple(head)], fill=skin, width=max(2, int(0.6 * r)))
         draw.ellipse([head[0] - r, head[1] - 1.25 * r, head[0] + r, head[1] + 1.25 * r], fill=skin)
         hair = tuple(int(c) for c in rng.integers(10, 120, size=3))
-        draw.chord([head[0] - 1.1 * r, head[1] - 1.45 * r, head[0] + 1.1 * r, head[1] + 0.3 * r],
-                   180, 360, fill=hair)
+        draw.chord([head[0] - 1.1 * r, head[1] - 1.45 * r, head[0] + 1.1 * r, head[1] + 0.3 * r], 180, 360, fill=hair)
     start = at(float(rng.choice([-0.15, 1.15])), rng.uniform(0.1, 0.4) * item.aspect)
     end = at(rng.uniform(0.35, 0.65), rng.uniform(0.35, 0.8) * item.aspect)
     width = max(4, int(rng.uniform(0.1, 0.16) * unit))
     colour = skin if rng.random() < 0.7 else tuple(int(c) for c in rng.integers(0, 256, size=3))
     draw.line([tuple(start), tuple(end)], fill=colour, width=width)
-    draw.ellipse([end[0] - 0.6 * width, end[1] - 0.6 * width, end[0] + 0.6 * width, end[1] + 0.6 * width],
-                 fill=colour)
+    draw.ellipse([end[0] - 0.6 * width, end[1] - 0.6 * width, end[0] + 0.6 * width, end[1] + 0.6 * width], fill=colour)
 
 
 def _photometric(image: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -527,16 +527,16 @@ def _photometric(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(curve[rgb.clip(0, 255).astype(np.uint8)])
 
 
-def _render_consumer(item: Item, garment: Image.Image, outline: np.ndarray, overshoot: bool,
-                     rng: np.random.Generator) -> tuple[Image.Image, tuple]:
+def _render_consumer(
+    item: Item, garment: Image.Image, outline: np.ndarray, overshoot: bool, rng: np.random.Generator
+) -> tuple[Image.Image, tuple]:
     """Street photo: the garment worn, warped and rotated, in a cluttered scene, partly hidden."""
     size = _image_size(rng)
     hom = _consumer_pose(garment, outline, size, overshoot, rng)
     if rng.random() < 0.3:  # mirror selfie: pocket and logo swap sides
         garment = garment.transpose(Image.FLIP_LEFT_RIGHT)
     coeffs = np.linalg.inv(hom)  # PIL maps output pixels back to input pixels
-    warped = garment.transform(size, Image.PERSPECTIVE, tuple((coeffs / coeffs[2, 2]).ravel()[:8]),
-                               Image.BILINEAR)
+    warped = garment.transform(size, Image.PERSPECTIVE, tuple((coeffs / coeffs[2, 2]).ravel()[:8]), Image.BILINEAR)
     box = _alpha_box(np.asarray(warped.getchannel("A")))  # the whole garment, occluded or not
 
     image = _cluttered_background(size, rng)
@@ -591,8 +591,10 @@ def _write_lists(root: Path, records: list[Record], split_of: dict[str, str]) ->
     _write_list(
         root / "Anno/list_bbox_consumer2shop.txt",
         "image_name clothes_type source_type x_1 y_1 x_2 y_2",
-        [f"{r.path:<{width}}{r.clothes_type:<3d}{r.source_type:<3d}" + " ".join(f"{v:03d}" for v in r.box)
-         for r in records],
+        [
+            f"{r.path:<{width}}{r.clothes_type:<3d}{r.source_type:<3d}" + " ".join(f"{v:03d}" for v in r.box)
+            for r in records
+        ],
     )
     _write_list(root / "Anno/list_item_consumer2shop.txt", None, list(split_of))
 
@@ -611,6 +613,7 @@ def _write_lists(root: Path, records: list[Record], split_of: dict[str, str]) ->
 
 def _counts(items: list[Item], split_of: dict[str, str], pairs: list[tuple]) -> dict:
     """The summary ``generate_tree`` returns, computed from the plan and the written pairs."""
+
     def tally(selected: list[Item], split: str | None) -> dict:
         return {
             "items": len(selected),
@@ -646,8 +649,7 @@ def generate_tree(root, n_items: int = 300, seed: int = 0, progress: bool = True
 
     root.mkdir(parents=True, exist_ok=True)
     records: list[Record] = []
-    for item, item_rng in tqdm(list(zip(items, item_rngs)), desc="synthetic items", unit="item",
-                               disable=not progress):
+    for item, item_rng in tqdm(list(zip(items, item_rngs)), desc="synthetic items", unit="item", disable=not progress):
         records += _render_item(root, item, item_rng)
     pairs = _write_lists(root, records, split_of)
     return _counts(items, split_of, pairs)

@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import data, inference, losses, models, repro
+from . import data, distributed, inference, losses, models, repro
 from .checkpoints import read_checkpoint, save_checkpoint
 from .config import RUNTIME_FIELDS, Config
 from .errors import InputError
@@ -76,9 +76,19 @@ def lr_factor(cfg: Config, steps_per_epoch: int):
     return factor
 
 
-def train_one_epoch(embedder, loader, criterion, optimizer, scheduler, scaler, device: str,
-                    amp_dtype: torch.dtype | None, grad_clip: float, progress: bool = False,
-                    desc: str = "training") -> tuple[float, int, float]:
+def train_one_epoch(
+    embedder,
+    loader,
+    criterion,
+    optimizer,
+    scheduler,
+    scaler,
+    device: str,
+    amp_dtype: torch.dtype | None,
+    grad_clip: float,
+    progress: bool = False,
+    desc: str = "training",
+) -> tuple[float, int, float]:
     """One pass over ``loader``: returns (mean loss, images seen, seconds). Stops the run on a
     non-finite loss with a message that says what to try."""
     embedder.train()
@@ -87,12 +97,15 @@ def train_one_epoch(embedder, loader, criterion, optimizer, scheduler, scaler, d
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if device.startswith("cuda"):
             images = images.to(memory_format=torch.channels_last)
-        with torch.autocast(device_type=device.split(":")[0], dtype=amp_dtype or torch.float32,
-                            enabled=amp_dtype is not None):
+        with torch.autocast(
+            device_type=device.split(":")[0], dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        ):
             loss = criterion(embedder(images), labels)
         if not torch.isfinite(loss):
-            raise InputError(f"loss became {loss.item()} ({desc}): lower --lr, use --amp auto (bf16) or off, "
-                             "and check the input images")
+            raise InputError(
+                f"loss became {loss.item()} ({desc}): lower --lr, use --amp auto (bf16) or off, "
+                "and check the input images"
+            )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -125,6 +138,10 @@ class Run:
     loader: torch.utils.data.DataLoader
     validate: inference.ProtocolEvaluator
     state: dict | None
+    # Under torchrun: this process's rank, and the module that trains (DDP over ``embedder``,
+    # maybe compiled); ``embedder`` itself is what is saved and evaluated.
+    ctx: distributed.Context = distributed.Context()
+    model: torch.nn.Module | None = None
 
 
 # --------------------------------------------------------------------------- the steps of fit
@@ -136,30 +153,40 @@ def _open_run(run_dir: Path, cfg: Config, table_path: Path, resume: bool) -> dic
     existing = [p.name for p in (run_dir / "config.json", last, run_dir / "history.csv") if p.exists()]
     if not resume:
         if existing:
-            raise InputError(f"{run_dir}: already holds a run ({', '.join(existing)}); "
-                             "pass --resume to continue it or choose a new --out")
+            raise InputError(
+                f"{run_dir}: already holds a run ({', '.join(existing)}); "
+                "pass --resume to continue it or choose a new --out"
+            )
         return None
     if not last.is_file():
         raise InputError(f"{last}: nothing to resume (no last.pt)")
     state = read_checkpoint(last)
     saved = state["config"]
-    differs = sorted(k for k, v in asdict(cfg).items()
-                     if k not in RUNTIME_FIELDS and _jsonable(saved.get(k)) != _jsonable(v))
+    differs = sorted(
+        k for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS and _jsonable(saved.get(k)) != _jsonable(v)
+    )
     if differs:
         detail = ", ".join(f"{k}: {saved.get(k)!r} → {getattr(cfg, k)!r}" for k in differs)
         raise InputError(f"{last}: was trained with another config ({detail}); start a new --out instead")
     if state["table_sha256"] != sha256_file(table_path):
-        raise InputError(f"{table_path}: differs from the table {last} was trained on (sha256 changed); "
-                         "start a new --out instead")
+        raise InputError(
+            f"{table_path}: differs from the table {last} was trained on (sha256 changed); start a new --out instead"
+        )
     return state
 
 
 def _build(cfg: Config, table_path: Path, data_root: Path, run_dir: Path, state: dict | None) -> Run:
     table = read_table(table_path)
-    device = repro.resolve_device(cfg.device)
-    repro.seed_everything(cfg.seed, cfg.deterministic)
-    embedder = models.create_embedder(cfg.backbone, cfg.embed_dim, weights="none" if state else cfg.weights,
-                                      head=cfg.head, pooling=cfg.pooling, img_size=cfg.img_size)
+    ctx, device = distributed.init(repro.resolve_device(cfg.device))
+    repro.seed_everything(cfg.seed, cfg.deterministic)  # the same on every rank: identical initial weights
+    embedder = models.create_embedder(
+        cfg.backbone,
+        cfg.embed_dim,
+        weights="none" if state else cfg.weights,
+        head=cfg.head,
+        pooling=cfg.pooling,
+        img_size=cfg.img_size,
+    )
     if state:
         embedder.config = state["model_config"]
         embedder.load_state_dict(state["model"])
@@ -173,34 +200,86 @@ def _build(cfg: Config, table_path: Path, data_root: Path, run_dir: Path, state:
     train_set = data.C2SDataset(train_rows, data_root, inference.make_transform(cfg, embedder.data_config, cfg.augment))
     sampler = data.PKSampler((train_set.labels, train_set.domains), cfg.p_items, cfg.k_images, seed=cfg.seed)
     batches = data.SampleSeeds(sampler, cfg.seed)
+    # Under DDP each rank loads only its share (whole items) of every global batch.
+    shares = distributed.ShardedBatches(batches, cfg.k_images, cfg.p_items, ctx.rank, ctx.world_size)
     # One loader for the whole run: its workers persist across epochs (no re-fork of a large
     # process every epoch); set_epoch selects the batches before each pass.
-    loader = data.make_loader(train_set, batch_sampler=batches, num_workers=inference.resolve_num_workers(cfg, device),
-                              seed=cfg.seed, device=device)
+    loader = data.make_loader(
+        train_set,
+        batch_sampler=shares if ctx.distributed else batches,
+        num_workers=inference.resolve_num_workers(cfg, device),
+        seed=cfg.seed,
+        device=device,
+    )
     optimizer = create_optimizer(cfg, embedder)
     amp = inference.amp_dtype(cfg, device)
-    return Run(cfg=cfg, run_dir=run_dir, table=table, table_path=table_path, data_root=data_root, device=device,
-               embedder=embedder, criterion=create_criterion(cfg).to(device), optimizer=optimizer,
-               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, len(sampler))),
-               scaler=torch.amp.GradScaler("cuda", enabled=amp == torch.float16), amp=amp, batches=batches,
-               loader=loader, validate=inference.ProtocolEvaluator(cfg, embedder.data_config, table, data_root,
-                                                                    "val", "official", device),
-               state=state)
+    return Run(
+        cfg=cfg,
+        run_dir=run_dir,
+        table=table,
+        table_path=table_path,
+        data_root=data_root,
+        device=device,
+        embedder=embedder,
+        criterion=create_criterion(cfg).to(device),
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, len(sampler))),
+        scaler=torch.amp.GradScaler("cuda", enabled=amp == torch.float16),
+        amp=amp,
+        batches=batches,
+        loader=loader,
+        validate=inference.ProtocolEvaluator(cfg, embedder.data_config, table, data_root, "val", "official", device),
+        state=state,
+        ctx=ctx,
+        model=_training_module(cfg, embedder, ctx, device),
+    )
+
+
+def _training_module(cfg: Config, embedder: models.Embedder, ctx: distributed.Context, device: str) -> torch.nn.Module:
+    """DDP over the embedder under torchrun (else the embedder), compiled when ``cfg.compile``."""
+    model = distributed.wrap_model(embedder, ctx, device)
+    return torch.compile(model) if cfg.compile else model
+
+
+def _validate(run: Run) -> dict:
+    """Val metrics, computed once on rank 0 and sent to every rank (so all take the same
+    early-stopping and checkpoint decisions)."""
+    return distributed.broadcast_object(run.validate(run.embedder, progress=False) if run.ctx.is_main else None)
 
 
 def _baseline(run: Run) -> None:
     """Epoch 0: the untrained model on val, and ``config.json``. The baseline is what training
     must beat, and its embedding spread tells a collapse caused by training from a model that
     starts nearly collapsed (a random init)."""
-    initial = run.validate(run.embedder, progress=False)
+    initial = _validate(run)
     sha = sha256_file(run.table_path)
-    run.state = {"epoch": -1, "best": -1.0, "bad_epochs": 0, "initial_norm": initial["mean_embedding_norm"],
-                 "history": [_history_row(0, float("nan"), run.cfg.lr, initial, float("nan"))], "table_sha256": sha}
-    write_text_atomic(run.run_dir / "config.json", json.dumps({
-        "config": asdict(run.cfg), "model": run.embedder.config, "table": str(run.table_path), "table_sha256": sha,
-        "data_root": str(run.data_root), "ineligible_train_items": run.batches.batch_sampler.n_ineligible,
-        "env": repro.env_info()}, indent=2, default=str))
-    _save(run, epoch=-1, val=None)  # a crash in epoch 1 can then be resumed too
+    run.state = {
+        "epoch": -1,
+        "best": -1.0,
+        "bad_epochs": 0,
+        "initial_norm": initial["mean_embedding_norm"],
+        "history": [_history_row(0, float("nan"), run.cfg.lr, initial, float("nan"))],
+        "table_sha256": sha,
+    }
+    if run.ctx.is_main:
+        write_text_atomic(
+            run.run_dir / "config.json",
+            json.dumps(
+                {
+                    "config": asdict(run.cfg),
+                    "model": run.embedder.config,
+                    "table": str(run.table_path),
+                    "table_sha256": sha,
+                    "data_root": str(run.data_root),
+                    "ineligible_train_items": run.batches.batch_sampler.n_ineligible,
+                    "env": repro.env_info(),
+                    "world_size": run.ctx.world_size,
+                },
+                indent=2,
+                default=str,
+            ),
+        )
+    _save(run, epoch=-1, val=None)  # a crash in epoch 1 can then be resumed too (every rank: its barrier)
 
 
 def _restore(run: Run) -> None:
@@ -211,6 +290,8 @@ def _restore(run: Run) -> None:
     run.scheduler.load_state_dict(state["scheduler"])
     if state["scaler"]:
         run.scaler.load_state_dict(state["scaler"])
+    if not run.ctx.is_main:
+        return
     if state["bad_epochs"] == 0 and state["epoch"] >= 0:
         copy_atomic(run.run_dir / "last.pt", run.run_dir / "best.pt")
     _write_history(run.run_dir / "history.csv", state["history"])
@@ -219,13 +300,25 @@ def _restore(run: Run) -> None:
 def _save(run: Run, epoch: int, val: dict | None) -> None:
     """``last.pt`` first (everything), then ``best.pt`` as its copy when val improved, then the
     history rewritten from it: a crash between writes is repaired by :func:`_restore`."""
-    run.state.update(model=run.embedder.state_dict(), optimizer=run.optimizer.state_dict(),
-                     scheduler=run.scheduler.state_dict(), scaler=run.scaler.state_dict(), epoch=epoch,
-                     config=_jsonable(asdict(run.cfg)), model_config=run.embedder.config, val=val)
+    run.state.update(epoch=epoch, val=val)
+    if not run.ctx.is_main:  # one writer; every rank holds the same weights and state
+        # Wait until rank 0 has written: a rank that returns (stop_after_epoch) and resumes
+        # must read this last.pt, not the previous one.
+        distributed.barrier()
+        return
+    run.state.update(
+        model=run.embedder.state_dict(),
+        optimizer=run.optimizer.state_dict(),
+        scheduler=run.scheduler.state_dict(),
+        scaler=run.scaler.state_dict(),
+        config=_jsonable(asdict(run.cfg)),
+        model_config=run.embedder.config,
+    )
     save_checkpoint(run.run_dir / "last.pt", run.state)
     if val is not None and run.state["bad_epochs"] == 0:
         copy_atomic(run.run_dir / "last.pt", run.run_dir / "best.pt")
     _write_history(run.run_dir / "history.csv", run.state["history"])
+    distributed.barrier()
 
 
 def _train_epoch(run: Run, epoch: int, progress: bool) -> dict:
@@ -236,16 +329,30 @@ def _train_epoch(run: Run, epoch: int, progress: bool) -> dict:
     if isinstance(run.criterion, losses.CrossBatchMemory):
         run.criterion.reset()  # per epoch: resume stays exact without storing the memory
     criterion = run.criterion if epoch >= cfg.xbm_start_epoch else getattr(run.criterion, "loss", run.criterion)
-    loss, images_seen, seconds = train_one_epoch(run.embedder, run.loader, criterion, run.optimizer, run.scheduler,
-                                                 run.scaler, run.device, run.amp, cfg.grad_clip, progress,
-                                                 desc=f"epoch {epoch + 1}/{cfg.epochs}")
-    val = run.validate(run.embedder, progress=False)
+    if run.ctx.distributed:  # mining sees the global batch: all ranks' embeddings and labels
+        criterion = distributed.GatheredLoss(criterion)
+    loss, images_seen, seconds = train_one_epoch(
+        run.model or run.embedder,
+        run.loader,
+        criterion,
+        run.optimizer,
+        run.scheduler,
+        run.scaler,
+        run.device,
+        run.amp,
+        cfg.grad_clip,
+        progress and run.ctx.is_main,
+        desc=f"epoch {epoch + 1}/{cfg.epochs}",
+    )
+    images_seen *= run.ctx.world_size  # every rank saw an equal share of each global batch
+    val = _validate(run)
     improved = val["recall@5"] > state["best"]
     state["best"], state["bad_epochs"] = (val["recall@5"], 0) if improved else (state["best"], state["bad_epochs"] + 1)
-    state["history"].append(_history_row(epoch + 1, loss, run.optimizer.param_groups[0]["lr"], val,
-                                         images_seen / seconds))
+    state["history"].append(
+        _history_row(epoch + 1, loss, run.optimizer.param_groups[0]["lr"], val, images_seen / seconds)
+    )
     _save(run, epoch, val)
-    if progress:
+    if progress and run.ctx.is_main:
         print(f"epoch {epoch + 1}: loss {loss:.4f}  val R@1 {val['recall@1']:.3f}  R@5 {val['recall@5']:.3f}")
     return val
 
@@ -253,9 +360,11 @@ def _train_epoch(run: Run, epoch: int, progress: bool) -> dict:
 def _check_collapse(run: Run, val: dict, epoch: int) -> None:
     spread, initial = val["mean_embedding_norm"], run.state["initial_norm"]
     if spread > COLLAPSE_THRESHOLD and spread > initial + 0.005:
-        raise InputError(f"embeddings collapsed at epoch {epoch + 1} (mean unit embedding has norm {spread:.3f}, "
-                         f"{initial:.3f} before training): "
-                         "check that pretrained weights loaded (--weights), lower --lr, or try --loss infonce")
+        raise InputError(
+            f"embeddings collapsed at epoch {epoch + 1} (mean unit embedding has norm {spread:.3f}, "
+            f"{initial:.3f} before training): "
+            "check that pretrained weights loaded (--weights), lower --lr, or try --loss infonce"
+        )
 
 
 def _train_epochs(run: Run, progress: bool, stop_after_epoch: int | None) -> tuple[bool, str | None]:
@@ -272,18 +381,36 @@ def _train_epochs(run: Run, progress: bool, stop_after_epoch: int | None) -> tup
 
 
 def _test(run: Run, stopped: str | None, progress: bool) -> dict:
-    """``best.pt`` evaluated once on test (official protocol) → ``metrics.json``."""
+    """``best.pt`` evaluated once on test (official protocol) → ``metrics.json``; on rank 0,
+    the result sent to every rank."""
+    if not run.ctx.is_main:
+        return distributed.broadcast_object(None)
     best = read_checkpoint(run.run_dir / "best.pt")
     run.embedder.load_state_dict(best["model"])
-    test = inference.evaluate(run.cfg, run.embedder, run.table, run.data_root, split="test", protocol="official",
-                              device=run.device, progress=progress)
+    test = inference.evaluate(
+        run.cfg,
+        run.embedder,
+        run.table,
+        run.data_root,
+        split="test",
+        protocol="official",
+        device=run.device,
+        progress=progress,
+    )
     result = {**test, "best_epoch": best["epoch"] + 1, "val": best["val"], "stopped": stopped}
     write_text_atomic(run.run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
-    return result
+    return distributed.broadcast_object(result)
 
 
-def fit(cfg: Config, table_path: str | Path, data_root: str | Path, run_dir: str | Path, resume: bool = False,
-        progress: bool = True, stop_after_epoch: int | None = None) -> dict | None:
+def fit(
+    cfg: Config,
+    table_path: str | Path,
+    data_root: str | Path,
+    run_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after_epoch: int | None = None,
+) -> dict | None:
     """Train, select on val Recall@5 with early stopping, then evaluate ``best.pt`` on test once.
 
     ``stop_after_epoch`` ends the call after that epoch as an interruption would (returns None,
@@ -292,7 +419,9 @@ def fit(cfg: Config, table_path: str | Path, data_root: str | Path, run_dir: str
     repro.tune_allocator()
     run_dir, table_path, data_root = Path(run_dir), Path(table_path), Path(data_root)
     run_dir.mkdir(parents=True, exist_ok=True)
-    run = _build(cfg, table_path, data_root, run_dir, _open_run(run_dir, cfg, table_path, resume))
+    state = _open_run(run_dir, cfg, table_path, resume)
+    run = _build(cfg, table_path, data_root, run_dir, state)
+    distributed.barrier()  # every rank has checked the run directory before rank 0 writes to it
     if run.state is None:
         _baseline(run)
     else:
@@ -320,6 +449,14 @@ def _write_history(path: Path, rows: list[dict]) -> None:
 
 
 def _history_row(epoch: int, loss: float, lr: float, val: dict, images_per_s: float) -> dict:
-    return {"epoch": epoch, "loss": loss, "lr": lr, "val_recall@1": val["recall@1"], "val_recall@5": val["recall@5"],
-            "val_recall@10": val["recall@10"], "val_map": val["map"], "mean_embedding_norm": val["mean_embedding_norm"],
-            "train_images_per_s": images_per_s}
+    return {
+        "epoch": epoch,
+        "loss": loss,
+        "lr": lr,
+        "val_recall@1": val["recall@1"],
+        "val_recall@5": val["recall@5"],
+        "val_recall@10": val["recall@10"],
+        "val_map": val["map"],
+        "mean_embedding_norm": val["mean_embedding_norm"],
+        "train_images_per_s": images_per_s,
+    }

@@ -25,8 +25,10 @@ def ensure_synthetic_tree(root: Path, n_items: int, seed: int, progress: bool = 
     if marker.is_file():
         found = json.loads(marker.read_text())
         if found != wanted:
-            raise InputError(f"{marker}: holds a tree generated with {found}, not {wanted}; "
-                             "remove that folder or choose another outputs folder (C2S_OUTPUTS)")
+            raise InputError(
+                f"{marker}: holds a tree generated with {found}, not {wanted}; "
+                "remove that folder or choose another outputs folder (C2S_OUTPUTS)"
+            )
         return root
     if root.exists() and any(root.iterdir()):
         raise InputError(f"{root}: exists without {MARKER} (an interrupted generation?); remove it to regenerate")
@@ -60,14 +62,25 @@ def ensure_prepared(cfg: Config, progress: bool = True) -> tuple[Path, Path]:
     root = data_root(cfg, progress)
     table_path = cfg.prepared_dir / "images.csv"
     summary_path = cfg.prepared_dir / "summary.json"
-    parameters = {"categories": list(cfg.categories) if cfg.categories else "all",
-                  "sample": list(cfg.sample) if cfg.sample and cfg.resplit is None else None,
-                  "resplit": list(cfg.resplit) if cfg.resplit else None, "seed": cfg.split_seed}
+    parameters = {
+        "categories": list(cfg.categories) if cfg.categories else "all",
+        "sample": list(cfg.sample) if cfg.sample and cfg.resplit is None else None,
+        "resplit": list(cfg.resplit) if cfg.resplit else None,
+        "seed": cfg.split_seed,
+    }
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
         found = {k: summary["parameters"][k] for k in parameters}
         if summary["data_root"] == str(root) and found == parameters and table_path.is_file():
             return root, table_path
-    sampling.prepare(root, cfg.prepared_dir, categories=cfg.categories, sample=None if cfg.resplit else cfg.sample,
-                     resplit=cfg.resplit, seed=cfg.split_seed, overwrite=True, progress=progress)
+    sampling.prepare(
+        root,
+        cfg.prepared_dir,
+        categories=cfg.categories,
+        sample=None if cfg.resplit else cfg.sample,
+        resplit=cfg.resplit,
+        seed=cfg.split_seed,
+        overwrite=True,
+        progress=progress,
+    )
     return root, table_path

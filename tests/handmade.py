@@ -33,14 +33,54 @@ BBOX = [
 
 # consumer image, shop image, item, split: one row per pair
 PARTITION = [
-    ("img/TOPS/T_Shirt/id_00000001/comsumer_01.jpg", "img/TOPS/T_Shirt/id_00000001/shop_01.jpg", "id_00000001", "train"),
-    ("img/TOPS/T_Shirt/id_00000001/comsumer_02.jpg", "img/TOPS/T_Shirt/id_00000001/shop_01.jpg", "id_00000001", "train"),
-    ("img/TOPS/Summer_Wear/id_00000002/comsumer_01.jpg", "img/TOPS/T_Shirt/id_00000002/shop_01.jpg", "id_00000002", "train"),
-    ("img/DRESSES/Lace_Dress/id_00000003/comsumer_01.jpg", "img/DRESSES/Lace_Dress/id_00000003/shop_01.jpg", "id_00000003", "val"),
-    ("img/DRESSES/Lace_Dress/id_00000003/comsumer_01.jpg", "img/DRESSES/Lace_Dress/id_00000003/shop_02.jpg", "id_00000003", "val"),
-    ("img/DRESSES/Maxi_Dress/id_00000004/comsumer_01.jpg", "img/DRESSES/Maxi_Dress/id_00000004/shop_01.jpg", "id_00000004", "test"),
-    ("img/DRESSES/Maxi_Dress/id_00000004/comsumer_02.jpg", "img/DRESSES/Maxi_Dress/id_00000004/shop_01.jpg", "id_00000004", "test"),
-    ("img/TROUSERS/Pants/id_00000005/comsumer_01.jpg", "img/TROUSERS/Pants/id_00000005/shop_01.jpg", "id_00000005", "test"),
+    (
+        "img/TOPS/T_Shirt/id_00000001/comsumer_01.jpg",
+        "img/TOPS/T_Shirt/id_00000001/shop_01.jpg",
+        "id_00000001",
+        "train",
+    ),
+    (
+        "img/TOPS/T_Shirt/id_00000001/comsumer_02.jpg",
+        "img/TOPS/T_Shirt/id_00000001/shop_01.jpg",
+        "id_00000001",
+        "train",
+    ),
+    (
+        "img/TOPS/Summer_Wear/id_00000002/comsumer_01.jpg",
+        "img/TOPS/T_Shirt/id_00000002/shop_01.jpg",
+        "id_00000002",
+        "train",
+    ),
+    (
+        "img/DRESSES/Lace_Dress/id_00000003/comsumer_01.jpg",
+        "img/DRESSES/Lace_Dress/id_00000003/shop_01.jpg",
+        "id_00000003",
+        "val",
+    ),
+    (
+        "img/DRESSES/Lace_Dress/id_00000003/comsumer_01.jpg",
+        "img/DRESSES/Lace_Dress/id_00000003/shop_02.jpg",
+        "id_00000003",
+        "val",
+    ),
+    (
+        "img/DRESSES/Maxi_Dress/id_00000004/comsumer_01.jpg",
+        "img/DRESSES/Maxi_Dress/id_00000004/shop_01.jpg",
+        "id_00000004",
+        "test",
+    ),
+    (
+        "img/DRESSES/Maxi_Dress/id_00000004/comsumer_02.jpg",
+        "img/DRESSES/Maxi_Dress/id_00000004/shop_01.jpg",
+        "id_00000004",
+        "test",
+    ),
+    (
+        "img/TROUSERS/Pants/id_00000005/comsumer_01.jpg",
+        "img/TROUSERS/Pants/id_00000005/shop_01.jpg",
+        "id_00000005",
+        "test",
+    ),
 ]
 ITEMS = ["id_00000001", "id_00000002", "id_00000003", "id_00000004", "id_00000005"]
 
@@ -70,18 +110,26 @@ def bbox_records(bbox=BBOX) -> list[tuple]:
     return [(name, ct, st, *box) for name, ct, st, box, _ in bbox]
 
 
-def write_tree(root: Path, bbox=BBOX, partition=PARTITION, items=ITEMS,
-               bbox_text: str | None = None, partition_text: str | None = None) -> Path:
+def write_tree(
+    root: Path,
+    bbox=BBOX,
+    partition=PARTITION,
+    items=ITEMS,
+    bbox_text: str | None = None,
+    partition_text: str | None = None,
+) -> Path:
     """Write lists and images under ``root``; ``*_text`` replaces a list with raw text."""
     (root / "Anno").mkdir(parents=True, exist_ok=True)
     (root / "Eval").mkdir(parents=True, exist_ok=True)
     bbox_header = "image_name  clothes_type  source_type  x_1  y_1  x_2  y_2"
     (root / "Anno/list_bbox_consumer2shop.txt").write_bytes(
-        (bbox_text if bbox_text is not None else format_list(bbox_records(bbox), bbox_header)).encode())
+        (bbox_text if bbox_text is not None else format_list(bbox_records(bbox), bbox_header)).encode()
+    )
     (root / "Anno/list_item_consumer2shop.txt").write_bytes(format_list([(i,) for i in items], None).encode())
     partition_header = "image_pair_name_1  image_pair_name_2  item_id  evaluation_status"
     (root / "Eval/list_eval_partition.txt").write_bytes(
-        (partition_text if partition_text is not None else format_list(partition, partition_header)).encode())
+        (partition_text if partition_text is not None else format_list(partition, partition_header)).encode()
+    )
     for index, (name, _, _, _, size) in enumerate(bbox):
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -63,7 +63,9 @@ def consumer_photo(patch, mask, rng: np.random.Generator) -> tuple[Image.Image, 
     size = int(160 * scale)
     patch = patch.resize((size, size)).rotate(angle, expand=True)
     mask = mask.resize((size, size)).rotate(angle, expand=True)
-    patch = ImageEnhance.Color(ImageEnhance.Brightness(patch).enhance(rng.uniform(0.6, 1.4))).enhance(rng.uniform(0.6, 1.4))
+    patch = ImageEnhance.Color(ImageEnhance.Brightness(patch).enhance(rng.uniform(0.6, 1.4))).enhance(
+        rng.uniform(0.6, 1.4)
+    )
     patch = patch.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.5)))
     x = int(rng.integers(0, max(1, background.width - patch.width)))
     y = int(rng.integers(0, max(1, background.height - patch.height)))
@@ -80,7 +82,9 @@ def write_list(path: Path, rows: list[tuple], header: str | None) -> None:
 def build(out: Path, n_items: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     bbox_rows, pair_rows, items = [], [], []
-    splits = np.array(["train"] * (n_items // 2) + ["val"] * (n_items // 4) + ["test"] * (n_items - n_items // 2 - n_items // 4))
+    splits = np.array(
+        ["train"] * (n_items // 2) + ["val"] * (n_items // 4) + ["test"] * (n_items - n_items // 2 - n_items // 4)
+    )
     truth = {s: {"items": 0, "consumer_images": 0, "shop_images": 0} for s in ("train", "val", "test")}
     for i in range(n_items):
         item = f"id_{i + 1:08d}"
@@ -106,13 +110,18 @@ def build(out: Path, n_items: int, seed: int) -> dict:
         truth[splits[i]]["shop_images"] += 1
     (out / "Anno").mkdir()
     (out / "Eval").mkdir()
-    write_list(out / "Anno/list_bbox_consumer2shop.txt", bbox_rows, "image_name clothes_type source_type x_1 y_1 x_2 y_2")
+    write_list(
+        out / "Anno/list_bbox_consumer2shop.txt", bbox_rows, "image_name clothes_type source_type x_1 y_1 x_2 y_2"
+    )
     write_list(out / "Anno/list_item_consumer2shop.txt", [(i,) for i in items], None)
-    write_list(out / "Eval/list_eval_partition.txt", pair_rows,
-               "image_pair_name_1 image_pair_name_2 item_id evaluation_status")
+    write_list(
+        out / "Eval/list_eval_partition.txt", pair_rows, "image_pair_name_1 image_pair_name_2 item_id evaluation_status"
+    )
     # The official protocol on the test split: queries = test consumer images, gallery = val + test shop images.
-    official = {"n_queries": truth["test"]["consumer_images"],
-                "n_gallery": truth["val"]["shop_images"] + truth["test"]["shop_images"]}
+    official = {
+        "n_queries": truth["test"]["consumer_images"],
+        "n_gallery": truth["val"]["shop_images"] + truth["test"]["shop_images"],
+    }
     result = {"splits": truth, "official_test": official}
     (out / "truth.json").write_text(json.dumps(result, indent=2))
     return result

@@ -221,8 +221,19 @@ def make_tree(root, counts: dict[str, tuple[int, int]], size=(24, 20)) -> pd.Dat
                 colour = (20 * n % 256, 40 * j % 256, 100 if domain == "shop" else 200)
                 solid(*size, colour).save(root / rel)
                 rows.append(
-                    dict(path=rel, item_id=item, domain=domain, split="train", category="TOPS",
-                         subcategory="tee", clothes_type=1, x_1=2, y_1=2, x_2=22, y_2=18)
+                    dict(
+                        path=rel,
+                        item_id=item,
+                        domain=domain,
+                        split="train",
+                        category="TOPS",
+                        subcategory="tee",
+                        clothes_type=1,
+                        x_1=2,
+                        y_1=2,
+                        x_2=22,
+                        y_2=18,
+                    )
                 )
     return pd.DataFrame(rows)
 
@@ -266,8 +277,16 @@ def test_dataset_bad_box_and_missing_column(tmp_path):
 
 def sampler_table() -> pd.DataFrame:
     """6 eligible items of various sizes, one consumer-only and one shop-only item."""
-    counts = {"a": (1, 1), "b": (3, 2), "c": (2, 1), "d": (5, 4), "e": (1, 3), "f": (2, 2),
-              "g_consumer_only": (3, 0), "h_shop_only": (0, 2)}
+    counts = {
+        "a": (1, 1),
+        "b": (3, 2),
+        "c": (2, 1),
+        "d": (5, 4),
+        "e": (1, 3),
+        "f": (2, 2),
+        "g_consumer_only": (3, 0),
+        "h_shop_only": (0, 2),
+    }
     rows = [(item, domain) for item, (c, s) in counts.items() for domain in ["consumer"] * c + ["shop"] * s]
     rng = np.random.default_rng(3)
     rows = [rows[i] for i in rng.permutation(len(rows))]  # rows of an item need not be adjacent
@@ -360,9 +379,7 @@ def _batches(loader, epochs=2):
 
 
 def _same(a, b) -> bool:
-    return len(a) == len(b) and all(
-        torch.equal(x[0], y[0]) and x[1] == y[1] and x[2] == y[2] for x, y in zip(a, b)
-    )
+    return len(a) == len(b) and all(torch.equal(x[0], y[0]) and x[1] == y[1] and x[2] == y[2] for x, y in zip(a, b))
 
 
 def test_make_loader_same_batches_with_and_without_workers(tmp_path):

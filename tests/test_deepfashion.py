@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from handmade import (BBOX, EXPECTED_ALL, EXPECTED_TOPS_DRESSES_TEST, PARTITION, bbox_records,
-                      format_list, write_tree)
+from handmade import BBOX, EXPECTED_ALL, EXPECTED_TOPS_DRESSES_TEST, PARTITION, bbox_records, format_list, write_tree
 
 from helpers import deepfashion, sampling, schema
 from helpers.__main__ import main
@@ -20,8 +19,11 @@ PARTITION_HEADER = "image_pair_name_1  image_pair_name_2  item_id  evaluation_st
 
 
 def tree_digest(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -37,7 +39,12 @@ def test_table_from_hand_written_lists(tree):
     assert list(table.columns) == list(schema.TABLE_COLUMNS)
     row = table.set_index("path").loc["img/TOPS/Summer_Wear/id_00000002/comsumer_01.jpg"]
     assert (row.item_id, row.domain, row.split, row.category, row.subcategory) == (
-        "id_00000002", "consumer", "train", "TOPS", "Summer_Wear")
+        "id_00000002",
+        "consumer",
+        "train",
+        "TOPS",
+        "Summer_Wear",
+    )
     # One item across two subcategory folders is one item.
     assert table.loc[table.item_id == "id_00000002", "subcategory"].tolist() == ["Summer_Wear", "T_Shirt"]
     assert table.groupby("split").item_id.nunique().to_dict() == {"test": 2, "train": 2, "val": 1}
@@ -56,8 +63,11 @@ def test_partition_roles_must_match_source_type(tmp_path):
     bbox = list(BBOX)
     name, ct, _, box, size = bbox[2]  # shop_01.jpg of id_00000001, now source_type 2 (consumer)
     bbox[2] = (name, ct, 2, box, size)
-    with pytest.raises(InputError, match=r"list_eval_partition.txt:3: image .*shop_01.jpg is listed as shop here "
-                                         r"but its source_type .* says consumer"):
+    with pytest.raises(
+        InputError,
+        match=r"list_eval_partition.txt:3: image .*shop_01.jpg is listed as shop here "
+        r"but its source_type .* says consumer",
+    ):
         deepfashion.build_image_table(write_tree(tmp_path, bbox=bbox))
 
 
@@ -159,7 +169,8 @@ def test_missing_list_file(tmp_path):
 
 def test_landmarks_are_optional_and_validated(tree):
     header = "image_name clothes_type variation_type " + " ".join(
-        f"landmark_visibility_{i} landmark_location_x_{i} landmark_location_y_{i}" for i in range(1, 9))
+        f"landmark_visibility_{i} landmark_location_x_{i} landmark_location_y_{i}" for i in range(1, 9)
+    )
     upper = (BBOX[0][0], 1, 4) + (0, 10, 20) * 6
     lower = (BBOX[12][0], 2, 2) + (0, 10, 20) * 4
     path = tree / deepfashion.LANDMARK_LIST
@@ -204,11 +215,27 @@ def test_empty_after_filtering(tree, tmp_path):
 
 
 def test_cli_prepare_exit_codes(tree, tmp_path, capsys):
-    assert main(["prepare", "--data-root", str(tree), "--out", str(tmp_path / "ok"),
-                 "--categories", "all", "--sample", "all", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--data-root",
+                str(tree),
+                "--out",
+                str(tmp_path / "ok"),
+                "--categories",
+                "all",
+                "--sample",
+                "all",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "ok/summary.json").read_text())["splits"] == EXPECTED_ALL
-    broken = write_tree(tmp_path / "broken", partition_text=format_list(
-        replace_record(PARTITION, 4, c3="tset"), PARTITION_HEADER))
+    broken = write_tree(
+        tmp_path / "broken", partition_text=format_list(replace_record(PARTITION, 4, c3="tset"), PARTITION_HEADER)
+    )
     capsys.readouterr()
     assert main(["prepare", "--data-root", str(broken), "--out", str(tmp_path / "bad"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
@@ -218,8 +245,20 @@ def test_cli_prepare_exit_codes(tree, tmp_path, capsys):
 
 
 def test_cli_is_a_real_process_with_nonzero_exit(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "helpers", "prepare", "--data-root", str(tmp_path / "none"),
-                             "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "helpers",
+            "prepare",
+            "--data-root",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'none'}: data root not found"
 

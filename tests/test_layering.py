@@ -48,8 +48,11 @@ def test_every_module_has_a_layer():
 
 @pytest.mark.parametrize("module", sorted(p.stem for p in PACKAGE.glob("*.py")))
 def test_imports_point_down(module):
-    upward = sorted(name for name in _imported_helpers(PACKAGE / f"{module}.py")
-                    if name in RANK and name != "__version__" and RANK[name] >= RANK[module])
+    upward = sorted(
+        name
+        for name in _imported_helpers(PACKAGE / f"{module}.py")
+        if name in RANK and name != "__version__" and RANK[name] >= RANK[module]
+    )
     assert upward == [], f"helpers.{module} imports {upward}, which are not below it"
 
 

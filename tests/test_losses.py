@@ -492,8 +492,10 @@ def _xbm_loop_oracle(batches, margin: float, memory_size: int) -> list[float]:
 
 def test_cross_batch_memory_matches_loop_oracle():
     generator = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(6, 5, generator=generator), torch.tensor(labels))
-               for labels in ([0, 0, 1, 1, 2, 2], [1, 1, 3, 3, 4, 4], [0, 0, 4, 4, 5, 5], [5, 5, 6, 6, 1, 1])]
+    batches = [
+        (torch.randn(6, 5, generator=generator), torch.tensor(labels))
+        for labels in ([0, 0, 1, 1, 2, 2], [1, 1, 3, 3, 4, 4], [0, 0, 4, 4, 5, 5], [5, 5, 6, 6, 1, 1])
+    ]
     xbm = CrossBatchMemory(BatchHardTripletLoss(margin=0.2), memory_size=8)
     got = [xbm(x, labels).item() for x, labels in batches]
     assert got == pytest.approx(_xbm_loop_oracle(batches, 0.2, 8), abs=1e-6)

@@ -29,8 +29,9 @@ def brute_force_metrics(query, query_labels, gallery, gallery_labels, ks):
     """
     first_hits, aps, evaluated, excluded = [], [], [], 0
     for qi in range(len(query)):
-        scores = [float(np.dot(query[qi].astype(np.float64), gallery[j].astype(np.float64)))
-                  for j in range(len(gallery))]
+        scores = [
+            float(np.dot(query[qi].astype(np.float64), gallery[j].astype(np.float64))) for j in range(len(gallery))
+        ]
         ranking = sorted(range(len(gallery)), key=lambda j: (-scores[j], j))
         relevant_ranks = [pos for pos, j in enumerate(ranking) if gallery_labels[j] == query_labels[qi]]
         if not relevant_ranks:
@@ -57,13 +58,10 @@ def integer_data(seed, n_query, n_gallery, dim, n_items, value_range=3):
 
 
 # value_range 1 gives many exact ties; tiny budgets force one-row chunks and tiny slices.
-@pytest.mark.parametrize(
-    "seed,value_range,budget", [(0, 3, 256), (1, 1, 256), (2, 3, 0.001), (3, 10, 0.0005)]
-)
+@pytest.mark.parametrize("seed,value_range,budget", [(0, 3, 256), (1, 1, 256), (2, 3, 0.001), (3, 10, 0.0005)])
 def test_metrics_match_brute_force_loop(seed, value_range, budget):
     ks = (1, 5, 10, 20)
-    query, ql, gallery, gl = integer_data(seed, n_query=60, n_gallery=150, dim=6, n_items=25,
-                                          value_range=value_range)
+    query, ql, gallery, gl = integer_data(seed, n_query=60, n_gallery=150, dim=6, n_items=25, value_range=value_range)
     evaluated, first_hits, aps, excluded, recall = brute_force_metrics(query, ql, gallery, gl, ks)
     res = retrieval_metrics(query, ql, gallery, gl, ks=ks, memory_budget_mb=budget)
     np.testing.assert_array_equal(res.query_index, evaluated)
@@ -169,17 +167,19 @@ def hand_table() -> pd.DataFrame:
     "protocol,split,queries,gallery",
     [
         # consumer test images; shop images of val + test, de-duplicated by path
-        ("official", "test", ["a_c1", "a_c2", "b_c1", "c_c1"],
-         ["a_s1", "a_s2", "a_s3", "b_s1", "d_s1", "d_s2", "f_s1"]),
+        (
+            "official",
+            "test",
+            ["a_c1", "a_c2", "b_c1", "c_c1"],
+            ["a_s1", "a_s2", "a_s3", "b_s1", "d_s1", "d_s2", "f_s1"],
+        ),
         ("official", "val", ["d_c1"], ["d_s1", "d_s2"]),
         ("official", "train", ["e_c1"], ["e_s1"]),
         ("split", "test", ["a_c1", "a_c2", "b_c1", "c_c1"], ["a_s1", "a_s2", "a_s3", "b_s1", "f_s1"]),
         ("split", "val", ["d_c1"], ["d_s1", "d_s2"]),
         # A: 2 consumer × 3 shop = 6 rows, B: 1 × 1 = 1 row; C and F form no pair → 7 rows.
         # Each consumer image of A appears 3 times, each shop image of A twice.
-        ("seed_pairs", "test",
-         ["a_c1"] * 3 + ["a_c2"] * 3 + ["b_c1"],
-         ["a_s1", "a_s2", "a_s3"] * 2 + ["b_s1"]),
+        ("seed_pairs", "test", ["a_c1"] * 3 + ["a_c2"] * 3 + ["b_c1"], ["a_s1", "a_s2", "a_s3"] * 2 + ["b_s1"]),
         ("seed_pairs", "val", ["d_c1"] * 2, ["d_s1", "d_s2"]),
     ],
 )
@@ -240,8 +240,14 @@ def test_evaluate_protocol_official_by_hand():
     assert out["protocol"] == "official" and out["split"] == "test"
     low, high = out["recall@1_ci"]
     assert low <= out["recall@1"] <= high
-    assert out["per_category"]["TOPS"] == {"recall@1": 1.0, "recall@5": 1.0, "recall@10": 1.0,
-                                           "recall@20": 1.0, "map": 1.0, "n_queries": 2}
+    assert out["per_category"]["TOPS"] == {
+        "recall@1": 1.0,
+        "recall@5": 1.0,
+        "recall@10": 1.0,
+        "recall@20": 1.0,
+        "map": 1.0,
+        "n_queries": 2,
+    }
     assert out["per_category"]["DRESSES"]["recall@1"] == 0.0
     assert out["per_category"]["DRESSES"]["n_queries"] == 1
 
@@ -282,9 +288,7 @@ def test_retrieval_metrics_memory_is_bounded_by_the_budget():
 
     # The allocation tracker lives with the search tests; load it by path so this works
     # under any pytest import mode.
-    spec = importlib.util.spec_from_file_location(
-        "_search_tests", Path(__file__).with_name("test_retrieval_search.py")
-    )
+    spec = importlib.util.spec_from_file_location("_search_tests", Path(__file__).with_name("test_retrieval_search.py"))
     search_tests = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(search_tests)
     LiveTorchBytes = search_tests.LiveTorchBytes

@@ -180,8 +180,13 @@ def test_param_groups_split_backbone_and_head():
     embedder = create_embedder(TINY, weights="none", pooling="gem")
     head, backbone = param_groups(embedder, lr=1e-3, backbone_lr_mult=0.1)
     assert (head["lr"], backbone["lr"]) == (1e-3, pytest.approx(1e-4))
-    assert {id(p) for p in head["params"]} == {id(embedder.pool.p), id(embedder.fc.weight), id(embedder.fc.bias),
-                                               id(embedder.bn.weight), id(embedder.bn.bias)}
+    assert {id(p) for p in head["params"]} == {
+        id(embedder.pool.p),
+        id(embedder.fc.weight),
+        id(embedder.fc.bias),
+        id(embedder.bn.weight),
+        id(embedder.bn.bias),
+    }
     assert len(head["params"]) + len(backbone["params"]) == len(list(embedder.parameters()))
     torch.optim.AdamW([head, backbone])  # accepted as optimizer groups
     with pytest.raises(InputError):

@@ -116,8 +116,7 @@ def test_block_topk_equals_torch_topk(n_cols, k):
     # Covers the group pre-selection (with and without a tail of < 32 columns) and the
     # plain fallback; integer scores add many exact ties, where the values must still agree.
     gen = torch.Generator().manual_seed(n_cols)
-    for scores in (torch.randn(13, n_cols, generator=gen),
-                   torch.randint(-50, 50, (13, n_cols), generator=gen).float()):
+    for scores in (torch.randn(13, n_cols, generator=gen), torch.randint(-50, 50, (13, n_cols), generator=gen).float()):
         values, cols = retrieval._block_topk(scores, k)
         ref = torch.topk(scores, k, dim=1).values
         assert torch.equal(values.sort(dim=1).values, ref.sort(dim=1).values)

@@ -21,10 +21,24 @@ def make_table(n_items=200, seed=0) -> pd.DataFrame:
         for domain, count in (("consumer", int(rng.integers(1, 5))), ("shop", n_shop)):
             for j in range(count):
                 name = "comsumer" if domain == "consumer" else "shop"
-                rows.append({"path": f"img/{category}/Sub/{item}/{name}_{j + 1:02d}.jpg", "item_id": item,
-                             "domain": domain, "split": split, "category": category, "subcategory": "Sub",
-                             "clothes_type": 1, "x_1": 0, "y_1": 0, "x_2": 10, "y_2": 10,
-                             "width": 10, "height": 10, "variation_type": 0})
+                rows.append(
+                    {
+                        "path": f"img/{category}/Sub/{item}/{name}_{j + 1:02d}.jpg",
+                        "item_id": item,
+                        "domain": domain,
+                        "split": split,
+                        "category": category,
+                        "subcategory": "Sub",
+                        "clothes_type": 1,
+                        "x_1": 0,
+                        "y_1": 0,
+                        "x_2": 10,
+                        "y_2": 10,
+                        "width": 10,
+                        "height": 10,
+                        "variation_type": 0,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -57,8 +71,11 @@ def test_resplit_ratio_and_disjointness():
     selected, _ = sampling.select_items(table, categories=None, sample=None, resplit=(8, 1, 1), seed=3)
     items = selected.groupby("split").item_id.unique()
     assert {s: len(v) for s, v in items.items()} == {"train": 144, "val": 18, "test": 18}  # 180 eligible
-    assert not (set(items["train"]) & set(items["val"]) or set(items["train"]) & set(items["test"])
-                or set(items["val"]) & set(items["test"]))
+    assert not (
+        set(items["train"]) & set(items["val"])
+        or set(items["train"]) & set(items["test"])
+        or set(items["val"]) & set(items["test"])
+    )
     assert (selected.groupby("item_id").split.nunique() == 1).all()
 
 
@@ -67,11 +84,14 @@ def test_sample_and_resplit_are_exclusive():
         sampling.select_items(make_table(), sample=(1, 1, 1), resplit=(8, 1, 1))
 
 
-@pytest.mark.parametrize("text, name, message", [
-    ("0.1,0.2", "--sample", "three non-negative"),
-    ("a,b,c", "--resplit", "three comma-separated numbers"),
-    ("2,1,1", "--sample", "at most 1"),
-])
+@pytest.mark.parametrize(
+    "text, name, message",
+    [
+        ("0.1,0.2", "--sample", "three non-negative"),
+        ("a,b,c", "--resplit", "three comma-separated numbers"),
+        ("2,1,1", "--sample", "at most 1"),
+    ],
+)
 def test_fraction_parsing_errors(text, name, message):
     with pytest.raises(InputError, match=message):
         sampling.parse_fractions(text, name)
@@ -91,7 +111,8 @@ def test_prepare_is_byte_identical(tmp_path):
     assert (tmp_path / "a/images.csv").read_bytes() == (tmp_path / "b/images.csv").read_bytes()
     summary = (tmp_path / "a/summary.json").read_text()
     assert summary.replace(str(tmp_path / "a"), "") == (tmp_path / "b/summary.json").read_text().replace(
-        str(tmp_path / "b"), "")
+        str(tmp_path / "b"), ""
+    )
 
 
 def test_read_table_names_the_bad_line(tmp_path):

@@ -51,8 +51,11 @@ def lists(tree):
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_lists_are_space_aligned_like_the_release(tree):
@@ -218,8 +221,7 @@ def _box_crop(root: Path, row: list[str]) -> np.ndarray:
 def _border_std(root: Path, row: list[str]) -> float:
     with Image.open(root / row[0]) as image:
         gray = np.asarray(image.convert("L"), np.float32)
-    return float(np.concatenate([gray[:8].ravel(), gray[-8:].ravel(), gray[:, :8].ravel(),
-                                 gray[:, -8:].ravel()]).std())
+    return float(np.concatenate([gray[:8].ravel(), gray[-8:].ravel(), gray[:, :8].ravel(), gray[:, -8:].ravel()]).std())
 
 
 def test_consumer_images_carry_a_real_domain_gap(tree, lists):

@@ -39,8 +39,18 @@ def test_fit_writes_a_complete_run(prepared, tmp_path):
     history = pd.read_csv(tmp_path / "run/history.csv")
     assert list(history.epoch) == [0, 1, 2] and np.isfinite(history.loss[1:]).all()  # 0: untrained
     metrics = json.loads((tmp_path / "run/metrics.json").read_text())
-    for key in ("recall@1", "recall@5", "recall@10", "recall@20", "map", "n_queries", "n_excluded_queries",
-                "n_gallery", "protocol", "split"):
+    for key in (
+        "recall@1",
+        "recall@5",
+        "recall@10",
+        "recall@20",
+        "map",
+        "n_queries",
+        "n_excluded_queries",
+        "n_gallery",
+        "protocol",
+        "split",
+    ):
         assert key in metrics
     assert (metrics["protocol"], metrics["split"]) == ("official", "test")
     assert metrics == json.loads(json.dumps(result))
@@ -94,18 +104,48 @@ def test_cli_train_evaluate_index_search(prepared, tmp_path, capsys):
     run = tmp_path / "run"
     common = ["--table", str(table), "--data-root", str(root), "--quiet"]
     assert main(["train", *common, "--out", str(run), "--profile", "fixture", "--epochs", "1"]) == 0
-    assert main(["evaluate", *common, "--checkpoint", str(run / "best.pt"), "--split", "test",
-                 "--protocol", "split", "--out", str(tmp_path / "m.json")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                *common,
+                "--checkpoint",
+                str(run / "best.pt"),
+                "--split",
+                "test",
+                "--protocol",
+                "split",
+                "--out",
+                str(tmp_path / "m.json"),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "m.json").read_text())
     frame = schema.read_table(table)
     assert metrics["n_gallery"] == ((frame.split == "test") & (frame.domain == "shop")).sum()
-    assert main(["index", *common, "--checkpoint", str(run / "best.pt"), "--out", str(tmp_path / "index"),
-                 "--num-workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                *common,
+                "--checkpoint",
+                str(run / "best.pt"),
+                "--out",
+                str(tmp_path / "index"),
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     query = frame.loc[(frame.split == "test") & (frame.domain == "consumer")].iloc[0]
     capsys.readouterr()
     box = f"{query.x_1},{query.y_1},{query.x_2},{query.y_2}"
-    assert main(["search", "--index", str(tmp_path / "index"), str(root / query.path), "--box", box,
-                 "-k", "3", "--json"]) == 0
+    assert (
+        main(["search", "--index", str(tmp_path / "index"), str(root / query.path), "--box", box, "-k", "3", "--json"])
+        == 0
+    )
     hits = json.loads(capsys.readouterr().out)
     assert [h["rank"] for h in hits] == [1, 2, 3]
     assert all(h["path"] in set(frame.path) for h in hits)
@@ -130,9 +170,27 @@ def test_zero_shot_counts_match_the_official_protocol_on_a_hand_written_tree(tmp
     root = write_tree(tmp_path / "c2s")
     sampling.prepare(root, tmp_path / "prep", categories=None, sample=None, progress=False)
     out = tmp_path / "zero.json"
-    assert main(["evaluate", "--table", str(tmp_path / "prep/images.csv"), "--data-root", str(root), "--quiet",
-                 "--backbone", "tf_efficientnet_lite0", "--weights", "packaged", "--num-workers", "0",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--table",
+                str(tmp_path / "prep/images.csv"),
+                "--data-root",
+                str(root),
+                "--quiet",
+                "--backbone",
+                "tf_efficientnet_lite0",
+                "--weights",
+                "packaged",
+                "--num-workers",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads(out.read_text())
     assert (metrics["n_queries"], metrics["n_excluded_queries"], metrics["n_gallery"]) == (3, 0, 4)
     assert metrics["model"]["weights_source"] == "packaged" and metrics["model"]["head"] == "pooled"
@@ -148,8 +206,10 @@ def test_resume_from_the_baseline_checkpoint_and_repair_history(prepared, tmp_pa
     assert checkpoints.read_checkpoint(run / "last.pt")["epoch"] == -1 and not (run / "best.pt").exists()
     (run / "history.csv").write_text("epoch,loss\n0,")  # a crash mid-write
     train.fit(fixture_cfg(), table, root, run, resume=True, progress=False)
-    assert state_dicts_equal(checkpoints.read_checkpoint(tmp_path / "whole/last.pt")["model"],
-                             checkpoints.read_checkpoint(run / "last.pt")["model"])
+    assert state_dicts_equal(
+        checkpoints.read_checkpoint(tmp_path / "whole/last.pt")["model"],
+        checkpoints.read_checkpoint(run / "last.pt")["model"],
+    )
     assert list(pd.read_csv(run / "history.csv").epoch) == [0, 1, 2]
 
 
@@ -164,11 +224,17 @@ def test_resume_refuses_a_changed_table(prepared, tmp_path):
         train.fit(fixture_cfg(), changed, root, run, resume=True, progress=False)
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"epochs": 0}, "epochs must be at least 1"), ({"patience": 0}, "patience must be at least 1"),
-    ({"amp": "fp8"}, "unknown amp"), ({"device": "gpu"}, "device must be auto"),
-    ({"k_images": 1}, "k_images must be at least 2"), ({"lr": float("nan")}, "lr must be a positive number"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"epochs": 0}, "epochs must be at least 1"),
+        ({"patience": 0}, "patience must be at least 1"),
+        ({"amp": "fp8"}, "unknown amp"),
+        ({"device": "gpu"}, "device must be auto"),
+        ({"k_images": 1}, "k_images must be at least 2"),
+        ({"lr": float("nan")}, "lr must be a positive number"),
+    ],
+)
 def test_config_rejects_unusable_values(override, message):
     with pytest.raises(InputError, match=message):
         config.get_config("fixture", **override)

@@ -1,7 +1,8 @@
 """Latency of one live-demo query: decode → crop → embed → exact search, as the app answers it.
 
-The model is the demo's: tf_efficientnet_lite0 with its packaged ImageNet weights, 128 px input,
-a 128-d head (untrained here: training changes the weights' values, not the work per query).
+The model is the demo profile's: tf_efficientnet_lite0 with its packaged ImageNet weights, at the
+profile's input size and embedding dimension (untrained head here: training changes the weights'
+values, not the work per query).
 The gallery is 10,000 **random unit vectors** (seeded), not embeddings of real images: search
 time depends only on the gallery's size and dimension. Their rows point at the fixture tree's
 shop images so that the same index can be served (benchmarks/load_app.py).

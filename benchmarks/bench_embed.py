@@ -133,8 +133,7 @@ def child(args: argparse.Namespace) -> None:
     variant = json.loads(args.bare_variant)
     info = T.child_setup(variant)
     cfg, table, data_root, embedder, dataset = build(args)
-    if variant["channels_last"]:
-        embedder.to(memory_format=torch.channels_last)
+    embedder.to(memory_format=torch.channels_last if variant["channels_last"] else torch.contiguous_format)
     batches = in_memory_batches(dataset, variant["batch"], variant["channels_last"])
     bare_pass(embedder, batches[: max(2, args.warmup)])([])
     T.child_report({**T.timed(bare_pass(embedder, batches)), **info})
@@ -193,7 +192,7 @@ def main() -> None:
     )
     print(
         f"project settings: batch {batch} (resolve_embed_batch), num_workers={workers} (resolve_num_workers), "
-        f"allocator {allocator} (repro.tune_allocator), channels_last off (the CPU path), "
+        f"allocator {allocator} (repro.tune_allocator), channels_last on (as extract_embeddings sets it), "
         f"threads {torch.get_num_threads()}"
     )
     print(
@@ -201,7 +200,8 @@ def main() -> None:
         f"{args.repeats} round(s)"
     )
 
-    bare_batches = in_memory_batches(dataset, batch)
+    embedder.to(memory_format=torch.channels_last)  # as extract_embeddings does
+    bare_batches = in_memory_batches(dataset, batch, channels_last=True)
     project(embedder, progress=False)  # start its persistent workers (if any), as the first validation does
     bare_pass(embedder, bare_batches[: max(2, args.warmup)])([])  # after that fork: absorbs its copy-on-write
 

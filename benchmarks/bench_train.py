@@ -161,8 +161,8 @@ def child(args: argparse.Namespace) -> None:
     variant = json.loads(args.bare_variant)
     info = T.child_setup(variant)
     run, steps = build(args)
-    if variant["channels_last"]:
-        run.embedder.to(memory_format=torch.channels_last)
+    # fit() builds the model channels_last; the "off" variants turn it back
+    run.embedder.to(memory_format=torch.channels_last if variant["channels_last"] else torch.contiguous_format)
     batches = in_memory_batches(run, steps, variant["channels_last"])
     bare_pass(run, batches[: max(2, args.warmup)], "warm-up")([])
     T.child_report({**T.timed(bare_pass(run, batches)), **info})
@@ -197,7 +197,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     run, steps = build(args)
     cfg, batch = run.cfg, run.cfg.p_items * run.cfg.k_images
-    own = {"allocator": allocator, "channels_last": False, "threads": torch.get_num_threads()}
+    own = {"allocator": allocator, "channels_last": True, "threads": torch.get_num_threads()}
     variants = (
         []
         if args.no_sweep
@@ -216,14 +216,14 @@ def main() -> None:
     )
     print(
         f"project settings: num_workers={run.loader.num_workers} (resolve_num_workers), allocator {allocator} "
-        f"(repro.tune_allocator), channels_last off (the CPU path), threads {own['threads']}"
+        f"(repro.tune_allocator), channels_last on (as fit() builds it), threads {own['threads']}"
     )
     print(
         f"bare sweep: {len(variants)} variant(s) in fresh processes (allocator x channels_last x threads), "
         f"{args.repeats} round(s)"
     )
 
-    bare_batches = in_memory_batches(run, steps)
+    bare_batches = in_memory_batches(run, steps, channels_last=True)
     bare_pass(run, bare_batches[: max(2, args.warmup)], "warm-up")([])  # kernels, optimizer state
     first = T.timed(project_epoch(run, 0))  # the loader's start-up, as a run's first epoch
 

@@ -10,7 +10,8 @@ from its ``last.pt`` (its ``cpu_s`` then counts only the resumed part).
 
     python benchmarks/recipes.py                       # every recipe below, seeds 0 and 1
     python benchmarks/recipes.py --recipes plain,default --seeds 0,1,2
-    python benchmarks/recipes.py --report              # the table from runs.csv only
+    python benchmarks/recipes.py --report              # the tables from the finished runs only
+    python benchmarks/recipes.py --report --out benchmarks/results/recipes   # the committed copy
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ CANDIDATE = {**PLAIN, "p_items": 8}
 RECIPES: dict[str, dict] = {
     "plain": PLAIN,
     "candidate": CANDIDATE,
+    # the literature's remedy for small batches on top of the candidate: a cross-batch memory of
+    # the last 8 batches (XBM), from the second epoch on
+    "candidate+xbm": {**CANDIDATE, "xbm_size": 256},
     "p32+cosine": {
         **PLAIN,
         "p_items": 32,
@@ -160,32 +164,50 @@ def run_recipe(name: str, seed: int, root: Path, table_path: Path, out: Path) ->
 def collect(out: Path) -> pd.DataFrame:
     """runs.csv rebuilt from every finished run's row.json (several processes may run recipes)."""
     rows = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/row.json"))]
+    if not rows:  # a copy of the results without the run directories (benchmarks/results/recipes)
+        return pd.read_csv(out / "runs.csv")
     order = {name: i for i, name in enumerate(RECIPES)}
     runs = pd.DataFrame(rows).sort_values(["recipe", "seed"], key=lambda c: c.map(order) if c.name == "recipe" else c)
     runs.to_csv(out / "runs.csv", index=False)
     return runs
 
 
+def _ci(values: list[float]) -> str:
+    return f"[{values[0]:.3f}, {values[1]:.3f}]"
+
+
 def report(out: Path) -> str:
+    """Two markdown tables from runs.csv: mean ± std over seeds (std with n - 1; "–" for one
+    seed), then every run's test Recall@K with its 95 % bootstrap interval over queries."""
     runs = collect(out)
     zs = json.loads((out / "zero_shot.json").read_text())["test"]
-    lines = [
+    means = [
         "| recipe | seeds | val R@1 | val R@5 | test R@1 | test R@5 | test R@10 | CPU min/run |",
         "|---|---|---|---|---|---|---|---|",
         f"| zero-shot packaged Lite0, 160 px | – | – | – | {zs['recall@1']:.3f} | {zs['recall@5']:.3f} | "
         f"{zs['recall@10']:.3f} | – |",
     ]
     for name, group in runs.groupby("recipe", sort=False):
+        spread = (lambda c: f" ± {group[c].std(ddof=1):.3f}") if len(group) > 1 else (lambda c: " ± –")
         cells = [
-            f"{group[c].mean():.3f} ± {group[c].std(ddof=1) if len(group) > 1 else 0:.3f}"
+            f"{group[c].mean():.3f}{spread(c)}"
             for c in ("val_recall@1", "val_recall@5", "test_recall@1", "test_recall@5", "test_recall@10")
         ]
-        lines.append(
+        means.append(
             f"| {name} | {','.join(map(str, group.seed))} | "
             + " | ".join(cells)
             + f" | {group.cpu_s.mean() / 60:.1f} |"
         )
-    return "\n".join(lines)
+    per_run = [
+        "| recipe | seed | best epoch | test R@1 | test R@5 | test R@10 |",
+        "|---|---|---|---|---|---|",
+        f"| zero-shot | – | – | {zs['recall@1']:.3f} {_ci(zs['recall@1_ci'])} | {zs['recall@5']:.3f} "
+        f"{_ci(zs['recall@5_ci'])} | {zs['recall@10']:.3f} {_ci(zs['recall@10_ci'])} |",
+    ]
+    for row in runs.to_dict("records"):
+        cells = [f"{row[f'test_recall@{k}']:.3f} {_ci(json.loads(row[f'test_recall@{k}_ci']))}" for k in (1, 5, 10)]
+        per_run.append(f"| {row['recipe']} | {row['seed']} | {row['best_epoch']} | " + " | ".join(cells) + " |")
+    return "\n".join(means) + "\n\n" + "\n".join(per_run)
 
 
 def main() -> None:

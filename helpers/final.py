@@ -82,7 +82,9 @@ def final_choice(profile: str, results_root: Path | None = None) -> tuple[dict, 
 
 def out_dir(cfg: Config) -> Path:
     """``results/<profile>/final`` (committed); the fixture profile writes under git-ignored outputs/."""
-    return study.results_root(cfg.profile) / "final"
+    folder = study.results_root(cfg.profile) / "final"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def run_mismatch(run_dir: Path, choice: dict) -> list[str]:

@@ -303,5 +303,5 @@ def test_cli_help_lists_choices_and_profile_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--loss {semi_hard,batch_hard,infonce}" in text
     assert "{none,flip,weak,medium,strong,super_strong}" in text
-    assert "input side in px; None: the backbone's pretrained input size; default 128 (fixture 64, full None)" in text
+    assert "input side in px; None: the backbone's pretrained input size; default 160 (fixture 64, full None)" in text
     assert "--xbm-size" in text and "--no-deterministic" in text

@@ -75,13 +75,13 @@ ALPHA = 0.05
 #
 # demo: `make study` must run every experiment of 02 and 03 with >= 2 seeds in <= 2 hours on a
 # 2-core CPU. Distinct configurations per seed, at most: stage 02_1 5 (baseline, whole photo,
-# squash, 2 resolutions), 02_2 10 (a new baseline if 02_1 adopted something, 3 augmentation
-# presets, 2 margins, 3 photometric modes, bnneck), 03 6 (a new baseline, 2 losses, 2
-# dimensions, Lite1): 21, so 42 runs for 2 seeds, and 7200 s / 42 = 171 s per run. The
-# README's measured `make demo` (Lite0, 128 px, P×K 8×4, 15 epochs, 5.6 min in all with its
-# zero-shot and index steps) gives <= 20 s per epoch with its val pass at 128 px; 96 px has
-# 0.56× the pixels, so `SECONDS_PER_EPOCH` states 17 s (margin for a shared machine): 6 epochs
-# ≈ 100 s + the val-rank and test passes ≈ 120 s per run, ~85 min for 42 runs, leaving room
+# squash, 2 resolutions), 02_2 11 (a new baseline if 02_1 adopted something, 4 augmentation
+# presets against the default recipe's `flip`, 2 margins, 3 photometric modes, bnneck), 03 6 (a
+# new baseline, 2 losses, 2 dimensions, Lite1): 22, so 44 runs for 2 seeds, and 7200 s / 44 =
+# 163 s per run. The README's measured `make demo` (Lite0, 160 px, P×K 8×4, 8 epochs: 273 s in
+# all with its zero-shot and index steps) took about 23 s per epoch with its val pass; 96 px has
+# 0.36× the pixels, so `SECONDS_PER_EPOCH` states 17 s (margin for a shared machine): 6 epochs
+# ≈ 100 s + the val-rank and test passes ≈ 120 s per run, ~90 min for 44 runs, leaving room
 # for the slower variants (128 px, Lite1). Early stopping (patience 3) only shortens it. The
 # study prints its projection from the runs it has measured before each experiment.
 # fixture: CI, every code path in seconds: the fixture profile's 1 epoch at 64 px.
@@ -89,7 +89,7 @@ ALPHA = 0.05
 # its native resolution, 40 epochs, patience 5), 3 seeds.
 BUDGET: dict[str, dict] = {
     "fixture": {},
-    "demo": {"epochs": 6, "img_size": 96, "patience": 3, "warmup_epochs": 1},
+    "demo": {"epochs": 6, "img_size": 96, "patience": 3},
     "full": {},
 }
 # fixture: one seed keeps each notebook's grid of tiny runs within seconds in CI; the

@@ -185,9 +185,12 @@ def test_every_variant_is_a_valid_config():
 
 
 def test_variant_equal_to_the_baseline_is_dropped():
+    experiment = study.get_experiment("demo", "augment")
     base = config.get_config("demo", **study.BUDGET["demo"])
-    configs = study.resolve_variants(study.get_experiment("demo", "augment"), base)
-    assert base.augment == "medium"
+    assert base.augment == "flip"  # the default recipe's: every preset of the ladder is a variant
+    assert list(study.resolve_variants(experiment, base)) == ["baseline", *experiment.variants]
+    medium = replace(base, augment="medium")
+    configs = study.resolve_variants(experiment, medium)
     assert list(configs) == ["baseline", "augment=weak", "augment=strong", "augment=super_strong"]
     assert study.changed_fields(configs) == ["augment"]
 

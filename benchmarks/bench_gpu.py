@@ -138,7 +138,9 @@ def main() -> int:
         # bare: one real batch, already on the GPU, repeated
         images, labels, index = next(iter(loader))
         on_gpu = (images.to(device).contiguous(memory_format=torch.channels_last), labels.to(device), index)
+        t0 = time.perf_counter()
         run([on_gpu] * args.warmup)
+        print(f"batch {batch}: {args.warmup} warm-up steps {time.perf_counter() - t0:.1f} s", flush=True)
         bare = run([on_gpu] * args.steps)
         # full: the loader, workers warmed by a first pass
         sampler.set_epoch(0)
@@ -147,6 +149,7 @@ def main() -> int:
         sampler.batch_sampler.epoch_len = args.steps
         sampler.set_epoch(1)
         full = run(loader)
+        print(f"batch {batch}: full loop {full:.0f} img/s, bare step {bare:.0f} img/s", flush=True)
         rows.append((batch, full, bare, torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")))
         del loader
 

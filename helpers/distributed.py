@@ -224,6 +224,17 @@ def gather_rows(values: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[: int(size.item())] for part, size in zip(parts, sizes)])
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Rank ``src``'s buffers (BatchNorm running statistics) on every rank, in place. DDP does
+    this at the start of each forward; after the last training step of an epoch each rank
+    still holds the statistics of its own share, so evaluation first makes them rank 0's
+    (the ones its checkpoint saves). No-op on one process."""
+    if not current().distributed:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=src)
+
+
 def wrap_model(model: torch.nn.Module, ctx: Context, device: str) -> torch.nn.Module:
     """The module to train with: DDP over ``model`` when distributed (SyncBatchNorm on CUDA),
     else ``model`` itself. Checkpoints keep saving ``model`` (no ``module.`` prefixes)."""

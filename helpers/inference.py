@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import data, metrics, models
+from . import data, distributed, metrics, models
 from .config import Config
 from .errors import InputError
 
@@ -113,11 +113,30 @@ def extract_embeddings(
 
 class TableEmbedder:
     """Embeds the rows of one table, in order, as often as asked, through one loader whose
-    workers persist between calls (validation runs every epoch on the same rows)."""
+    workers persist between calls (validation runs every epoch on the same rows).
 
-    def __init__(self, cfg: Config, data_config: dict, table: pd.DataFrame, data_root: str | Path, device: str):
-        self.cfg, self.device = cfg, device
-        dataset = data.C2SDataset(table, data_root, make_transform(cfg, data_config))
+    Under torchrun (``shard=True`` and a process group of N ranks) each rank embeds every N-th
+    row (rank r: rows r, r+N, ...) and the embeddings of all ranks are all-gathered back into
+    row order, so every rank returns the whole table's embeddings for 1/N of the work; every
+    rank must then call it together. In eval mode a row's embedding does not depend on its
+    batch, so the result is the one-process result.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        data_config: dict,
+        table: pd.DataFrame,
+        data_root: str | Path,
+        device: str,
+        shard: bool = True,
+    ):
+        self.cfg, self.device, self.n_rows = cfg, device, len(table)
+        ctx = distributed.current() if shard else distributed.Context()
+        self.distributed = ctx.distributed
+        self.positions = np.arange(len(table))[ctx.rank :: ctx.world_size]
+        rows = table.iloc[self.positions].reset_index(drop=True) if ctx.distributed else table
+        dataset = data.C2SDataset(rows, data_root, make_transform(cfg, data_config))
         self.loader = data.make_loader(
             dataset,
             batch_size=resolve_embed_batch(cfg, device),
@@ -129,7 +148,9 @@ class TableEmbedder:
     def __call__(
         self, embedder: torch.nn.Module, progress: bool = True, desc: str = "embedding", sink=None
     ) -> np.ndarray | None:
-        return extract_embeddings(
+        if self.distributed and sink is not None:
+            raise InputError("a sink needs the whole table in one process: build the TableEmbedder with shard=False")
+        local = extract_embeddings(
             embedder,
             self.loader,
             self.device,
@@ -139,6 +160,15 @@ class TableEmbedder:
             amp=amp_dtype(self.cfg, self.device),
             sink=sink,
         )
+        if not self.distributed:
+            return local
+        # NCCL moves CUDA tensors only; gloo CPU ones.
+        comm = self.device if str(self.device).startswith("cuda") else "cpu"
+        embeddings = distributed.gather_rows(torch.from_numpy(local).to(comm)).cpu().numpy()
+        positions = distributed.gather_rows(torch.from_numpy(self.positions).to(comm)).cpu().numpy()
+        out = np.empty((self.n_rows, embeddings.shape[1]), dtype=np.float32)
+        out[positions] = embeddings
+        return out
 
 
 def embed_table(
@@ -153,7 +183,8 @@ def embed_table(
 ) -> np.ndarray | None:
     """Embeddings of every row of ``table`` (row order kept), eval transform, no augmentation;
     with ``sink``, streamed to it batch by batch instead (see :func:`extract_embeddings`)."""
-    return TableEmbedder(cfg, embedder.data_config, table, data_root, device)(embedder, progress, desc, sink)
+    shard = sink is None
+    return TableEmbedder(cfg, embedder.data_config, table, data_root, device, shard)(embedder, progress, desc, sink)
 
 
 class ProtocolEvaluator:

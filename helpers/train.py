@@ -242,9 +242,11 @@ def _training_module(cfg: Config, embedder: models.Embedder, ctx: distributed.Co
 
 
 def _validate(run: Run) -> dict:
-    """Val metrics, computed once on rank 0 and sent to every rank (so all take the same
-    early-stopping and checkpoint decisions)."""
-    return distributed.broadcast_object(run.validate(run.embedder, progress=False) if run.ctx.is_main else None)
+    """Val metrics: every rank embeds its share of the rows (gathered by ``TableEmbedder``),
+    and rank 0's metrics are sent to every rank (so all take the same early-stopping and
+    checkpoint decisions)."""
+    distributed.broadcast_buffers(run.embedder)
+    return distributed.broadcast_object(run.validate(run.embedder, progress=False))
 
 
 def _baseline(run: Run) -> None:
@@ -381,11 +383,10 @@ def _train_epochs(run: Run, progress: bool, stop_after_epoch: int | None) -> tup
 
 
 def _test(run: Run, stopped: str | None, progress: bool) -> dict:
-    """``best.pt`` evaluated once on test (official protocol) → ``metrics.json``; on rank 0,
-    the result sent to every rank."""
-    if not run.ctx.is_main:
-        return distributed.broadcast_object(None)
-    best = read_checkpoint(run.run_dir / "best.pt")
+    """``best.pt`` evaluated once on test (official protocol) → ``metrics.json``. Under
+    torchrun every rank embeds its share of the rows; rank 0 writes, its result is sent to
+    every rank."""
+    best = read_checkpoint(run.run_dir / "best.pt")  # written by rank 0 before its last barrier
     run.embedder.load_state_dict(best["model"])
     test = inference.evaluate(
         run.cfg,
@@ -395,11 +396,14 @@ def _test(run: Run, stopped: str | None, progress: bool) -> dict:
         split="test",
         protocol="official",
         device=run.device,
-        progress=progress,
+        progress=progress and run.ctx.is_main,
     )
-    result = {**test, "best_epoch": best["epoch"] + 1, "val": best["val"], "stopped": stopped}
-    write_text_atomic(run.run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
-    return distributed.broadcast_object(result)
+    result = distributed.broadcast_object(
+        {**test, "best_epoch": best["epoch"] + 1, "val": best["val"], "stopped": stopped}
+    )
+    if run.ctx.is_main:
+        write_text_atomic(run.run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def fit(

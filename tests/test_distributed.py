@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from independent_tree import build as build_independent_tree
 
-from helpers import data, distributed, losses
+from helpers import data, distributed, inference, losses, sampling
 from helpers.errors import InputError
 
 
@@ -145,3 +146,51 @@ def test_ddp_gradients_equal_one_process(tmp_path):
         torch.testing.assert_close(2 * u, r, rtol=1e-5, atol=1e-7)
         assert not torch.allclose(u, r, rtol=1e-3)
     assert got["rows"].tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+
+
+def _embed_worker(rank: int, world: int, port: int, root: str, table_path: str, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    distributed.init("cpu")
+    try:
+        cfg, embedder, table = _eval_setup(table_path)
+        sharded = inference.TableEmbedder(cfg, embedder.data_config, table, root, "cpu")
+        whole = sharded(embedder, progress=False)
+        result = inference.evaluate(cfg, embedder, table, root, split="test", device="cpu", progress=False)
+        torch.save({"rows": len(sharded.loader.dataset), "embeddings": whole, "metrics": result}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _eval_setup(table_path: str):
+    from helpers import config, models
+    from helpers.schema import read_table
+
+    cfg = config.get_config("fixture", embed_batch=4)
+    torch.manual_seed(0)
+    embedder = models.create_embedder(cfg.backbone, cfg.embed_dim, weights="none", img_size=cfg.img_size).eval()
+    return cfg, embedder, read_table(table_path)
+
+
+def test_sharded_evaluation_equals_one_process(tmp_path):
+    """Under 2-process gloo every rank embeds every other row of an odd-sized table (a tree
+    written by tests/independent_tree.py), and the gathered embeddings and test metrics on
+    every rank equal those of one process."""
+    root = tmp_path / "c2s"
+    build_independent_tree(root, n_items=12, seed=3)
+    sampling.prepare(root, tmp_path / "prepared", categories=None, sample=None, progress=False)
+    table_path = str(tmp_path / "prepared" / "images.csv")
+    cfg, embedder, table = _eval_setup(table_path)
+    assert len(table) % 2 == 1, "the table must not split evenly, to exercise uneven shares"
+    want = inference.TableEmbedder(cfg, embedder.data_config, table, root, "cpu")(embedder, progress=False)
+    want_metrics = inference.evaluate(cfg, embedder, table, root, split="test", device="cpu", progress=False)
+    out = str(tmp_path / "rank")
+    mp.spawn(_embed_worker, args=(2, _free_port(), str(root), table_path, out), nprocs=2, join=True)
+    got = [torch.load(f"{out}.{rank}", weights_only=False) for rank in (0, 1)]
+    assert [g["rows"] for g in got] == [(len(table) + 1) // 2, len(table) // 2]
+    for g in got:
+        np.testing.assert_allclose(g["embeddings"], want, rtol=1e-5, atol=1e-6)
+        for key in ("recall@1", "recall@5", "recall@10", "map", "n_queries", "n_gallery"):
+            assert g["metrics"][key] == pytest.approx(want_metrics[key], abs=1e-6), key

@@ -173,7 +173,42 @@ def profile_section(root: Path, figures: Path, level: str = "##") -> tuple[list[
         for experiment in (e for e in study.experiments(profile) if e.stage == stage):
             lines += experiment_lines(root, profile, experiment, source, figures, level, slides)
     lines += final_lines(root, source, profile, level, slides)
+    lines += reproduction_lines(root, level)
     return lines, slides
+
+
+def reproduction_lines(root: Path, level: str = "##") -> list[str]:
+    """What a rerun of the study must give, from the machines and switches the runs recorded
+    (each run's ``config.json``: its config and ``env``)."""
+    runs = [json.loads(p.read_text()) for p in sorted(root.glob("*/*/config.json"))]
+    if not runs:
+        return []
+    deterministic = all(run["config"].get("deterministic") for run in runs)
+    machines = sorted(
+        {
+            f"`torch {e.get('torch')}`, `timm {e.get('timm')}`, `Python {e.get('python')}` on "
+            f"{e.get('device')} with {e.get('cpu_count')} cores"
+            for e in (run.get("env", {}) for run in runs)
+        }
+    )
+    lines = [f"{level}# Reproducing these numbers", ""]
+    if deterministic:
+        lines.append(
+            "Every run above was trained with deterministic kernels (`deterministic: true`) and seeded model "
+            "initialisation, batches and per-sample augmentation; its `config.json` records the machine and "
+            f"library versions: {'; '.join(machines)}. On the same machine kind with the same versions, `make "
+            "study` retrains identical runs: **tolerance zero**, every loss and metric equal to all its digits "
+            "(a run reused from this study or retrained in another process gives the same `history.csv`). On "
+            "another CPU, on a GPU or with other library versions float rounding differs, and so do rankings: "
+            "expect differences of the order of the seed-to-seed std shown in each table, not beyond."
+        )
+    else:
+        lines.append(
+            "Some runs above were trained without deterministic kernels, so reruns differ by float rounding "
+            "even on the same machine: expect differences of the order of the seed-to-seed std in each table. "
+            f"Machines and versions recorded: {'; '.join(machines)}."
+        )
+    return lines + [""]
 
 
 def experiment_lines(

@@ -230,3 +230,21 @@ def test_committed_report_numbers_are_traceable():
     if not committed.is_file():
         pytest.skip("no committed report/report.md yet (the demo study has not been run)")
     assert report.untraceable_numbers(committed.read_text(), REPO_ROOT / "results") == []
+
+
+def test_reproduction_section_follows_the_recorded_switch_and_machines(tmp_path):
+    def run(name: str, deterministic: bool, torch_version: str) -> None:
+        folder = tmp_path / "crop" / name
+        folder.mkdir(parents=True)
+        env = {"torch": torch_version, "timm": "1.0.31", "python": "3.11.7", "device": "cpu", "cpu_count": 2}
+        (folder / "config.json").write_text(json.dumps({"config": {"deterministic": deterministic}, "env": env}))
+
+    assert report.reproduction_lines(tmp_path) == []
+    run("baseline_seed0_a", True, "2.14.1")
+    run("baseline_seed1_b", True, "2.14.1")
+    text = "\n".join(report.reproduction_lines(tmp_path))
+    assert "**tolerance zero**" in text and text.count("`torch 2.14.1`") == 1
+    run("crop-False_seed0_c", False, "2.11.0")
+    text = "\n".join(report.reproduction_lines(tmp_path))
+    assert "tolerance zero" not in text and "without deterministic kernels" in text
+    assert "`torch 2.11.0`" in text and "`torch 2.14.1`" in text

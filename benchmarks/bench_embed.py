@@ -11,7 +11,9 @@ a measurement.
   runs every epoch): one loader at ``resolve_embed_batch`` (16 on the CPU) and
   ``resolve_num_workers`` that persists between calls, the eval transform (decode, box crop,
   letterbox, normalise), then ``extract_embeddings``. Timed on its second and later calls
-  (the steady state); the goal applies to it.
+  (the steady state: the eval cache, ``inference.CachedBatches``, replays the first call's
+  preprocessed batches when they fit ``C2S_EVAL_CACHE_MB``); the goal applies to it.
+  ``C2S_EVAL_CACHE_MB=0`` measures it streaming every call.
 * **project: embed_table**: ``inference.embed_table`` (a new loader per call, as the test
   evaluation and the gallery index use it); worker start-up included. Not recorded per batch.
 * **bare, project settings, this process**: ``model(x)`` under ``torch.inference_mode`` on

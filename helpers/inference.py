@@ -23,6 +23,49 @@ CPU_EMBED_BATCH = 16
 GPU_EMBED_BATCH = 256
 
 
+# Validation embeds the same rows with the same deterministic eval transform every epoch, so
+# TableEmbedder keeps the preprocessed batches of its first pass in memory, up to this budget
+# (MiB; env C2S_EVAL_CACHE_MB, 0 turns it off), and later passes skip decoding and resizing:
+# on the 2-core CPU loading costs ~2.4 ms per image of one core against ~8 ms for the model
+# (benchmarks/README.md). Beyond the budget (e.g. a full-size val split) every pass streams.
+EVAL_CACHE_MB = 1024
+
+
+def resolve_eval_cache_bytes() -> int:
+    value = os.environ.get("C2S_EVAL_CACHE_MB", str(EVAL_CACHE_MB))
+    try:
+        megabytes = float(value)
+    except ValueError:
+        raise InputError(f"C2S_EVAL_CACHE_MB must be a number of MiB, got {value!r}") from None
+    return max(0, int(megabytes * 2**20))
+
+
+class CachedBatches:
+    """``loader``'s batches; its first complete pass is kept in memory when the batches fit in
+    ``budget`` bytes, and later passes replay them (same tensors, same order). Only for a
+    loader whose batches are the same on every pass: no shuffling, no augmentation."""
+
+    def __init__(self, loader, budget: int):
+        self.loader, self.budget, self.kept = loader, budget, None
+        self.dataset, self.batch_size, self.num_workers = loader.dataset, loader.batch_size, loader.num_workers
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        if self.kept is not None:
+            yield from self.kept
+            return
+        kept, size = [], 0
+        for batch in self.loader:
+            size += sum(t.nbytes for t in batch if isinstance(t, torch.Tensor))
+            kept = kept if kept is not None and size <= self.budget else None
+            if kept is not None:
+                kept.append(batch)
+            yield batch
+        self.kept = kept  # None when over budget; a pass left early never gets here
+
+
 def resolve_embed_batch(cfg: Config, device: str) -> int:
     if cfg.embed_batch:
         return cfg.embed_batch
@@ -113,7 +156,9 @@ def extract_embeddings(
 
 class TableEmbedder:
     """Embeds the rows of one table, in order, as often as asked, through one loader whose
-    workers persist between calls (validation runs every epoch on the same rows).
+    workers persist between calls (validation runs every epoch on the same rows). With
+    ``cache``, the first pass's preprocessed batches are kept within the eval-cache budget
+    (:data:`EVAL_CACHE_MB`), so later calls only run the model.
 
     Under torchrun (``shard=True`` and a process group of N ranks) each rank embeds every N-th
     row (rank r: rows r, r+N, ...) and the embeddings of all ranks are all-gathered back into
@@ -130,20 +175,22 @@ class TableEmbedder:
         data_root: str | Path,
         device: str,
         shard: bool = True,
+        cache: bool = True,
     ):
         self.cfg, self.device, self.n_rows = cfg, device, len(table)
         ctx = distributed.current() if shard else distributed.Context()
         self.distributed = ctx.distributed
         self.positions = np.arange(len(table))[ctx.rank :: ctx.world_size]
         rows = table.iloc[self.positions].reset_index(drop=True) if ctx.distributed else table
-        dataset = data.C2SDataset(rows, data_root, make_transform(cfg, data_config))
-        self.loader = data.make_loader(
+        dataset = data.C2SDataset(rows, data_root, make_transform(cfg, data_config))  # eval: deterministic
+        loader = data.make_loader(
             dataset,
             batch_size=resolve_embed_batch(cfg, device),
             num_workers=resolve_num_workers(cfg, device),
             seed=cfg.seed,
             device=device,
         )
+        self.loader = CachedBatches(loader, resolve_eval_cache_bytes() if cache else 0)
 
     def __call__(
         self, embedder: torch.nn.Module, progress: bool = True, desc: str = "embedding", sink=None
@@ -183,8 +230,9 @@ def embed_table(
 ) -> np.ndarray | None:
     """Embeddings of every row of ``table`` (row order kept), eval transform, no augmentation;
     with ``sink``, streamed to it batch by batch instead (see :func:`extract_embeddings`)."""
-    shard = sink is None
-    return TableEmbedder(cfg, embedder.data_config, table, data_root, device, shard)(embedder, progress, desc, sink)
+    # One pass: nothing to cache; with a sink (a gallery of millions) the table stays on disk.
+    one_pass = TableEmbedder(cfg, embedder.data_config, table, data_root, device, shard=sink is None, cache=False)
+    return one_pass(embedder, progress, desc, sink)
 
 
 class ProtocolEvaluator:
@@ -200,13 +248,14 @@ class ProtocolEvaluator:
         split: str = "test",
         protocol: str = "official",
         device: str = "cpu",
+        cache: bool = True,
     ):
         queries, gallery = metrics.protocol_sets(table, split, protocol)
         # The protocol picks rows by their own columns, so the sub-table of the rows it uses
         # gives the same query and gallery sets without embedding (or allocating) the rest.
         self.rows = table.iloc[np.union1d(queries.index.to_numpy(), gallery.index.to_numpy())].reset_index(drop=True)
         self.split, self.protocol = split, protocol
-        self.embed = TableEmbedder(cfg, data_config, self.rows, data_root, device)
+        self.embed = TableEmbedder(cfg, data_config, self.rows, data_root, device, cache=cache)
 
     def __call__(self, embedder: torch.nn.Module, progress: bool = True) -> dict:
         """The metrics dict, plus ``mean_embedding_norm``: the norm of the mean unit embedding,
@@ -227,8 +276,9 @@ def evaluate(
     device: str = "cpu",
     progress: bool = True,
 ) -> dict:
-    """One evaluation of ``embedder`` (see :class:`ProtocolEvaluator`)."""
-    return ProtocolEvaluator(cfg, embedder.data_config, table, data_root, split, protocol, device)(embedder, progress)
+    """One evaluation of ``embedder`` (see :class:`ProtocolEvaluator`; one pass, nothing cached)."""
+    evaluator = ProtocolEvaluator(cfg, embedder.data_config, table, data_root, split, protocol, device, cache=False)
+    return evaluator(embedder, progress)
 
 
 def evaluate_zero_shot(

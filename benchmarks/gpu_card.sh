@@ -6,6 +6,10 @@
 # so one that hangs or fails does not cost the others.
 #
 #     bash benchmarks/gpu_card.sh
+#     SKIP_EAGER=1 COMPILE_LIMIT=130 COMPILE_BATCHES=64 bash benchmarks/gpu_card.sh   # the second call made here
+#
+# SKIP_EAGER: skip the eager benchmark; COMPILE_LIMIT: seconds for the compiled one (default 240);
+# COMPILE_BATCHES: its batch sizes (default 64,128); PY: the python (default python3).
 set -uo pipefail
 OUT=${OUT:-outputs/gpu_card}
 PY=${PY:-python3}

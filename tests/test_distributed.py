@@ -99,11 +99,16 @@ def _step(model, loss_fn, x, y):
     return loss.item(), [p.grad.clone() for p in model.parameters()]
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+def _join_env(rank: int, world: int, port: int) -> None:
+    """What torchrun would set for this rank; one thread, the two ranks share the CPU."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    _join_env(rank, world, port)
     ctx, device = distributed.init("cpu")
     try:
         model = distributed.wrap_model(_model(), ctx, device)
@@ -149,10 +154,7 @@ def test_ddp_gradients_equal_one_process(tmp_path):
 
 
 def _embed_worker(rank: int, world: int, port: int, root: str, table_path: str, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
-    )
-    torch.set_num_threads(1)
+    _join_env(rank, world, port)
     distributed.init("cpu")
     try:
         cfg, embedder, table = _eval_setup(table_path)

@@ -37,7 +37,7 @@ report: $(STAMP)
 notebooks: $(STAMP)
 	for nb in 0*/*.ipynb; do C2S_PROFILE=demo $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace "$$nb" || exit 1; done
 
-# Speed ratios against a reference measured in the same run (see benchmarks/README.md).
+# Speed ratios against a reference measured in the same run (see docs/benchmarks.md).
 bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_embed.py

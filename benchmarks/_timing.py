@@ -45,7 +45,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         "--num-workers",
         type=int,
         default=None,
-        help="the project's loader workers (default: inference.resolve_num_workers on the CPU)",
+        help="the project's loader workers (default: runtime.resolve_num_workers on the CPU)",
     )
     parser.add_argument(
         "--threads",
@@ -64,7 +64,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sweep-allocator",
         default="default,tuned",
-        help="bare variants' allocator: default (C2S_MALLOPT=0, no MALLOC_* env) and/or tuned (repro.tune_allocator)",
+        help="bare variants' allocator: default (C2S_MALLOPT=0, no MALLOC_* env) and/or tuned (runtime.tune_allocator)",
     )
     parser.add_argument("--sweep-channels-last", default="off,on", help="bare variants' memory format")
     parser.add_argument(
@@ -119,10 +119,10 @@ def describe(variant: dict) -> str:
 
 def project_allocator() -> str:
     """Apply the allocator setting the project's training entry points apply
-    (``repro.tune_allocator``; off with ``C2S_MALLOPT=0``) and name the result."""
-    from helpers import repro
+    (``runtime.tune_allocator``; off with ``C2S_MALLOPT=0``) and name the result."""
+    from helpers.core import runtime
 
-    if repro.tune_allocator():
+    if runtime.tune_allocator():
         return "tuned"
     if any(os.environ.get(name) for name in ALLOCATOR_ENV):
         return "env"  # not tuned by the project, but MALLOC_*_ variables set in the shell
@@ -413,7 +413,7 @@ def profile_stages(dataset, n: int) -> dict[str, float]:
     """Mean ms per image of each preprocessing stage, on one thread (as in a DataLoader worker)."""
     import torch
 
-    from helpers import data
+    from helpers.data import transforms
 
     transform = dataset.transform
     ops = list(transform.tensor_ops.transforms)
@@ -427,13 +427,15 @@ def profile_stages(dataset, n: int) -> dict[str, float]:
         for j, i in enumerate(rows):
             path = dataset.data_root / dataset._paths[i]
             t0 = time.perf_counter()
-            image = data.open_rgb(path)
+            image = transforms.open_rgb(path)
             t1 = time.perf_counter()
-            image = data.crop_box(image, dataset._boxes[i], transform.margin)
+            image = transforms.crop_box(image, dataset._boxes[i], transform.margin)
             t2 = time.perf_counter()
-            image = data.photometric(image, transform.photometric)
+            image = transforms.photometric(image, transform.photometric)
             t3 = time.perf_counter()
-            x = data.resize_image(image, transform.img_size, transform.resize, transform.interpolation, transform.fill)
+            x = transforms.resize_image(
+                image, transform.img_size, transform.resize, transform.interpolation, transform.fill
+            )
             t4 = time.perf_counter()
             op_times = []
             for op in ops:

@@ -1,4 +1,4 @@
-"""Benchmark: every gallery index kind of ``helpers.ann`` on a synthetic 1M × 256 gallery.
+"""Benchmark: every gallery index kind of ``helpers.evaluation.ann`` on a synthetic 1M × 256 gallery.
 
 For each kind (exact, ivf_flat, ivf_pq, hnsw) it prints build time, memory, per-query
 latency (one batch of queries, and queries one at a time) and recall@10 against exact
@@ -64,13 +64,14 @@ def generate(
 ) -> None:
     """Gallery memmap + queries, chunk by chunk (memory: one chunk, 64 MiB at dim 256)."""
     from numpy.lib.format import open_memmap
-    from tqdm.auto import tqdm
+
+    from helpers.core.progress import progress_bar
 
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((n_centres, dim), dtype=np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     gallery = open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
-    for start in tqdm(range(0, n, CHUNK), desc="generating gallery", unit="chunk", mininterval=2.0):
+    for start in progress_bar(range(0, n, CHUNK), desc="generating gallery", unit="chunk", mininterval=2.0):
         stop = min(start + CHUNK, n)
         gallery[start:stop] = unit_rows(rng, centres, stop - start, noise)
     gallery.flush()
@@ -90,8 +91,8 @@ def worker(args: argparse.Namespace) -> None:
     """One kind in this fresh process; prints one JSON line."""
     import faiss
 
-    import helpers.retrieval  # noqa: F401  (torch and the exact search: imported before the baseline)
-    from helpers.ann import AnnIndex, AnnParams, recall_at_k
+    import helpers.evaluation.search  # noqa: F401  (torch and the exact search: imported before the baseline)
+    from helpers.evaluation.ann import AnnIndex, AnnParams, recall_at_k
 
     gallery = np.load(args.gallery_file, mmap_mode="r")
     queries = np.load(args.query_file)
@@ -118,7 +119,9 @@ def worker(args: argparse.Namespace) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
-    index = AnnIndex.build(gallery, params, exact_search=helpers.retrieval.exact_topk, n_recall=0, progress=False)
+    index = AnnIndex.build(
+        gallery, params, exact_search=helpers.evaluation.search.exact_topk, n_recall=0, progress=False
+    )
     build_s = time.perf_counter() - t0
 
     index.search(queries[:2], 10)  # warm-up: lazy allocations, thread pools
@@ -173,7 +176,9 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kinds", default="exact,ivf_flat,ivf_pq,hnsw")
-    parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default: helpers.ann's, 1024 at 1M)")
+    parser.add_argument(
+        "--nlist", type=int, default=None, help="IVF lists (default: helpers.evaluation.ann's, 1024 at 1M)"
+    )
     parser.add_argument("--nprobe", type=int, default=16)
     parser.add_argument("--m", type=int, default=32, help="IVF-PQ sub-quantizers")
     parser.add_argument("--nbits", type=int, default=8)
@@ -193,7 +198,7 @@ def main() -> None:
         return
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    from helpers.ann import KINDS
+    from helpers.evaluation.ann import KINDS
 
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:

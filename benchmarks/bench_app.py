@@ -27,7 +27,10 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from helpers import app, config, models, retrieval, workspace
+from helpers.apps import app
+from helpers.core import config
+from helpers.experiments import artifacts
+from helpers.modeling import models
 
 DEFAULT_INDEX = config.OUTPUTS / "bench" / "app_index_10k"
 
@@ -50,7 +53,7 @@ def build_bench_index(out: Path, n_gallery: int = 10_000, seed: int = 0) -> Path
 
     shutil.rmtree(out, ignore_errors=True)
     demo = config.get_config("demo")
-    root, table_path = workspace.ensure_prepared(config.get_config("fixture"), progress=False)
+    root, table_path = artifacts.ensure_prepared(config.get_config("fixture"), progress=False)
     shops = pd.read_csv(table_path, dtype={"path": str, "item_id": str})
     shops = shops[shops.domain == "shop"].reset_index(drop=True)
     gallery = shops.iloc[np.arange(n_gallery) % len(shops)].reset_index(drop=True)
@@ -70,7 +73,7 @@ def build_bench_index(out: Path, n_gallery: int = 10_000, seed: int = 0) -> Path
         "table": None,
         "note": "benchmark index: random unit embeddings, rows pointing at fixture shop images",
     }
-    retrieval.GalleryIndex(
+    gallery.GalleryIndex(
         embeddings, gallery, {"model": embedder.state_dict(), "model_config": embedder.config}, demo.to_dict(), meta
     ).save(out)
     return out
@@ -121,7 +124,7 @@ def main() -> None:
     load = os.getloadavg()
     print(
         f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} with "
-        f"{torch.get_num_threads()} thread(s) per query (helpers.app.QUERY_THREADS); load average before: {load[0]:.2f}"
+        f"{torch.get_num_threads()} thread(s) per query (helpers.apps.app.QUERY_THREADS); load average before: {load[0]:.2f}"
     )
     print(
         f"model: demo (tf_efficientnet_lite0, {demo.index.embed_image.__self__.run_config['weights']} weights, "

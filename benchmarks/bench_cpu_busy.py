@@ -34,9 +34,10 @@ def main() -> None:
 
     import torch
 
-    from helpers import models, repro
+    from helpers.core import runtime
+    from helpers.modeling import models
 
-    repro.tune_allocator()  # as the project's entry points run
+    runtime.tune_allocator()  # as the project's entry points run
     torch.manual_seed(0)
     model = models.create_embedder(args.backbone, 256, weights=args.weights, head="bn", img_size=args.img_size)
     model = model.eval().to(memory_format=torch.channels_last)

@@ -22,7 +22,7 @@ a measurement.
 * **bare sweep**: the same bare inference, each variant in a fresh subprocess (the allocator
   setting is process-wide and cannot be undone): batch size (default 16, 32, 64 and the
   project's), allocator default (``C2S_MALLOPT=0``, no ``MALLOC_*_`` variables) or tuned
-  (``repro.tune_allocator``, as the project's training entry points apply it), and
+  (``runtime.tune_allocator``, as the project's training entry points apply it), and
   ``channels_last`` off or on (model and batches). The best bare is the fastest of these and
   the in-process bare loop. Embeddings do not depend on the batch size in eval mode, so the
   project is free to pick any of them.
@@ -58,8 +58,11 @@ def build(args: argparse.Namespace):
     eval dataset, as ``inference.TableEmbedder`` builds it."""
     import torch
 
-    from helpers import config, data, inference, models, workspace
-    from helpers.schema import read_table
+    from helpers.core import config
+    from helpers.core.schema import read_table
+    from helpers.data import datasets, transforms
+    from helpers.experiments import artifacts
+    from helpers.modeling import models
 
     cfg = config.get_config(
         "demo",
@@ -70,7 +73,7 @@ def build(args: argparse.Namespace):
         embed_batch=args.batch_size,
         device="cpu",
     )
-    data_root, table_path = workspace.ensure_prepared(cfg, progress=False)
+    data_root, table_path = artifacts.ensure_prepared(cfg, progress=False)
     table = read_table(table_path)
     if args.images:
         table = table.iloc[: args.images].reset_index(drop=True)
@@ -78,7 +81,7 @@ def build(args: argparse.Namespace):
     embedder = models.create_embedder(
         cfg.backbone, cfg.embed_dim, weights=cfg.weights, head=cfg.head, pooling=cfg.pooling, img_size=cfg.img_size
     ).eval()
-    dataset = data.C2SDataset(table, data_root, inference.make_transform(cfg, embedder.data_config))
+    dataset = datasets.C2SDataset(table, data_root, transforms.create_transform(cfg, embedder.data_config))
     return cfg, table, data_root, embedder, dataset
 
 
@@ -87,12 +90,12 @@ def in_memory_batches(dataset, batch: int, channels_last: bool = False) -> list:
     few real ones (at most 4 distinct, cycled), loaded once without workers."""
     import torch
 
-    from helpers import data
+    from helpers.data import datasets
 
     n_batches = -(-len(dataset) // batch)
     distinct = min(n_batches, 4)
     prepared = []
-    for images, _, _ in data.make_loader(dataset, batch_size=batch, num_workers=0):
+    for images, _, _ in datasets.make_loader(dataset, batch_size=batch, num_workers=0):
         prepared.append(images.contiguous(memory_format=torch.channels_last) if channels_last else images)
         if len(prepared) == distinct:
             break
@@ -148,7 +151,7 @@ def main() -> None:
         "--batch-size",
         type=int,
         default=None,
-        help="the project's embed_batch (default: inference.resolve_embed_batch on the CPU, 16)",
+        help="the project's embed_batch (default: runtime.resolve_embed_batch on the CPU, 16)",
     )
     parser.add_argument("--images", type=int, default=None, help="rows of the demo table (default: all)")
     parser.add_argument(
@@ -166,7 +169,8 @@ def main() -> None:
 
     import torch
 
-    from helpers import data, inference
+    from helpers.data import datasets
+    from helpers.evaluation import inference
 
     started = time.perf_counter()
     allocator = T.project_allocator()  # as the training entry points (fit, helpers train) do
@@ -194,7 +198,7 @@ def main() -> None:
     )
     print(
         f"project settings: batch {batch} (resolve_embed_batch), num_workers={workers} (resolve_num_workers), "
-        f"allocator {allocator} (repro.tune_allocator), channels_last on (as extract_embeddings sets it), "
+        f"allocator {allocator} (runtime.tune_allocator), channels_last on (as extract_embeddings sets it), "
         f"threads {torch.get_num_threads()}"
     )
     print(
@@ -239,7 +243,7 @@ def main() -> None:
             args.profile_images,
             batch,
             1e3 * batch / best[OWN_BARE]["images/s"],
-            lambda: data.make_loader(dataset, batch_size=batch, num_workers=workers, seed=cfg.seed),
+            lambda: datasets.make_loader(dataset, batch_size=batch, num_workers=workers, seed=cfg.seed),
             "batch",
         )
 

@@ -3,14 +3,14 @@ forward + backward + step in the same run, and extraction throughput, in images/
 
 For each batch size (default 64 and 128 = P×K with K = 4):
 
-* **bare**: ``helpers.train.train_one_epoch`` over batches already on the GPU (one real
+* **bare**: ``helpers.training.train.train_one_epoch`` over batches already on the GPU (one real
   batch of the demo table, preprocessed once, repeated): forward, loss, backward, clipping,
   AdamW step, scheduler step. No decoding, no sampler, no host→device copy.
 * **full**: ``train_one_epoch`` over the training DataLoader as ``fit()`` builds it
-  (``data.make_loader``: PKSampler batches, per-sample augmentation seeds, JPEG decode +
+  (``datasets.make_loader``: PKSampler batches, per-sample augmentation seeds, JPEG decode +
   crop + letterbox + augmentation in ``--num-workers`` persistent workers, pinned memory,
   ``non_blocking`` copies). The workers are warmed by one pass before timing.
-* **extraction**: ``helpers.inference.extract_embeddings`` over the demo table (eval
+* **extraction**: ``helpers.evaluation.inference.extract_embeddings`` over the demo table (eval
   transform, batch ``--embed-batch``), images/s.
 
 Both training variants use bf16 autocast (fp16 + GradScaler where the GPU lacks bf16),
@@ -72,8 +72,13 @@ def main() -> int:
         if cuda:
             torch.cuda.synchronize()
 
-    from helpers import config, data, inference, models, repro, train, workspace
-    from helpers.schema import read_table
+    from helpers.core import config, repro, runtime
+    from helpers.core.schema import read_table
+    from helpers.data import datasets, transforms
+    from helpers.evaluation import inference
+    from helpers.experiments import artifacts
+    from helpers.modeling import models
+    from helpers.training import train
 
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     cfg = replace(
@@ -88,11 +93,11 @@ def main() -> int:
         deterministic=False,
         embed_batch=args.embed_batch,
     )
-    data_root, table_path = workspace.ensure_prepared(cfg, progress=True)
+    data_root, table_path = artifacts.ensure_prepared(cfg, progress=True)
     table = read_table(table_path)
     train_rows = table.loc[table.split == "train"].reset_index(drop=True)
-    amp = inference.amp_dtype(cfg, device)
-    workers = inference.resolve_num_workers(cfg, device)
+    amp = runtime.amp_dtype(cfg, device)
+    workers = runtime.resolve_num_workers(cfg, device)
     print(
         f"{torch.cuda.get_device_name(0) if cuda else 'CPU (smoke test, not a measurement)'}, torch {torch.__version__}, {args.backbone} at {args.img_size} px, "
         f"amp {amp}, channels_last, compile {args.compile}, {workers} workers, "
@@ -118,14 +123,14 @@ def main() -> int:
         optimizer = train.create_optimizer(cfg, embedder)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-        dataset = data.C2SDataset(
-            train_rows, data_root, inference.make_transform(cfg, embedder.data_config, cfg.augment)
+        dataset = datasets.C2SDataset(
+            train_rows, data_root, transforms.create_transform(cfg, embedder.data_config, cfg.augment)
         )
         steps = args.steps + args.warmup
-        sampler = data.SampleSeeds(
-            data.PKSampler((dataset.labels, dataset.domains), p, args.k, epoch_len=steps, seed=0), 0
+        sampler = datasets.SampleSeeds(
+            datasets.PKSampler((dataset.labels, dataset.domains), p, args.k, epoch_len=steps, seed=0), 0
         )
-        loader = data.make_loader(dataset, batch_sampler=sampler, num_workers=workers, seed=0, device=device)
+        loader = datasets.make_loader(dataset, batch_sampler=sampler, num_workers=workers, seed=0, device=device)
 
         def run(batches):
             sync()
@@ -153,8 +158,10 @@ def main() -> int:
         rows.append((batch, full, bare, torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")))
         del loader
 
-    eval_set = data.C2SDataset(table, data_root, inference.make_transform(cfg, embedder.data_config))
-    eval_loader = data.make_loader(eval_set, batch_size=args.embed_batch, num_workers=workers, seed=0, device=device)
+    eval_set = datasets.C2SDataset(table, data_root, transforms.create_transform(cfg, embedder.data_config))
+    eval_loader = datasets.make_loader(
+        eval_set, batch_size=args.embed_batch, num_workers=workers, seed=0, device=device
+    )
     inference.extract_embeddings(model, eval_loader, device, progress=False, amp=amp)  # warm-up pass
     sync()
     t0 = time.perf_counter()

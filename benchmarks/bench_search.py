@@ -1,4 +1,4 @@
-"""Benchmark: exact chunked top-k (``helpers.retrieval.exact_topk``) vs ``faiss.IndexFlatIP``.
+"""Benchmark: exact chunked top-k (``helpers.evaluation.search.exact_topk``) vs ``faiss.IndexFlatIP``.
 
 Prints the time ratio exact / FAISS (goal: <= 1.5x) and each method's peak extra memory,
 on random L2-normalised float32 embeddings. Asserts nothing: it is a measurement.
@@ -60,7 +60,7 @@ def worker(args: argparse.Namespace) -> None:
     import faiss  # noqa: F401  (imported by both workers, so both baselines include it)
     import torch
 
-    from helpers.retrieval import exact_topk, faiss_topk
+    from helpers.evaluation.search import exact_topk, faiss_topk
 
     query = make_data(args.queries, args.dim, seed=1)
     gallery = make_data(args.gallery, args.dim, seed=2)

@@ -7,10 +7,10 @@ goal **>= 0.9 × the best bare step** (PASS / MISS). It asserts nothing: it is a
 
 * **project: fit loop**: what ``train.fit()`` builds (``train._build``: the demo config's model,
   ``create_criterion``, ``create_optimizer``, the ``lr_factor`` schedule, one persistent
-  DataLoader over ``data.SampleSeeds(PKSampler)`` at ``inference.resolve_num_workers``, with JPEG
+  DataLoader over ``datasets.SampleSeeds(PKSampler)`` at ``runtime.resolve_num_workers``, with JPEG
   decoding, box crop, letterbox and the augmentation preset), run as ``fit()`` runs an epoch:
   ``set_epoch``, then ``train.train_one_epoch``. The allocator is tuned as ``fit()`` tunes it
-  (``repro.tune_allocator``; ``C2S_MALLOPT=0`` turns it off). Epoch 1 includes the loader's
+  (``runtime.tune_allocator``; ``C2S_MALLOPT=0`` turns it off). Epoch 1 includes the loader's
   start-up; the goal applies to the later epochs (the steady state of a run).
 * **bare, project settings, this process**: the same ``train_one_epoch`` with the same model,
   loss, optimizer, schedule and batch (P × K), on batches already in memory (real images of
@@ -18,7 +18,7 @@ goal **>= 0.9 × the best bare step** (PASS / MISS). It asserts nothing: it is a
   worker. Timed in this process, alternating with the project's loop.
 * **bare sweep**: the same bare loop, each variant in a fresh subprocess (the allocator setting
   is process-wide and cannot be undone): allocator default (``C2S_MALLOPT=0``, no ``MALLOC_*_``
-  variables) or tuned (``repro.tune_allocator``), ``channels_last`` off or on (model and
+  variables) or tuned (``runtime.tune_allocator``), ``channels_last`` off or on (model and
   batches), and torch threads (default: all of torch's and half of them). The batch is fixed
   by P × K. The best bare is the fastest of these and the in-process bare loop.
 
@@ -50,7 +50,7 @@ OWN_BARE = "bare, project settings, this process"
 
 
 def make_config(args: argparse.Namespace):
-    from helpers import config
+    from helpers.core import config
 
     return config.get_config(
         "demo",
@@ -67,10 +67,11 @@ def make_config(args: argparse.Namespace):
 
 def build(args: argparse.Namespace):
     """What ``fit()`` builds for a new run (``train._build``), with the epoch cut to ``steps``."""
-    from helpers import train, workspace
+    from helpers.experiments import artifacts
+    from helpers.training import train
 
     cfg = make_config(args)
-    data_root, table_path = workspace.ensure_prepared(cfg, progress=False)
+    data_root, table_path = artifacts.ensure_prepared(cfg, progress=False)
     run = train._build(cfg, table_path, data_root, Path(tempfile.gettempdir()), None)  # writes nothing
     steps = args.steps or len(run.batches)
     run.batches.batch_sampler.epoch_len = steps
@@ -82,23 +83,23 @@ def in_memory_batches(run, steps: int, channels_last: bool = False) -> list:
     loaded once without workers; at most 8 distinct, cycled)."""
     import torch
 
-    from helpers import data
+    from helpers.data import datasets
 
     dataset = run.loader.dataset
     distinct = min(steps, 8)
-    sampler = data.PKSampler(
+    sampler = datasets.PKSampler(
         (dataset.labels, dataset.domains), run.cfg.p_items, run.cfg.k_images, epoch_len=distinct, seed=run.cfg.seed
     )
-    seeds = data.SampleSeeds(sampler, run.cfg.seed)
+    seeds = datasets.SampleSeeds(sampler, run.cfg.seed)
     seeds.set_epoch(99)  # not an epoch the timed passes use
-    prepared = list(data.make_loader(dataset, batch_sampler=seeds, num_workers=0, seed=run.cfg.seed))
+    prepared = list(datasets.make_loader(dataset, batch_sampler=seeds, num_workers=0, seed=run.cfg.seed))
     if channels_last:
         prepared = [(x.contiguous(memory_format=torch.channels_last), y, i) for x, y, i in prepared]
     return [prepared[i % distinct] for i in range(steps)]
 
 
 def bare_pass(run, batches: list, desc: str = "bare"):
-    from helpers.train import train_one_epoch
+    from helpers.training.train import train_one_epoch
 
     def go(seen: list) -> int:
         return train_one_epoch(
@@ -129,8 +130,8 @@ def project_epoch(run, epoch: int):
     """One epoch as ``train._train_epoch`` runs it, without validation and checkpointing."""
     import torch
 
-    from helpers import losses
-    from helpers.train import train_one_epoch
+    from helpers.modeling import losses
+    from helpers.training.train import train_one_epoch
 
     def go(seen: list) -> int:
         torch.manual_seed(run.cfg.seed * 100_003 + epoch)
@@ -189,7 +190,8 @@ def main() -> None:
 
     import torch
 
-    from helpers import data, inference
+    from helpers.core import runtime
+    from helpers.data import datasets
 
     started = time.perf_counter()
     allocator = T.project_allocator()  # as fit() does, before anything is built
@@ -216,7 +218,7 @@ def main() -> None:
     )
     print(
         f"project settings: num_workers={run.loader.num_workers} (resolve_num_workers), allocator {allocator} "
-        f"(repro.tune_allocator), channels_last on (as fit() builds it), threads {own['threads']}"
+        f"(runtime.tune_allocator), channels_last on (as fit() builds it), threads {own['threads']}"
     )
     print(
         f"bare sweep: {len(variants)} variant(s) in fresh processes (allocator x channels_last x threads), "
@@ -247,13 +249,13 @@ def main() -> None:
 
         def new_loader():
             dataset = run.loader.dataset
-            sampler = data.PKSampler(
+            sampler = datasets.PKSampler(
                 (dataset.labels, dataset.domains), cfg.p_items, cfg.k_images, epoch_len=steps, seed=cfg.seed
             )
-            return data.make_loader(
+            return datasets.make_loader(
                 dataset,
-                batch_sampler=data.SampleSeeds(sampler, cfg.seed),
-                num_workers=inference.resolve_num_workers(cfg, "cpu"),
+                batch_sampler=datasets.SampleSeeds(sampler, cfg.seed),
+                num_workers=runtime.resolve_num_workers(cfg, "cpu"),
                 seed=cfg.seed,
             )
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU card of the README's "Scaling" section, as one prepared command for a lent GPU machine
+# The GPU card of docs/benchmarks.md ("One GPU"), as one prepared command for a lent GPU machine
 # (or any CUDA machine with torch + timm): the GPU benchmark eager and compiled, then a short
 # end-to-end `train` on CUDA (bf16 autocast, pinned memory, persistent workers, test at the end).
 # Writes each step's output to $OUT (default ./outputs/gpu_card). Each step has its own time limit,
@@ -20,8 +20,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 echo "cpu cores: $(nproc)" | tee -a "$OUT/gpu.txt"
 
 [ -n "${SKIP_EAGER:-}" ] || timeout 200 "$PY" benchmarks/bench_gpu.py 2>&1 | tee "$OUT/bench_eager.txt"
-read -r ROOT TABLE < <("$PY" -c "from helpers import config, workspace
-root, table = workspace.ensure_prepared(config.get_config('demo'), progress=False); print(root, table)")
+read -r ROOT TABLE < <("$PY" -c "from helpers.core import config; from helpers.experiments import artifacts
+root, table = artifacts.ensure_prepared(config.get_config('demo'), progress=False); print(root, table)")
 timeout 150 "$PY" -m helpers train --profile demo --device cuda --backbone efficientnet_b3 --weights none \
     --img-size 288 --p-items 32 --epochs 2 --table "$TABLE" --data-root "$ROOT" --out "$C2S_OUTPUTS/gpu_train" 2>&1 | tr '\r' '\n' |
     grep -v 'it/s\]$' | tee "$OUT/train.txt"

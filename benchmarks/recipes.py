@@ -29,7 +29,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from helpers import config, inference, models, repro, sampling, schema, train  # noqa: E402
+from helpers.core import config, runtime, schema  # noqa: E402
+from helpers.data import sampling  # noqa: E402
+from helpers.evaluation import inference  # noqa: E402
+from helpers.modeling import models  # noqa: E402
+from helpers.training import train  # noqa: E402
 
 # The plain reference: letterbox 160 px, flip only, P×K 16×4, batch-hard margin 0.2, Adam
 # 1e-4 backbone / 1e-3 head at a constant rate, 8 epochs, Linear→BN→L2 head, 256-d.
@@ -222,7 +226,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.report:
-        repro.tune_allocator()
+        runtime.tune_allocator()
         root, table_path = ensure_tree(out, args.items, args.tree_seed)
         zero_shot(root, table_path, out)
         for name in args.recipes.split(","):  # every seed of a recipe before the next recipe

@@ -5,7 +5,6 @@ through the CLI, as a user would) and image bytes for every kind of upload the a
 from __future__ import annotations
 
 import io
-import socket
 import struct
 import zlib
 from contextlib import redirect_stdout
@@ -14,8 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from helpers import config, workspace
-from helpers.__main__ import main
+from helpers.apps.cli import main
+from helpers.core import config
+from helpers.experiments import artifacts
 
 _CACHE: dict[str, Path] = {}
 
@@ -23,7 +23,7 @@ _CACHE: dict[str, Path] = {}
 def fixture_index(tmp_factory) -> Path:
     """Train the fixture model one epoch and index its test gallery (once per session)."""
     if "index" not in _CACHE:
-        root, table = workspace.ensure_prepared(config.get_config("fixture"), progress=False)
+        root, table = artifacts.ensure_prepared(config.get_config("fixture"), progress=False)
         work = tmp_factory.mktemp("app_index")
         with redirect_stdout(io.StringIO()):
             assert (
@@ -135,10 +135,3 @@ def odd_but_valid_uploads() -> dict[str, bytes]:
         "webp": encode(base, "WEBP"),
         "exif rotated": exif_rotated_jpeg(),
     }
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (the only interface these tests use)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -1,4 +1,4 @@
-"""A DeepFashion-format tree written by hand (not by helpers.synthetic), with the quirks of the
+"""A DeepFashion-format tree written by hand (not by helpers.data.synthetic), with the quirks of the
 real release: count + header lines, space-aligned columns, CRLF, trailing spaces, the
 ``comsumer_NN.jpg`` spelling, an item under two subcategory folders, a 1-px box overshoot,
 an image in the bbox list that the partition does not name.

@@ -1,4 +1,4 @@
-"""A DeepFashion-C2S-format tree made WITHOUT helpers.synthetic, to check the pipeline on data
+"""A DeepFashion-C2S-format tree made WITHOUT helpers.data.synthetic, to check the pipeline on data
 this project's generator did not write (other shapes, textures, transforms and list writer).
 
 Items are smooth random-texture patches cut into random polygons; a shop photo shows the patch

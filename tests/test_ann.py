@@ -1,4 +1,4 @@
-"""helpers.ann: every index kind against exact search (explicit NumPy loops and faiss
+"""helpers.evaluation.ann: every index kind against exact search (explicit NumPy loops and faiss
 IndexFlatIP as oracles), recorded parameters and recall, atomic save / load, streamed
 embedding files, bad input."""
 
@@ -10,9 +10,9 @@ import faiss
 import numpy as np
 import pytest
 
-from helpers.ann import KINDS, AnnIndex, AnnParams, EmbeddingWriter, recall_at_k, write_meta
-from helpers.errors import InputError
-from helpers.retrieval import exact_topk
+from helpers.core.errors import InputError
+from helpers.evaluation.ann import KINDS, AnnIndex, AnnParams, EmbeddingWriter, recall_at_k, write_meta
+from helpers.evaluation.search import exact_topk
 
 
 def build(embeddings, params, **kwargs) -> AnnIndex:
@@ -206,7 +206,7 @@ def test_bad_embeddings(gallery):
 
 def test_memmap_gallery_is_built_chunkwise(gallery, queries, tmp_path, monkeypatch):
     """A memory-mapped gallery is read in chunks (forced small here) and gives the same index."""
-    import helpers.ann as ann
+    import helpers.evaluation.ann as ann
 
     with EmbeddingWriter(tmp_path / "g.npy", len(gallery)) as writer:
         for start in range(0, len(gallery), 700):

@@ -1,19 +1,21 @@
-"""The live demo's handlers (helpers.app), with image bytes for every bad upload, and the served
+"""The live demo's handlers (helpers.apps.app), with image bytes for every bad upload, and the served
 app through gradio_client: a bad query gets a message and the next query is still answered."""
 
 from __future__ import annotations
 
 import io
 import json
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
 import pytest
-from app_support import bad_uploads, encode, exif_rotated_jpeg, fixture_index, free_port, odd_but_valid_uploads, photo
+from app_support import bad_uploads, encode, exif_rotated_jpeg, fixture_index, odd_but_valid_uploads, photo
 from PIL import Image
 
-from helpers import app
-from helpers.__main__ import main
+from helpers.apps import app
+from helpers.apps.cli import main
+from helpers.core.config import REPO_ROOT
+from helpers.data import transforms
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +147,63 @@ def test_the_cli_search_and_the_app_return_the_same_top_k(index_dir, demo):
     assert [h["score"] for h in answer.hits] == pytest.approx([h["score"] for h in cli], abs=1e-5)
 
 
-def test_the_served_app_survives_bad_queries(index_dir, tmp_path):
+def _cli_search(*argv: str) -> list[dict]:
+    stdout = io.StringIO()
+    with redirect_stdout(stdout):
+        assert main(["search", *argv, "--json"]) == 0
+    return json.loads(stdout.getvalue())
+
+
+def test_a_phone_photo_gets_the_same_answer_from_the_cli_and_the_app(index_dir, demo, tmp_path):
+    # A test query as a phone stores a photo taken sideways: pixels turned 90° counter-clockwise,
+    # EXIF orientation 6 ("turn 90° clockwise to view").
+    upright = transforms.open_rgb(demo.query_example(demo.query_choices()[2])[0])
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sideways = tmp_path / "phone.jpg"
+    upright.rotate(90, expand=True).save(sideways, quality=95, exif=exif)
+    k = demo.n_gallery  # every score, so a different picture cannot go unnoticed
+    cli = _cli_search("--index", str(index_dir), str(sideways), "-k", str(k))
+    answer = demo.answer(sideways.read_bytes(), k=k)
+    assert answer.ok, answer.message
+    assert [h["item_id"] for h in answer.hits] == [h["item_id"] for h in cli]
+    assert [h["score"] for h in answer.hits] == pytest.approx([h["score"] for h in cli], abs=1e-5)
+    with Image.open(sideways) as stored:  # the stored pixels, as a decoder that ignores EXIF sees them
+        raw = demo.index.search_image(stored.convert("RGB"), k=k)
+    assert [h["score"] for h in raw] != pytest.approx([h["score"] for h in cli], abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ("not a photo\n", "this file is not an image (or not a format Pillow reads: use JPEG, PNG or WebP)"),
+        (None, "no such image file"),
+    ],
+)
+def test_a_photo_the_cli_cannot_read_is_one_line_naming_it(index_dir, tmp_path, content, reason):
+    photo_path = tmp_path / "photo.jpg"
+    if content is not None:
+        photo_path.write_text(content)
+    stderr = io.StringIO()
+    with redirect_stderr(stderr), redirect_stdout(io.StringIO()):
+        assert main(["search", "--index", str(index_dir), str(photo_path)]) == 2
+    assert stderr.getvalue() == f"error: {photo_path}: {reason}\n"
+
+
+def test_the_page_shows_no_absolute_path_of_the_server(demo, tmp_path):
+    outside = app.SearchApp(demo.index, tmp_path / "shop_images")
+    text = app.describe(outside)
+    assert "`shop_images`" in text
+    assert str(tmp_path) not in text and "`/" not in text
+    inside = app.SearchApp(demo.index, REPO_ROOT / "data" / "shop_images")
+    assert "`data/shop_images`" in app.describe(inside) and str(REPO_ROOT) not in app.describe(inside)
+    pytest.importorskip("gradio")
+    blocks = app.build_blocks(outside)
+    shown = " ".join(str(getattr(block, "value", "")) for block in blocks.blocks.values())
+    assert "shop_images" in shown and str(tmp_path) not in shown
+
+
+def test_the_served_app_survives_bad_queries(index_dir, tmp_path, free_port):
     gradio_client = pytest.importorskip("gradio_client")
     port = free_port()
     blocks = app.serve(index_dir, port=port, block=False)

@@ -16,9 +16,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from app_support import fixture_index, free_port
+from app_support import fixture_index
 
-from helpers import config
+from helpers.core import config
 
 CHROMIUM = "/usr/bin/chromium"
 # Without these, Chromium tries to reach Google's services at start; on a closed network it
@@ -56,7 +56,7 @@ def _wait_until_up(url: str, server: subprocess.Popen, timeout: float = 120) -> 
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, free_port):
     index_dir = fixture_index(tmp_path_factory)
     port = free_port()
     server = subprocess.Popen(

@@ -1,4 +1,4 @@
-"""Tests for helpers.data: geometry, photometric modes, augmentation presets, dataset,
+"""Tests for helpers.data.transforms: geometry, photometric modes, augmentation presets, dataset,
 P×K sampler and the seeded loader. Tiny images made here; runs in a few seconds."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import data
-from helpers.errors import InputError
+from helpers.core.errors import InputError
+from helpers.data import datasets, transforms
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # pixel 127.5 never occurs: exact 0 = erased
 
@@ -32,46 +32,46 @@ def luma(rgb: np.ndarray) -> np.ndarray:
 
 def test_crop_box_margin_grows_each_side():
     image = solid(400, 300)
-    assert data.crop_box(image, (100, 100, 200, 150), 0.0).size == (100, 50)
-    assert data.crop_box(image, (100, 100, 200, 150), 0.1).size == (120, 60)
-    assert data.crop_box(image, (100, 100, 200, 150), 0.2).size == (140, 70)
+    assert transforms.crop_box(image, (100, 100, 200, 150), 0.0).size == (100, 50)
+    assert transforms.crop_box(image, (100, 100, 200, 150), 0.1).size == (120, 60)
+    assert transforms.crop_box(image, (100, 100, 200, 150), 0.2).size == (140, 70)
 
 
 def test_crop_box_clips_at_image_edges():
     image = Image.new("RGB", (400, 300))
     image.paste((255, 0, 0), (0, 0, 5, 300))  # red column x < 5 marks the left edge
     # Box touching the left/top edges: the margin cannot go below 0.
-    cropped = data.crop_box(image, (0, 0, 100, 50), 0.1)
+    cropped = transforms.crop_box(image, (0, 0, 100, 50), 0.1)
     assert cropped.size == (110, 55)
     assert cropped.getpixel((0, 0)) == (255, 0, 0)
     # Box touching the right/bottom edges: clipped at 400×300.
-    assert data.crop_box(image, (300, 250, 400, 300), 0.1).size == (110, 55)
-    assert data.crop_box(image, None, 0.2).size == (400, 300)
+    assert transforms.crop_box(image, (300, 250, 400, 300), 0.1).size == (110, 55)
+    assert transforms.crop_box(image, None, 0.2).size == (400, 300)
 
 
 def test_crop_box_rejects_empty_and_outside_boxes():
     image = solid(100, 100)
     with pytest.raises(InputError, match="empty"):
-        data.crop_box(image, (50, 50, 50, 80), 0.0)
+        transforms.crop_box(image, (50, 50, 50, 80), 0.0)
     with pytest.raises(InputError, match="outside"):
-        data.crop_box(image, (150, 150, 180, 180), 0.0)
+        transforms.crop_box(image, (150, 150, 180, 180), 0.0)
     with pytest.raises(InputError):
-        data.crop_box(image, (10, 10, 20, 20), -0.1)
+        transforms.crop_box(image, (10, 10, 20, 20), -0.1)
 
 
 # --------------------------------------------------------------------------- resize
 
 
 def test_letterbox_keeps_aspect_and_pads_with_fill():
-    out = np.asarray(data.letterbox(solid(200, 100), 64, fill=(1, 2, 3)))
+    out = np.asarray(transforms.letterbox(solid(200, 100), 64, fill=(1, 2, 3)))
     assert out.shape == (64, 64, 3)
     # 200×100 → 64×32 content centred vertically: rows 16..47 red, the rest fill.
     assert (out[16:48] == (200, 30, 30)).all()
     assert (out[:16] == (1, 2, 3)).all() and (out[48:] == (1, 2, 3)).all()
     # Portrait: 50×100 → 32×64 content centred horizontally.
-    tall = np.asarray(data.letterbox(solid(50, 100), 64))
+    tall = np.asarray(transforms.letterbox(solid(50, 100), 64))
     assert (tall[:, 16:48] == (200, 30, 30)).all()
-    assert (tall[:, :16] == data.IMAGENET_FILL).all()
+    assert (tall[:, :16] == transforms.IMAGENET_FILL).all()
 
 
 def _extent(mask: np.ndarray) -> tuple[int, int]:
@@ -84,8 +84,8 @@ def test_letterbox_keeps_square_squash_distorts_it():
     image = Image.new("RGB", (100, 50), (0, 0, 255))
     image.paste((0, 255, 0), (0, 0, 50, 50))  # a green 50×50 square on the left half
     green = lambda im: (np.asarray(im)[..., 1] > 128) & (np.asarray(im)[..., 2] < 128)
-    boxed = data.resize_image(image, 64, "letterbox", "bilinear")
-    squashed = data.resize_image(image, 64, "squash", "bilinear")
+    boxed = transforms.resize_image(image, 64, "letterbox", "bilinear")
+    squashed = transforms.resize_image(image, 64, "squash", "bilinear")
     assert boxed.size == squashed.size == (64, 64)
     h, w = _extent(green(boxed))
     assert abs(h - w) <= 1 and 31 <= w <= 33  # still a square, 32 px
@@ -95,9 +95,9 @@ def test_letterbox_keeps_square_squash_distorts_it():
 
 def test_resize_image_unknown_mode_or_interpolation():
     with pytest.raises(InputError, match="resize mode"):
-        data.resize_image(solid(10, 10), 8, "crop")
+        transforms.resize_image(solid(10, 10), 8, "crop")
     with pytest.raises(InputError, match="interpolation"):
-        data.resize_image(solid(10, 10), 8, "letterbox", "cubic-ish")
+        transforms.resize_image(solid(10, 10), 8, "letterbox", "cubic-ish")
 
 
 # --------------------------------------------------------------------------- photometric
@@ -108,7 +108,7 @@ def test_grayworld_equalises_channel_means():
     cast = np.clip(rng.normal(110, 20, (64, 64, 3)) * [1.3, 1.0, 0.7], 0, 255).astype(np.uint8)
     before = cast.reshape(-1, 3).mean(axis=0)
     assert before.max() - before.min() > 50  # a real colour cast
-    after = np.asarray(data.photometric(Image.fromarray(cast), "grayworld")).reshape(-1, 3).mean(axis=0)
+    after = np.asarray(transforms.photometric(Image.fromarray(cast), "grayworld")).reshape(-1, 3).mean(axis=0)
     assert after.max() - after.min() < 1.0
     assert abs(after.mean() - before.mean()) < 1.0  # overall brightness kept
 
@@ -127,7 +127,7 @@ def _patch_hue(rgb: np.ndarray) -> float:
 
 def test_clahe_raises_contrast_and_keeps_hue():
     rgb = _low_contrast_with_patch()
-    out = np.asarray(data.photometric(Image.fromarray(rgb), "clahe"))
+    out = np.asarray(transforms.photometric(Image.fromarray(rgb), "clahe"))
     assert out.shape == rgb.shape and out.dtype == np.uint8
     assert luma(out).std() > 1.2 * luma(rgb).std()
     assert abs(_patch_hue(out) - _patch_hue(rgb)) < 0.01  # hue as a fraction of the colour wheel
@@ -135,12 +135,12 @@ def test_clahe_raises_contrast_and_keeps_hue():
 
 def test_photometric_none_both_and_unknown():
     image = Image.fromarray(_low_contrast_with_patch())
-    assert np.array_equal(np.asarray(data.photometric(image, "none")), np.asarray(image))
-    both = np.asarray(data.photometric(image, "both"))
-    expected = np.asarray(data.clahe(data.grayworld(image)))
+    assert np.array_equal(np.asarray(transforms.photometric(image, "none")), np.asarray(image))
+    both = np.asarray(transforms.photometric(image, "both"))
+    expected = np.asarray(transforms.clahe(transforms.grayworld(image)))
     assert np.array_equal(both, expected)
     with pytest.raises(InputError, match="photometric mode"):
-        data.photometric(image, "retinex")
+        transforms.photometric(image, "retinex")
 
 
 # --------------------------------------------------------------------------- transforms
@@ -151,15 +151,15 @@ def _striped(width=48, height=40) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-@pytest.mark.parametrize("preset", list(data.AUGMENT_PRESETS))
+@pytest.mark.parametrize("preset", list(transforms.AUGMENT_PRESETS))
 def test_every_preset_gives_the_right_shape(preset):
-    transform = data.build_transform(32, MEAN, STD, "bicubic", augment=preset, photometric="both", margin=0.1)
+    transform = transforms.C2STransform(32, MEAN, STD, "bicubic", augment=preset, photometric="both", margin=0.1)
     out = transform(_striped(), (4, 4, 40, 30))
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
 
 
 def test_none_preset_is_deterministic_and_normalised():
-    transform = data.build_transform(16, MEAN, STD, "bilinear")
+    transform = transforms.C2STransform(16, MEAN, STD, "bilinear")
     image = solid(30, 10, (255, 0, 0))
     first, second = transform(image, None), transform(image, None)
     assert torch.equal(first, second)
@@ -171,8 +171,8 @@ def test_none_preset_is_deterministic_and_normalised():
 def _erased_fraction(preset: str, draws: int = 40) -> tuple[float, float]:
     """(fraction of draws with an erased patch, mean |difference| from the un-augmented output)."""
     image = _striped()
-    plain = data.build_transform(32, MEAN, STD, "bilinear")(image)
-    transform = data.build_transform(32, MEAN, STD, "bilinear", augment=preset)
+    plain = transforms.C2STransform(32, MEAN, STD, "bilinear")(image)
+    transform = transforms.C2STransform(32, MEAN, STD, "bilinear", augment=preset)
     torch.manual_seed(0)
     outputs = [transform(image) for _ in range(draws)]
     erased = np.mean([bool((out == 0).all(dim=0).any()) for out in outputs])
@@ -193,17 +193,17 @@ def test_presets_increase_in_strength():
 
 def test_build_transform_rejects_unknown_names():
     with pytest.raises(InputError, match="augmentation preset"):
-        data.build_transform(32, MEAN, STD, augment="extreme")
+        transforms.C2STransform(32, MEAN, STD, augment="extreme")
     with pytest.raises(InputError, match="interpolation"):
-        data.build_transform(32, MEAN, STD, interpolation="random")
+        transforms.C2STransform(32, MEAN, STD, interpolation="random")
     with pytest.raises(InputError, match="resize mode"):
-        data.build_transform(32, MEAN, STD, resize="pad")
+        transforms.C2STransform(32, MEAN, STD, resize="pad")
 
 
 def test_transform_pickles_for_workers():
     import pickle
 
-    transform = data.build_transform(16, MEAN, STD, augment="strong", photometric="clahe")
+    transform = transforms.C2STransform(16, MEAN, STD, augment="strong", photometric="clahe")
     assert "strong" in repr(pickle.loads(pickle.dumps(transform)))
 
 
@@ -240,7 +240,7 @@ def make_tree(root, counts: dict[str, tuple[int, int]], size=(24, 20)) -> pd.Dat
 
 def test_dataset_returns_tensor_label_index(tmp_path):
     table = make_tree(tmp_path, {"id_b": (1, 1), "id_a": (2, 1)})
-    dataset = data.C2SDataset(table, tmp_path, data.build_transform(16, MEAN, STD))
+    dataset = datasets.C2SDataset(table, tmp_path, transforms.C2STransform(16, MEAN, STD))
     assert len(dataset) == 5
     assert dataset.item_to_label == {"id_a": 0, "id_b": 1}
     assert dataset.labels.tolist() == [0, 0, 0, 1, 1]
@@ -253,7 +253,7 @@ def test_dataset_missing_or_broken_image_names_the_path(tmp_path):
     table = make_tree(tmp_path, {"id_a": (1, 1)})
     (tmp_path / table.path[0]).unlink()
     (tmp_path / table.path[1]).write_bytes(b"not a jpeg")
-    dataset = data.C2SDataset(table, tmp_path, data.build_transform(16, MEAN, STD))
+    dataset = datasets.C2SDataset(table, tmp_path, transforms.C2STransform(16, MEAN, STD))
     for i in (0, 1):
         with pytest.raises(InputError) as info:
             dataset[i]
@@ -264,12 +264,12 @@ def test_dataset_missing_or_broken_image_names_the_path(tmp_path):
 def test_dataset_bad_box_and_missing_column(tmp_path):
     table = make_tree(tmp_path, {"id_a": (1, 1)})
     table.loc[0, ["x_1", "x_2"]] = [10, 5]
-    dataset = data.C2SDataset(table, tmp_path, data.build_transform(16, MEAN, STD))
+    dataset = datasets.C2SDataset(table, tmp_path, transforms.C2STransform(16, MEAN, STD))
     with pytest.raises(InputError, match="empty") as info:
         dataset[0]
     assert str(tmp_path / table.path[0]) in str(info.value)
     with pytest.raises(InputError, match="x_1"):
-        data.C2SDataset(table.drop(columns="x_1"), tmp_path, dataset.transform)
+        datasets.C2SDataset(table.drop(columns="x_1"), tmp_path, dataset.transform)
 
 
 # --------------------------------------------------------------------------- P×K sampler
@@ -305,7 +305,7 @@ def check_batch(batch, table, p, k):
 
 def test_pk_sampler_batches_are_p_items_by_k_cross_domain():
     table = sampler_table()
-    sampler = data.PKSampler(table, p=3, k=4, seed=7)
+    sampler = datasets.PKSampler(table, p=3, k=4, seed=7)
     assert sampler.items == ["a", "b", "c", "d", "e", "f"]
     assert sampler.ineligible_items == ["g_consumer_only", "h_shop_only"] and sampler.n_ineligible == 2
     batches = list(sampler)
@@ -321,7 +321,7 @@ def test_pk_sampler_batches_are_p_items_by_k_cross_domain():
 def test_pk_sampler_replacement_only_for_small_items():
     table = sampler_table()
     for epoch in range(5):
-        sampler = data.PKSampler(table, p=2, k=4, epoch_len=12, seed=epoch)
+        sampler = datasets.PKSampler(table, p=2, k=4, epoch_len=12, seed=epoch)
         for batch in sampler:
             for start in range(0, 8, 4):
                 rows = batch[start : start + 4]
@@ -334,20 +334,20 @@ def test_pk_sampler_replacement_only_for_small_items():
 
 def test_pk_sampler_is_a_function_of_seed_and_epoch():
     table = sampler_table()
-    sampler = data.PKSampler(table, p=2, k=3, seed=1)
+    sampler = datasets.PKSampler(table, p=2, k=3, seed=1)
     epoch0, epoch0_again = list(sampler), list(sampler)
     sampler.set_epoch(1)
     epoch1 = list(sampler)
     assert epoch0 == epoch0_again and epoch0 != epoch1
-    resumed = data.PKSampler(table, p=2, k=3, seed=1)
+    resumed = datasets.PKSampler(table, p=2, k=3, seed=1)
     resumed.set_epoch(1)
     assert list(resumed) == epoch1  # resuming at epoch 1 reproduces it exactly
-    assert list(data.PKSampler(table, p=2, k=3, seed=2)) != epoch0
+    assert list(datasets.PKSampler(table, p=2, k=3, seed=2)) != epoch0
 
 
 def test_pk_sampler_from_labels_and_domains_and_epoch_len():
     table = sampler_table()
-    sampler = data.PKSampler((table.item_id.to_numpy(), table.domain.to_numpy()), p=4, k=2, epoch_len=5)
+    sampler = datasets.PKSampler((table.item_id.to_numpy(), table.domain.to_numpy()), p=4, k=2, epoch_len=5)
     batches = list(sampler)
     assert len(sampler) == len(batches) == 5
     for batch in batches:
@@ -357,13 +357,13 @@ def test_pk_sampler_from_labels_and_domains_and_epoch_len():
 def test_pk_sampler_errors():
     table = sampler_table()
     with pytest.raises(InputError, match="found 6"):
-        data.PKSampler(table, p=7, k=2)
+        datasets.PKSampler(table, p=7, k=2)
     with pytest.raises(InputError, match="K >= 2"):
-        data.PKSampler(table, p=2, k=1)
+        datasets.PKSampler(table, p=2, k=1)
     with pytest.raises(InputError, match="domain"):
-        data.PKSampler((["a", "a"], ["consumer", "store"]), p=1, k=2)
+        datasets.PKSampler((["a", "a"], ["consumer", "store"]), p=1, k=2)
     with pytest.raises(InputError, match="epoch_len"):
-        data.PKSampler(table, p=2, k=2, epoch_len=0)
+        datasets.PKSampler(table, p=2, k=2, epoch_len=0)
 
 
 # --------------------------------------------------------------------------- loader
@@ -372,7 +372,7 @@ def test_pk_sampler_errors():
 def _batches(loader, epochs=2):
     out = []
     for epoch in range(epochs):
-        if isinstance(loader.batch_sampler, data.PKSampler):
+        if isinstance(loader.batch_sampler, datasets.PKSampler):
             loader.batch_sampler.set_epoch(epoch)
         out.extend((images.clone(), labels.tolist(), index.tolist()) for images, labels, index in loader)
     return out
@@ -384,11 +384,11 @@ def _same(a, b) -> bool:
 
 def test_make_loader_same_batches_with_and_without_workers(tmp_path):
     table = make_tree(tmp_path, {"a": (2, 1), "b": (1, 2), "c": (2, 2), "d": (1, 1)}, size=(12, 10))
-    dataset = data.C2SDataset(table, tmp_path, data.build_transform(8, MEAN, STD))
+    dataset = datasets.C2SDataset(table, tmp_path, transforms.C2STransform(8, MEAN, STD))
 
     def pk_loader(workers):
-        sampler = data.PKSampler((dataset.labels, dataset.domains), p=2, k=3, seed=5)
-        return data.make_loader(dataset, batch_sampler=sampler, num_workers=workers, seed=5)
+        sampler = datasets.PKSampler((dataset.labels, dataset.domains), p=2, k=3, seed=5)
+        return datasets.make_loader(dataset, batch_sampler=sampler, num_workers=workers, seed=5)
 
     serial, parallel = _batches(pk_loader(0)), _batches(pk_loader(2))
     assert len(serial) == 4 and _same(serial, parallel)
@@ -396,7 +396,7 @@ def test_make_loader_same_batches_with_and_without_workers(tmp_path):
     assert images.shape == (6, 3, 8, 8) and dataset.labels[index].tolist() == labels
 
     shuffled = [
-        _batches(data.make_loader(dataset, batch_size=4, shuffle=True, num_workers=w, seed=9), 1) for w in (0, 2)
+        _batches(datasets.make_loader(dataset, batch_size=4, shuffle=True, num_workers=w, seed=9), 1) for w in (0, 2)
     ]
     assert _same(*shuffled)
     assert sorted(i for batch in shuffled[0] for i in batch[2]) == list(range(len(dataset)))
@@ -404,9 +404,9 @@ def test_make_loader_same_batches_with_and_without_workers(tmp_path):
 
 def test_make_loader_options(tmp_path):
     table = make_tree(tmp_path, {"a": (1, 1)})
-    dataset = data.C2SDataset(table, tmp_path, data.build_transform(8, MEAN, STD))
-    loader = data.make_loader(dataset, batch_size=2, num_workers=1, device="cuda")
+    dataset = datasets.C2SDataset(table, tmp_path, transforms.C2STransform(8, MEAN, STD))
+    loader = datasets.make_loader(dataset, batch_size=2, num_workers=1, device="cuda")
     assert loader.pin_memory and loader.persistent_workers and loader.worker_init_fn is not None
-    loader = data.make_loader(dataset, batch_size=2)
+    loader = datasets.make_loader(dataset, batch_size=2)
     assert not loader.pin_memory and not loader.persistent_workers
     assert [index.tolist() for _, _, index in loader] == [[0, 1]]  # evaluation order kept

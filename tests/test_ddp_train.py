@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from dataclasses import replace
 
 import pandas as pd
@@ -30,7 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import config, sampling, synthetic, train
+from helpers.core import config
+from helpers.training import train
 
 LOSS_RTOL, METRIC_TOL = 1e-4, 1e-3
 
@@ -104,24 +104,10 @@ def _worker(rank: int, world: int, port: int, root: str, table: str, out: str) -
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp") / "c2s"
-    synthetic.generate_tree(root, n_items=16, seed=1, progress=False)
-    sampling.prepare(root, root.parent / "prepared", categories=None, sample=None, progress=False)
-    return root, root.parent / "prepared" / "images.csv"
-
-
-def test_two_process_ddp_matches_one_process(prepared, tmp_path):
-    root, table = prepared
+def test_two_process_ddp_matches_one_process(small_tree, tmp_path, free_port):
+    root, table = small_tree
     ddp_dir = tmp_path / "ddp"
-    mp.spawn(_worker, args=(2, _free_port(), str(root), str(table), str(ddp_dir)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(root), str(table), str(ddp_dir)), nprocs=2, join=True)
     ranks = [torch.load(ddp_dir / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
     seen: list = []

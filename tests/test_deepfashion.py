@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 from handmade import BBOX, EXPECTED_ALL, EXPECTED_TOPS_DRESSES_TEST, PARTITION, bbox_records, format_list, write_tree
 
-from helpers import deepfashion, sampling, schema
-from helpers.__main__ import main
-from helpers.errors import InputError
+from helpers.apps.cli import main
+from helpers.core import schema
+from helpers.core.errors import InputError
+from helpers.data import deepfashion, sampling
 
 BBOX_HEADER = "image_name  clothes_type  source_type  x_1  y_1  x_2  y_2"
 PARTITION_HEADER = "image_pair_name_1  image_pair_name_2  item_id  evaluation_status"

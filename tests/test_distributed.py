@@ -1,10 +1,9 @@
-"""helpers.distributed: sharded P×K batches (nothing lost or duplicated, every share
+"""helpers.modeling.distributed: sharded P×K batches (nothing lost or duplicated, every share
 domain-balanced), and gathered-loss gradients under 2-process gloo DDP equal to one process."""
 
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -13,8 +12,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from independent_tree import build as build_independent_tree
 
-from helpers import data, distributed, inference, losses, sampling
-from helpers.errors import InputError
+from helpers.core.errors import InputError
+from helpers.data import datasets, sampling
+from helpers.evaluation import inference
+from helpers.modeling import distributed, losses
 
 
 def table(n_items: int = 23, seed: int = 0):
@@ -35,7 +36,7 @@ def table(n_items: int = 23, seed: int = 0):
 def test_shards_partition_each_global_batch(world):
     labels, domains = table()
     p, k = 8, 3
-    sampler = data.SampleSeeds(data.PKSampler((labels, domains), p, k, epoch_len=7, seed=5), seed=5)
+    sampler = datasets.SampleSeeds(datasets.PKSampler((labels, domains), p, k, epoch_len=7, seed=5), seed=5)
     shards = [distributed.ShardedBatches(sampler, k, p, rank, world) for rank in range(world)]
     for epoch in (0, 3):
         for shard in shards:
@@ -62,7 +63,7 @@ def test_shards_partition_each_global_batch(world):
 
 def test_items_must_split_evenly():
     labels, domains = table()
-    sampler = data.PKSampler((labels, domains), 6, 2)
+    sampler = datasets.PKSampler((labels, domains), 6, 2)
     with pytest.raises(InputError, match="multiple of the number of processes 4"):
         distributed.ShardedBatches(sampler, 2, 6, 0, 4)
     with pytest.raises(InputError, match="not in a world"):
@@ -130,18 +131,12 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ddp_gradients_equal_one_process(tmp_path):
+def test_ddp_gradients_equal_one_process(tmp_path, free_port):
     """Per-rank shares + gathered loss + DDP averaging = the one-process gradient of the loss
     over the global batch (float tolerance only: no BatchNorm in this model). The negative
     control without the ×N backward scaling is off by exactly a factor 2."""
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), out), nprocs=2, join=True)
     got = torch.load(out)
     x, y = _batch()
     ref_loss, ref_grads = _step(_model(), losses.create_loss("batch_hard", margin=0.2), x, y)
@@ -167,8 +162,9 @@ def _embed_worker(rank: int, world: int, port: int, root: str, table_path: str, 
 
 
 def _eval_setup(table_path: str):
-    from helpers import config, models
-    from helpers.schema import read_table
+    from helpers.core import config
+    from helpers.core.schema import read_table
+    from helpers.modeling import models
 
     cfg = config.get_config("fixture", embed_batch=4)
     torch.manual_seed(0)
@@ -176,7 +172,7 @@ def _eval_setup(table_path: str):
     return cfg, embedder, read_table(table_path)
 
 
-def test_sharded_evaluation_equals_one_process(tmp_path):
+def test_sharded_evaluation_equals_one_process(tmp_path, free_port):
     """Under 2-process gloo every rank embeds every other row of an odd-sized table (a tree
     written by tests/independent_tree.py), and the gathered embeddings and test metrics on
     every rank equal those of one process."""
@@ -189,7 +185,7 @@ def test_sharded_evaluation_equals_one_process(tmp_path):
     want = inference.TableEmbedder(cfg, embedder.data_config, table, root, "cpu")(embedder, progress=False)
     want_metrics = inference.evaluate(cfg, embedder, table, root, split="test", device="cpu", progress=False)
     out = str(tmp_path / "rank")
-    mp.spawn(_embed_worker, args=(2, _free_port(), str(root), table_path, out), nprocs=2, join=True)
+    mp.spawn(_embed_worker, args=(2, free_port(), str(root), table_path, out), nprocs=2, join=True)
     got = [torch.load(f"{out}.{rank}", weights_only=False) for rank in (0, 1)]
     assert [g["rows"] for g in got] == [(len(table) + 1) // 2, len(table) // 2]
     for g in got:

@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import checkpoints, config, models, retrieval, sampling, schema, synthetic
-from helpers.__main__ import main
+from helpers.apps.cli import main
+from helpers.core import config, schema
+from helpers.evaluation import gallery
+from helpers.modeling import checkpoints, models
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, small_tree):
     """A synthetic tree, its table and an (untrained) fixture-model checkpoint: indexing does
     not care whether the model was trained."""
     base = tmp_path_factory.mktemp("kinds")
-    root = base / "c2s"
-    synthetic.generate_tree(root, n_items=16, seed=1, progress=False)
-    sampling.prepare(root, base / "prepared", categories=None, sample=None, progress=False)
+    root, table = small_tree
     cfg = config.get_config("fixture")
     torch.manual_seed(0)
     embedder = models.create_embedder(
@@ -35,7 +35,7 @@ def setup(tmp_path_factory):
             "config": json.loads(json.dumps(asdict(cfg))),
         },
     )
-    return root, base / "prepared" / "images.csv", base / "best.pt"
+    return root, table, base / "best.pt"
 
 
 def common(setup):
@@ -65,11 +65,11 @@ def test_exact_index_streams_embeddings_and_records_the_kind(exact_index):
     assert meta["ann"]["kind"] == "exact" and meta["ann"]["recall_at_10"] == 1.0
     assert sorted(p.name for p in exact_index.iterdir()) == ["embeddings.npy", "gallery.csv", "index.json", "model.pt"]
     assert not list(exact_index.parent.glob("*.partial")) and not list(exact_index.parent.glob("*.embeddings.npy"))
-    index = retrieval.GalleryIndex.load(exact_index)
+    index = gallery.GalleryIndex.load(exact_index)
     assert isinstance(index.embeddings, np.memmap)  # loaded mapped, not read whole
     # The streamed file equals embedding the gallery in memory (same rows, same order).
     root = json.loads((exact_index / "index.json").read_text())["data_root"]
-    from helpers import inference
+    from helpers.evaluation import inference
 
     cfg = config.config_from_dict(index.run_config)
     direct = inference.embed_table(cfg, index.embedder(), index.gallery, root, "cpu", progress=False)
@@ -91,8 +91,8 @@ def test_approximate_kinds_via_cli(setup, exact_index, tmp_path, capsys, kind, e
     meta = json.loads((out / "index.json").read_text())["ann"]
     assert meta["kind"] == kind and (out / "ann.faiss").is_file()
     assert meta["recall_query_source"] == "gallery_sample" and meta["recall_queries"] == meta["n"]
-    loaded = retrieval.GalleryIndex.load(out)
-    exact = retrieval.GalleryIndex.load(exact_index)
+    loaded = gallery.GalleryIndex.load(out)
+    exact = gallery.GalleryIndex.load(exact_index)
     queries = np.asarray(exact.embeddings[:5])
     _, approx = loaded.search(queries, 10)
     _, truth = exact.search(queries, 10)

@@ -1,4 +1,4 @@
-"""helpers.inference: the eval cache of TableEmbedder (validation re-embeds the same rows every
+"""helpers.evaluation.inference: the eval cache of TableEmbedder (validation re-embeds the same rows every
 epoch), on a tree written by tests/independent_tree.py."""
 
 from __future__ import annotations
@@ -8,9 +8,12 @@ import pytest
 import torch
 from independent_tree import build as build_independent_tree
 
-from helpers import config, inference, models, sampling
-from helpers.errors import InputError
-from helpers.schema import read_table
+from helpers.core import config
+from helpers.core.errors import InputError
+from helpers.core.schema import read_table
+from helpers.data import sampling
+from helpers.evaluation import inference
+from helpers.modeling import models
 
 
 class CountingLoader:

@@ -1,4 +1,4 @@
-"""Tests for helpers.losses: PML as the oracle (values and gradients), plain-loop oracles,
+"""Tests for helpers.modeling.losses: PML as the oracle (values and gradients), plain-loop oracles,
 a hand-computed case, degenerate batches, low-precision inputs and the registry."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning import reducers as pml_reducers
 
-from helpers.errors import InputError
-from helpers.losses import (
+from helpers.core.errors import InputError
+from helpers.modeling.losses import (
     LOSSES,
     BatchHardTripletLoss,
     CrossBatchMemory,

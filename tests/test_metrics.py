@@ -9,15 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import helpers.metrics as metrics
-from helpers.errors import InputError
-from helpers.metrics import (
-    bootstrap_ci,
-    evaluate_protocol,
-    protocol_sets,
-    recall_at_k,
-    retrieval_metrics,
-)
+import helpers.evaluation.metrics as metrics
+from helpers.core.errors import InputError
+from helpers.evaluation.metrics import bootstrap_ci, evaluate_protocol, protocol_sets, recall_at_k, retrieval_metrics
 
 
 def brute_force_metrics(query, query_labels, gallery, gallery_labels, ks):
@@ -179,8 +173,8 @@ def hand_table() -> pd.DataFrame:
         ("split", "val", ["d_c1"], ["d_s1", "d_s2"]),
         # A: 2 consumer × 3 shop = 6 rows, B: 1 × 1 = 1 row; C and F form no pair → 7 rows.
         # Each consumer image of A appears 3 times, each shop image of A twice.
-        ("seed_pairs", "test", ["a_c1"] * 3 + ["a_c2"] * 3 + ["b_c1"], ["a_s1", "a_s2", "a_s3"] * 2 + ["b_s1"]),
-        ("seed_pairs", "val", ["d_c1"] * 2, ["d_s1", "d_s2"]),
+        ("original_pairs", "test", ["a_c1"] * 3 + ["a_c2"] * 3 + ["b_c1"], ["a_s1", "a_s2", "a_s3"] * 2 + ["b_s1"]),
+        ("original_pairs", "val", ["d_c1"] * 2, ["d_s1", "d_s2"]),
     ],
 )
 def test_protocol_sets_on_hand_table(protocol, split, queries, gallery):
@@ -196,7 +190,7 @@ def test_protocol_sets_on_hand_table(protocol, split, queries, gallery):
 
 def test_protocol_errors_name_the_choices_and_the_empty_set():
     table = hand_table()
-    with pytest.raises(InputError, match="official, split, seed_pairs"):
+    with pytest.raises(InputError, match="official, split, original_pairs"):
         protocol_sets(table, "test", "pairs")
     with pytest.raises(InputError, match="train, val, test"):
         protocol_sets(table, "testing", "official")
@@ -207,7 +201,7 @@ def test_protocol_errors_name_the_choices_and_the_empty_set():
     with pytest.raises(InputError, match="no queries"):
         protocol_sets(no_train, "train", "split")
     with pytest.raises(InputError, match="no queries"):
-        protocol_sets(table[table["item_id"] != "E"], "train", "seed_pairs")
+        protocol_sets(table[table["item_id"] != "E"], "train", "original_pairs")
     with pytest.raises(InputError, match="lacks column"):
         protocol_sets(table.drop(columns=["domain"]), "test", "official")
 
@@ -252,10 +246,10 @@ def test_evaluate_protocol_official_by_hand():
     assert out["per_category"]["DRESSES"]["n_queries"] == 1
 
 
-def test_evaluate_protocol_seed_pairs_inflates_by_duplicates():
+def test_evaluate_protocol_original_pairs_duplicates_move_ranks():
     table = hand_table()
     emb = hand_embeddings(table)
-    out = evaluate_protocol(table, emb, split="test", protocol="seed_pairs", n_boot=200)
+    out = evaluate_protocol(table, emb, split="test", protocol="original_pairs", n_boot=200)
     # 7 query rows (6 from A, 1 from B) against 7 gallery entries (a_s1..a_s3 twice each,
     # b_s1 once). The six A rows hit at rank 0. b_c1 sees the 6 copies of A's shop images
     # (score 1) above b_s1 (score 0.5): rank 6, a miss at K=1 and K=5, a hit at K=10
@@ -302,3 +296,13 @@ def test_retrieval_metrics_memory_is_bounded_by_the_budget():
     reference = retrieval_metrics(query, ql, gallery, gl)  # default budget: one chunk
     np.testing.assert_array_equal(res.first_hit_rank, reference.first_hit_rank)
     np.testing.assert_allclose(res.average_precision, reference.average_precision)
+
+
+def test_the_old_protocol_name_is_accepted_and_reported_as_renamed(capsys):
+    table = hand_table()
+    emb = hand_embeddings(table)
+    old = evaluate_protocol(table, emb, split="test", protocol="seed_pairs", n_boot=50)
+    assert "'seed_pairs' is now called 'original_pairs'" in capsys.readouterr().err
+    new = evaluate_protocol(table, emb, split="test", protocol="original_pairs", n_boot=50)
+    assert old["protocol"] == "original_pairs"
+    assert {k: old[k] for k in ("recall@1", "recall@5", "map")} == {k: new[k] for k in ("recall@1", "recall@5", "map")}

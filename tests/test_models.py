@@ -1,4 +1,4 @@
-"""helpers.models: packaged weights are real ImageNet weights, the positional mapping guards
+"""helpers.modeling.models: packaged weights are real ImageNet weights, the positional mapping guards
 itself, the embedder's heads/poolings behave as documented, weights are never silently random."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.data import create_transform, resolve_model_data_config
 
-from helpers import models
-from helpers.errors import InputError
-from helpers.models import (
+from helpers.core.errors import InputError
+from helpers.modeling import models
+from helpers.modeling.models import (
     GeM,
     create_embedder,
     embedder_from_config,

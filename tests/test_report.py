@@ -1,4 +1,4 @@
-"""helpers.report: the report built from a small results tree written here, compared with the
+"""helpers.experiments.report: the report built from a small results tree written here, compared with the
 tables expected by hand; every number of a report traceable to a file under results/ (and
 the committed report, when there is one)."""
 
@@ -11,10 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from helpers import report, study
-from helpers.__main__ import main
-from helpers.config import REPO_ROOT
-from helpers.errors import InputError
+from helpers.apps.cli import main
+from helpers.core.config import REPO_ROOT
+from helpers.core.errors import InputError
+from helpers.experiments import report, study
 
 SPLITS = {
     "train": {"items": 150, "consumer_images": 551, "shop_images": 182, "pairs": 710},
@@ -44,7 +44,7 @@ def write_tree(results: Path, with_final: bool = True) -> Path:
         json.dumps(
             {
                 "profile": "demo",
-                "data_source": "synthetic (300 items from helpers.synthetic, seed 0), not DeepFashion",
+                "data_source": "synthetic (300 items from helpers.data.synthetic, seed 0), not DeepFashion",
                 "splits": SPLITS,
                 "table_sha256": "ab12cd34ef56aa77",
             }
@@ -115,13 +115,13 @@ def write_tree(results: Path, with_final: bool = True) -> Path:
             json.dumps(
                 {
                     "protocols": {"official": official},
-                    "seed_published": {
-                        "model": "seed study, published",
+                    "original_published": {
+                        "model": "original study, published",
                         "recall@1": 0.6402,
                         "recall@5": 0.728,
                         "recall@10": 0.7751,
                         "data": "DeepFashion C2S",
-                        "protocol": "seed_pairs (its own)",
+                        "protocol": "original_pairs (its own)",
                     },
                 }
             )
@@ -146,9 +146,9 @@ EXPECTED_DATA = """\
 EXPECTED_TEST = """\
 | model | protocol | split | data | profile | recall@1 | recall@5 | recall@10 | queries | gallery |
 |---|---|---|---|---|---|---|---|---|---|
-| final configuration (this study) | official | test | synthetic (300 items from helpers.synthetic, seed 0), \
+| final configuration (this study) | official | test | synthetic (300 items from helpers.data.synthetic, seed 0), \
 not DeepFashion | demo | 0.376 [0.316, 0.432] | 0.729 [0.673, 0.778] | 0.838 [0.789, 0.880] | 266 | 194 |
-| seed study, published | seed_pairs (its own) | test | DeepFashion C2S | — | 0.6402 | 0.7280 | 0.7751 | — | — |"""
+| original study, published | original_pairs (its own) | test | DeepFashion C2S | — | 0.6402 | 0.7280 | 0.7751 | — | — |"""
 
 
 @pytest.fixture()

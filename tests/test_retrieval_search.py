@@ -11,10 +11,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import helpers.retrieval as retrieval
-from helpers import arrays, errors
-from helpers.errors import InputError
-from helpers.retrieval import exact_topk, faiss_topk, plan_blocks, working_bytes
+from helpers.core import arrays, errors
+from helpers.core.errors import InputError
+from helpers.evaluation import search
+from helpers.evaluation.search import exact_topk, faiss_topk, plan_blocks, working_bytes
 
 MIB = 1024 * 1024
 
@@ -117,7 +117,7 @@ def test_block_topk_equals_torch_topk(n_cols, k):
     # plain fallback; integer scores add many exact ties, where the values must still agree.
     gen = torch.Generator().manual_seed(n_cols)
     for scores in (torch.randn(13, n_cols, generator=gen), torch.randint(-50, 50, (13, n_cols), generator=gen).float()):
-        values, cols = retrieval._block_topk(scores, k)
+        values, cols = search._block_topk(scores, k)
         ref = torch.topk(scores, k, dim=1).values
         assert torch.equal(values.sort(dim=1).values, ref.sort(dim=1).values)
         assert torch.equal(scores.gather(1, cols), values)

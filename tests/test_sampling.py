@@ -5,8 +5,9 @@ import pandas as pd
 import pytest
 from handmade import write_tree
 
-from helpers import sampling, schema
-from helpers.errors import InputError
+from helpers.core import schema
+from helpers.core.errors import InputError
+from helpers.data import sampling
 
 
 def make_table(n_items=200, seed=0) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""helpers.staging on small archives made here: copy, resume, verification, extraction,
+"""helpers.data.staging on small archives made here: copy, resume, verification, extraction,
 the no-op second call, and that the source is never touched."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import helpers.staging as staging
-from helpers.errors import InputError
+import helpers.data.staging as staging
+from helpers.core.errors import InputError
 
 
 def make_zip(path: Path, n: int = 30) -> dict[str, bytes]:
@@ -70,7 +70,7 @@ def test_second_call_is_a_no_op(drive, tmp_path, monkeypatch):
         raise AssertionError("the second call read the archive again")
 
     monkeypatch.setattr(staging, "_copy_resuming", fail)
-    monkeypatch.setattr(staging, "sha256_of", fail)
+    monkeypatch.setattr(staging, "sha256_file", fail)
     again = staging.stage(source / "img.zip", tmp_path / "local", progress=False)
     assert again["already_staged"] is True
 

@@ -1,4 +1,4 @@
-"""helpers.study: the statistics against hand-computed cases, the grid and the carried
+"""helpers.experiments.study: the statistics against hand-computed cases, the grid and the carried
 configuration, and the runner's reuse / skip / resume logic on real fixture runs."""
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import config, study, workspace
-from helpers.__main__ import main
-from helpers.errors import InputError
+from helpers.apps.cli import main
+from helpers.core import config
+from helpers.core.errors import InputError
+from helpers.experiments import artifacts, study
 
 # --------------------------------------------------------------------------- statistics
 
@@ -196,8 +197,8 @@ def test_variant_equal_to_the_baseline_is_dropped():
 
 
 def test_demo_budget_and_backbones():
-    """The demo study's size as stated in helpers.study, and backbones with packaged weights."""
-    from helpers import models
+    """The demo study's size as stated in helpers.experiments.study, and backbones with packaged weights."""
+    from helpers.modeling import models
 
     cfg = config.get_config("demo", **study.BUDGET["demo"])
     assert study.DEFAULT_SEEDS["demo"] >= 2 and cfg.img_size < config.PROFILES["demo"].img_size
@@ -256,7 +257,7 @@ def test_final_config_by_the_rule(tmp_path):
 @pytest.fixture(scope="module")
 def prepared():
     cfg = config.get_config("fixture")
-    return workspace.ensure_prepared(cfg, progress=False)
+    return artifacts.ensure_prepared(cfg, progress=False)
 
 
 def test_ensure_run_resumes_then_reuses(tmp_path, prepared):
@@ -332,7 +333,7 @@ def test_cli_errors_are_one_line(capsys):
 
 def test_demo_backbones_load_their_packaged_weights():
     """The demo backbone experiment runs offline: each backbone's ImageNet weights come from its package."""
-    from helpers import models
+    from helpers.modeling import models
 
     for overrides in study.get_experiment("demo", "backbone").variants.values():
         embedder = models.create_embedder(overrides["backbone"], 8, weights=overrides["weights"], img_size=64)
@@ -344,14 +345,14 @@ def test_crop_false_feeds_the_whole_photo():
     import torch
     from PIL import Image
 
-    from helpers import inference
+    from helpers.data import transforms
 
     image = Image.new("RGB", (40, 20), (255, 0, 0))
     image.paste((0, 0, 255), (20, 0, 40, 20))  # left half red, right half blue
     box = (0, 0, 20, 20)  # the red half
     data_config = {"input_size": [3, 16, 16], "mean": [0.0] * 3, "std": [1.0] * 3, "interpolation": "bilinear"}
-    cropped = inference.make_transform(config.get_config("fixture"), data_config)(image, box)
-    whole = inference.make_transform(config.get_config("fixture", crop=False, box_margin=0.2), data_config)
+    cropped = transforms.create_transform(config.get_config("fixture"), data_config)(image, box)
+    whole = transforms.create_transform(config.get_config("fixture", crop=False, box_margin=0.2), data_config)
     assert torch.allclose(cropped[:, 8, 8], torch.tensor([1.0, 0.0, 0.0]))  # the crop is all red
     assert torch.equal(whole(image, box), whole(image, None))  # the box is ignored
     assert whole(image, box)[2].max() == 1.0  # the blue half is in the picture

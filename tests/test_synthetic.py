@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers.errors import InputError
-from helpers.synthetic import CATEGORIES, SUBCATEGORIES, generate_tree
+from helpers.core.errors import InputError
+from helpers.data.synthetic import CATEGORIES, SUBCATEGORIES, generate_tree
 
 N_ITEMS = 16  # >= 12 guarantees every quirk; >= 16 guarantees four families, so all categories
 

@@ -9,18 +9,18 @@ import pytest
 import torch
 from handmade import write_tree
 
-from helpers import checkpoints, config, data, retrieval, sampling, schema, synthetic, train
-from helpers.__main__ import main
-from helpers.errors import InputError
+from helpers.apps.cli import main
+from helpers.core import config, schema
+from helpers.core.errors import InputError
+from helpers.data import datasets, sampling, transforms
+from helpers.evaluation import gallery
+from helpers.modeling import checkpoints
+from helpers.training import train
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tree") / "c2s"
-    synthetic.generate_tree(root, n_items=16, seed=1, progress=False)
-    out = root.parent / "prepared"
-    sampling.prepare(root, out, categories=None, sample=None, progress=False)
-    return root, out / "images.csv"
+def prepared(small_tree):
+    return small_tree
 
 
 def fixture_cfg(**overrides):
@@ -150,7 +150,7 @@ def test_cli_train_evaluate_index_search(prepared, tmp_path, capsys):
     assert [h["rank"] for h in hits] == [1, 2, 3]
     assert all(h["path"] in set(frame.path) for h in hits)
     # The index's embedding of a gallery image finds that image first.
-    index = retrieval.GalleryIndex.load(tmp_path / "index")
+    index = gallery.GalleryIndex.load(tmp_path / "index")
     shop = index.gallery.iloc[0]
     top = index.search_image(root / shop.path, box=(shop.x_1, shop.y_1, shop.x_2, shop.y_2), k=1)
     assert top[0]["path"] == shop.path
@@ -245,7 +245,7 @@ def test_cli_demo_on_the_fixture_profile(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(config, "OUTPUTS", tmp_path)
     assert main(["demo", "--profile", "fixture", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "synthetic data (helpers.synthetic), not DeepFashion" in out and "trained (best.pt" in out
+    assert "synthetic data (helpers.data.synthetic), not DeepFashion" in out and "trained (best.pt" in out
     for name in ("run/metrics.json", "index/index.json", "retrieval.png", "sample_pairs.png", "zero_shot_metrics.json"):
         assert (tmp_path / "fixture" / name).is_file()
     stamp = (tmp_path / "fixture/run/metrics.json").stat().st_mtime_ns
@@ -255,9 +255,9 @@ def test_cli_demo_on_the_fixture_profile(tmp_path, monkeypatch, capsys):
 
 
 def _augmented_batches(dataset, workers: int) -> list[torch.Tensor]:
-    batches = data.SampleSeeds(data.PKSampler((dataset.labels, dataset.domains), 2, 2, seed=3), seed=3)
+    batches = datasets.SampleSeeds(datasets.PKSampler((dataset.labels, dataset.domains), 2, 2, seed=3), seed=3)
     # The loader's own seed differs per call on purpose: the pixels must not depend on it.
-    loader = data.make_loader(dataset, batch_sampler=batches, num_workers=workers, seed=100 + workers)
+    loader = datasets.make_loader(dataset, batch_sampler=batches, num_workers=workers, seed=100 + workers)
     images = []
     for epoch in (0, 1):
         batches.set_epoch(epoch)
@@ -268,14 +268,14 @@ def _augmented_batches(dataset, workers: int) -> list[torch.Tensor]:
 def test_augmented_pixels_do_not_depend_on_the_worker_count(prepared):
     root, table = prepared
     rows = schema.read_table(table)
-    transform = data.build_transform(48, (0.5,) * 3, (0.5,) * 3, augment="super_strong")
-    dataset = data.C2SDataset(rows[rows.split == "train"], root, transform)
+    transform = transforms.C2STransform(48, (0.5,) * 3, (0.5,) * 3, augment="super_strong")
+    dataset = datasets.C2SDataset(rows[rows.split == "train"], root, transform)
     reference = _augmented_batches(dataset, 0)
     for workers in (1, 2):
         got = _augmented_batches(dataset, workers)
         assert len(got) == len(reference) and all(torch.equal(a, b) for a, b in zip(reference, got))
     # The draws are random all the same: the same rows in another epoch look different.
-    first = data.SampleSeeds(data.PKSampler((dataset.labels, dataset.domains), 2, 2, seed=3), seed=3)
+    first = datasets.SampleSeeds(datasets.PKSampler((dataset.labels, dataset.domains), 2, 2, seed=3), seed=3)
     first.set_epoch(0)
     batch = next(iter(first))
     row, draw = batch[0]

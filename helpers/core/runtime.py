@@ -1,0 +1,78 @@
+"""Runtime policy: where a run computes and how it feeds the device. The device, DataLoader
+workers, the embedding batch, mixed precision and the allocator are decided here and nowhere
+else, from the config's runtime fields (``None``/``auto`` = decide for this machine). None of
+them changes a result on a given device: they are machine settings, not part of the recipe.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from helpers.core.config import Config
+
+# Measured on the 2-core CPU (docs/benchmarks.md): smaller inference batches are faster per
+# image there (allocator page faults grow with the batch); a GPU wants large batches.
+CPU_EMBED_BATCH = 16
+GPU_EMBED_BATCH = 256
+
+
+def resolve_device(name: str = "auto") -> str:
+    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``; other names pass through."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def resolve_embed_batch(cfg: Config, device: str) -> int:
+    if cfg.embed_batch:
+        return cfg.embed_batch
+    return GPU_EMBED_BATCH if str(device).startswith("cuda") else CPU_EMBED_BATCH
+
+
+def resolve_num_workers(cfg: Config, device: str) -> int:
+    """``num_workers`` as configured; ``None`` (auto): on the CPU no workers on a machine of
+    2 cores or fewer, where decoding costs 3–5 % of a step and workers only compete with
+    torch's threads (docs/benchmarks.md), else one per core beyond the first; on a GPU one
+    per core (the model no longer needs them); at most 8."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if str(device).startswith("cuda"):
+        return min(8, cores)
+    return 0 if cores <= 2 else min(8, cores - 1)
+
+
+def amp_dtype(cfg: Config, device: str) -> torch.dtype | None:
+    """bf16 on a GPU that has it natively, else fp16 on a GPU; None (fp32) on the CPU or with amp off."""
+    if cfg.amp == "off" or not str(device).startswith("cuda"):
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def tune_allocator() -> bool:
+    """Make glibc keep freed memory instead of returning it to the kernel after each batch.
+
+    Measured on the 2-core CPU (docs/benchmarks.md): with glibc's defaults every step
+    re-faults hundreds of thousands of zeroed pages, about half of inference's CPU time;
+    these settings (the same as ``MALLOC_MMAP_THRESHOLD_=33554432
+    MALLOC_TRIM_THRESHOLD_=2147483647``) remove that. Process-wide and idempotent; returns
+    whether it applied. ``C2S_MALLOPT=0`` turns it off; other C libraries are left alone.
+    """
+    if os.environ.get("C2S_MALLOPT", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+        )
+    except (OSError, AttributeError):  # musl or another libc: nothing to tune
+        return False

@@ -1,0 +1,246 @@
+"""Reuse the finished thing or make it: the one place that decides whether a prepared table, a
+training run, a gallery index or a zero-shot row already exists for exactly these inputs.
+
+Every long step of the demo pipeline, the study, ``04_demo`` and the CLI goes through here, so an
+interrupted session picks up where it stopped, and a reuse never silently mixes two inputs:
+
+- :func:`ensure_prepared`: the profile's data root (the synthetic tree generated on first use)
+  and its ``images.csv``, re-prepared when the sampling parameters or the root changed.
+- :func:`ensure_trained`: a finished run is read back only when its recorded config and table
+  equal the ones asked for; a half-finished one is resumed (``fit`` refuses a changed config).
+- :func:`ensure_index`: a gallery index is reused when it was built from the same checkpoint
+  and table (by content, sha256), else rebuilt.
+- :func:`ensure_zero_shot`: the untrained backbone's row, computed once per output file.
+- :func:`comparison_table`: results side by side with their intervals, one row per model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+
+from helpers.core.config import REPO_ROOT, RUNTIME_FIELDS, Config, get_config
+from helpers.core.errors import InputError
+from helpers.core.files import sha256_file, write_text_atomic
+from helpers.core.schema import read_table
+from helpers.data import sampling, synthetic
+from helpers.evaluation import gallery, inference
+from helpers.evaluation.metrics import METRICS
+from helpers.training import train
+
+SYNTHETIC_MARKER = "synthetic.json"
+
+
+# --------------------------------------------------------------------------- where things live
+
+
+def results_root(profile: str) -> Path:
+    """``results/<profile>`` (committed); fixture runs go under the git-ignored ``outputs/``."""
+    return get_config("fixture").work_dir / "results" if profile == "fixture" else REPO_ROOT / "results" / profile
+
+
+# --------------------------------------------------------------------------- data
+
+
+def ensure_synthetic_tree(root: Path, n_items: int, seed: int, progress: bool = True) -> Path:
+    """Generate the synthetic tree at ``root`` unless the same one is already there."""
+    wanted = {"items": n_items, "seed": seed}
+    marker = root / SYNTHETIC_MARKER
+    if marker.is_file():
+        found = json.loads(marker.read_text())
+        if found != wanted:
+            raise InputError(
+                f"{marker}: holds a tree generated with {found}, not {wanted}; "
+                "remove that folder or choose another outputs folder (C2S_OUTPUTS)"
+            )
+        return root
+    if root.exists() and any(root.iterdir()):
+        raise InputError(
+            f"{root}: exists without {SYNTHETIC_MARKER} (an interrupted generation?); remove it to regenerate"
+        )
+    # Generate beside the target and rename, so an interrupted run leaves no half tree behind.
+    partial = root.with_name(root.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    synthetic.generate_tree(partial, n_items=n_items, seed=seed, progress=progress)
+    (partial / SYNTHETIC_MARKER).write_text(json.dumps(wanted))
+    if root.exists():
+        root.rmdir()
+    partial.rename(root)
+    return root
+
+
+def data_root(cfg: Config, progress: bool = True) -> Path:
+    """The data root of a config: the real one if set, else the profile's synthetic tree."""
+    if cfg.data_root:
+        root = Path(cfg.data_root).expanduser()
+        if not root.is_dir():
+            raise InputError(f"{root}: data root not found")
+        return root
+    return ensure_synthetic_tree(cfg.work_dir / "data", cfg.synthetic_items, cfg.synthetic_seed, progress)
+
+
+def ensure_prepared(cfg: Config, progress: bool = True) -> tuple[Path, Path]:
+    """``(data_root, images.csv)`` for a config, preparing the table on first use.
+
+    A real data root's table goes under ``outputs/<profile>/prepared`` too; the dataset
+    itself is only read.
+    """
+    root = data_root(cfg, progress)
+    table_path = cfg.prepared_dir / "images.csv"
+    summary_path = cfg.prepared_dir / "summary.json"
+    parameters = {
+        "categories": list(cfg.categories) if cfg.categories else "all",
+        "sample": list(cfg.sample) if cfg.sample and cfg.resplit is None else None,
+        "resplit": list(cfg.resplit) if cfg.resplit else None,
+        "seed": cfg.split_seed,
+    }
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        found = {k: summary["parameters"][k] for k in parameters}
+        if summary["data_root"] == str(root) and found == parameters and table_path.is_file():
+            return root, table_path
+    sampling.prepare(
+        root,
+        cfg.prepared_dir,
+        categories=cfg.categories,
+        sample=None if cfg.resplit else cfg.sample,
+        resplit=cfg.resplit,
+        seed=cfg.split_seed,
+        overwrite=True,
+        progress=progress,
+    )
+    return root, table_path
+
+
+# --------------------------------------------------------------------------- training runs
+
+
+def recipe(cfg: Config) -> dict:
+    """The config fields that make a result what it is: all but the runtime fields (device,
+    workers, batch sizes), which never change a result."""
+    return {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS}
+
+
+def run_differences(run_dir: Path, cfg: Config, table_path: Path) -> list[str]:
+    """How the finished run in ``run_dir`` differs from ``cfg`` on ``table_path`` (empty: same run)."""
+    recorded = json.loads((run_dir / "config.json").read_text())
+    used = recorded.get("config", {})
+    wanted = json.loads(json.dumps(recipe(cfg), default=str))  # as config.json stores it
+    differs = [f"{k}: {used.get(k)!r} → {v!r}" for k, v in wanted.items() if used.get(k) != v]
+    if recorded.get("table_sha256") != sha256_file(table_path):
+        differs.append(f"table: {table_path} changed since the run (sha256)")
+    return differs
+
+
+def is_trained(run_dir: Path) -> bool:
+    """``fit`` finished in ``run_dir``: it writes ``metrics.json`` last."""
+    return (run_dir / "metrics.json").is_file() and (run_dir / "config.json").is_file()
+
+
+def ensure_trained(
+    cfg: Config,
+    table_path: Path,
+    data_root: Path,
+    run_dir: Path,
+    progress: bool = True,
+    stop_after_epoch: int | None = None,
+) -> dict | None:
+    """The test metrics of the run of ``cfg`` in ``run_dir``: read back when it finished with the
+    same recipe and table, resumed when half-finished, trained when absent. A finished run of
+    another recipe is an error, never a silent reuse. ``None``: stopped after
+    ``stop_after_epoch`` (as a disconnect would; the next call resumes)."""
+    run_dir = Path(run_dir)
+    if is_trained(run_dir):
+        differs = run_differences(run_dir, cfg, table_path)
+        if differs:
+            raise InputError(
+                f"{run_dir}: holds a finished run of another recipe ({'; '.join(differs)}); "
+                "choose another folder or remove it"
+            )
+        return json.loads((run_dir / "metrics.json").read_text())
+    resume = (run_dir / "last.pt").is_file()
+    return train.fit(
+        cfg, table_path, data_root, run_dir, resume=resume, progress=progress, stop_after_epoch=stop_after_epoch
+    )
+
+
+# --------------------------------------------------------------------------- indexes and rows
+
+
+def ensure_index(
+    checkpoint: Path,
+    table_path: Path,
+    data_root: Path,
+    index_dir: Path,
+    split: str = "test",
+    protocol: str = "official",
+    device: str = "auto",
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """The ``split`` gallery embedded once with ``checkpoint``; rebuilt when the checkpoint, the
+    table or the gallery definition changed. Only a folder holding an index is ever replaced."""
+    index_dir = Path(index_dir)
+    meta_path = index_dir / "index.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        same = (
+            meta.get("checkpoint_sha256") == sha256_file(checkpoint)
+            and meta.get("table_sha256") == sha256_file(table_path)
+            and (meta.get("split"), meta.get("protocol")) == (split, protocol)
+        )
+        if same:
+            return index_dir
+        shutil.rmtree(index_dir)
+    elif index_dir.exists() and any(index_dir.iterdir()):
+        raise InputError(f"{index_dir}: not empty and holds no index.json; choose another index folder")
+    gallery.build_index(
+        checkpoint,
+        table_path,
+        data_root,
+        index_dir,
+        split=split,
+        protocol=protocol,
+        device=device,
+        num_workers=num_workers,
+        progress=progress,
+    )
+    return index_dir
+
+
+def ensure_zero_shot(cfg: Config, table_path: Path, data_root: Path, out: Path, progress: bool = True) -> dict:
+    """Test metrics (official protocol) of ``cfg``'s backbone untrained: its pooled features,
+    no head. Computed once into ``out``; a later call reads it back."""
+    out = Path(out)
+    if not out.is_file():
+        result = inference.evaluate_zero_shot(cfg, read_table(table_path), data_root, split="test", progress=progress)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out, json.dumps(result, indent=2) + "\n")
+    return json.loads(out.read_text())
+
+
+def with_interval(result: dict, metric: str) -> str:
+    """``0.475 [0.421, 0.530]``: the value with its bootstrap interval where one was computed."""
+    if metric not in result:
+        return "—"
+    interval = result.get(metric + "_ci")
+    return f"{result[metric]:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+
+def comparison_table(rows: list[dict]) -> pd.DataFrame:
+    """One row per entry of ``rows`` (``{"model": name, "result": metrics, **other columns}``):
+    the other columns as given, then each metric with its interval, the query and gallery counts."""
+    table = [
+        {
+            **{k: v for k, v in row.items() if k != "result"},
+            **{m: with_interval(row["result"], m) for m in METRICS},
+            "n_queries": row["result"].get("n_queries", "—"),
+            "n_gallery": row["result"].get("n_gallery", "—"),
+        }
+        for row in rows
+    ]
+    return pd.DataFrame(table).set_index("model")

@@ -1,0 +1,787 @@
+"""The study: experiments × seeds → run directories, ``runs.csv``, paired statistics, and the
+configuration carried forward from stage to stage by a written rule.
+
+An **experiment** is a named baseline configuration plus variants (each a few config
+overrides), run for N seeds. The baseline of an experiment is its **stage baseline**: the
+profile's study budget (:data:`BUDGET`) plus the winners of every earlier stage, so stage 2
+builds on what stage 1 adopted and ``03`` on both. Stages and their experiments:
+
+========  =====================================================================
+stage     experiments (:data:`EXPERIMENTS`)
+========  =====================================================================
+``02_1``  ``crop`` (box crop vs whole photo), ``resize`` (letterbox vs squash),
+          ``resolution`` (input side)
+``02_2``  ``augment`` (weak … super_strong), ``margin`` (box margin 0 / 0.1 / 0.2),
+          ``photometric`` (none / clahe / grayworld / both), ``head`` (bn / bnneck)
+``03``    ``loss`` (batch_hard / semi_hard / infonce), ``embed_dim`` (128 / 256 / 512),
+          ``backbone`` (profile-specific, see :func:`experiments`)
+========  =====================================================================
+
+**The rule** (:data:`RULE`): a variant is adopted only if its paired verdict on val
+Recall@5 (the model-selection metric) against its own experiment's baseline is ``better``;
+among several ``better`` variants the one with the largest mean difference; otherwise the
+baseline is kept. Within a stage the experiments change disjoint fields, so their winners
+combine. After the last stage the carried configuration is written to
+``results/<profile>/final_config.json``.
+
+**Runs.** One run directory per (variant, seed): ``results/<profile>/<experiment>/
+<variant>_seed<N>_<key>/`` (fixture: under the git-ignored ``outputs/fixture/results``).
+``key`` is a hash of the resolved config (runtime fields aside, seed included) and the
+table's sha256, so a run identical to one finished anywhere in the study (e.g. the baseline
+that every experiment of a stage shares) is reused, not retrained; a finished run is skipped;
+a half-finished one is resumed explicitly with ``train.fit(..., resume=True)`` (which itself
+refuses a checkpoint of another config). After training, ``best.pt`` is evaluated once on
+val and every query's first-hit rank written to ``val_ranks.csv``: the paired statistics
+resample those. Test is never read here (the original study reported validation numbers that had also selected its models): ``fit`` writes it to
+``metrics.json``, the study and the report ignore it except for the final configuration.
+
+**Statistics** (pure functions): :func:`seed_summary` (mean ± sample std over seeds) and
+:func:`paired_bootstrap` (difference in Recall@K with a percentile interval that resamples
+seeds and queries together), :func:`verdict`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from helpers.core import runtime
+from helpers.core.config import PROFILES, RUNTIME_FIELDS, Config, check, get_config
+from helpers.core.errors import InputError
+from helpers.core.files import sha256_bytes, sha256_file, write_text_atomic
+from helpers.core.progress import progress_bar
+from helpers.core.schema import read_table
+from helpers.evaluation import inference, metrics
+from helpers.evaluation.metrics import METRICS
+from helpers.experiments import artifacts
+from helpers.modeling import checkpoints
+
+STAGES = ("02_1", "02_2", "03")
+KS = (1, 5, 10)
+PRIMARY = "recall@5"  # the model-selection metric of train.fit, so the study decides on it too
+RULE = (
+    "adopt a variant only if its paired verdict on val Recall@5 against the experiment's own baseline is "
+    "`better` (the whole 95 % bootstrap interval of the difference above 0); among several `better` "
+    "variants the one with the largest mean difference; otherwise keep the baseline"
+)
+N_BOOT = 2000
+ALPHA = 0.05
+
+# The study's size per profile: a budget applied on top of the profile's config to every run.
+#
+# demo: `make study` must run every experiment of 02 and 03 with >= 2 seeds in <= 2 hours on a
+# 2-core CPU. Distinct configurations per seed, at most: stage 02_1 5 (baseline, whole photo,
+# squash, 2 resolutions), 02_2 11 (a new baseline if 02_1 adopted something, 4 augmentation
+# presets against the default recipe's `flip`, 2 margins, 3 photometric modes, bnneck), 03 6 (a
+# new baseline, 2 losses, 2 dimensions, Lite1): 22, so 44 runs for 2 seeds, and 7200 s / 44 =
+# 163 s per run. The measured `make demo` (docs/benchmarks.md) (Lite0, 160 px, P×K 8×4, 8 epochs: 273 s in
+# all with its zero-shot and index steps) took about 23 s per epoch with its val pass; 96 px has
+# 0.36× the pixels, so `SECONDS_PER_EPOCH` states 17 s (margin for a shared machine): 6 epochs
+# ≈ 100 s + the val-rank and test passes ≈ 120 s per run, ~90 min for 44 runs, leaving room
+# for the slower variants (128 px, Lite1). Early stopping (patience 3) only shortens it. The
+# study prints its projection from the runs it has measured before each experiment.
+# fixture: CI, every code path in seconds: the fixture profile's 1 epoch at 64 px.
+# full: the original study's sizes on a Colab GPU: the full profile as it is (EfficientNet-B3 at
+# its native resolution, 40 epochs, patience 5), 3 seeds.
+BUDGET: dict[str, dict] = {
+    "fixture": {},
+    "demo": {"epochs": 6, "img_size": 96, "patience": 3},
+    "full": {},
+}
+# fixture: one seed keeps each notebook's grid of tiny runs within seconds in CI; the
+# multi-seed paths (std, pairing by seed) are covered by tests/test_study.py.
+DEFAULT_SEEDS = {"fixture": 1, "demo": 2, "full": 3}
+# Stated per-epoch estimates (train + val pass, seconds) for the projected-time print, used
+# until runs of the study have been measured: fixture from 5–17 s per 1-epoch run measured on
+# the shared 2-core machine (most of it evaluation); demo from the measured `make demo`
+# (above); full a guess for EfficientNet-B3 on a Colab T4 with the 10 % TOPS+DRESSES sample.
+SECONDS_PER_EPOCH = {"fixture": 10.0, "demo": 17.0, "full": 60.0}
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A named comparison: ``variants`` maps a variant's name to its config overrides on the
+    stage baseline (the baseline itself is the variant ``"baseline"``, no overrides)."""
+
+    name: str
+    stage: str
+    question: str
+    variants: dict
+
+    @property
+    def fields(self) -> set[str]:
+        return {name for overrides in self.variants.values() for name in overrides}
+
+
+def _levels(field: str, values) -> dict:
+    """``{"field=value": {field: value}}`` for each value (the one equal to the baseline's
+    value is dropped later, by :func:`resolve_variants`)."""
+    return {f"{field}={value}": {field: value} for value in values}
+
+
+def experiments(profile: str) -> list[Experiment]:
+    """Every experiment of the study, in the order they run, for ``profile``.
+
+    Resolution and backbone depend on the profile: under ``demo`` the offline-pretrained
+    EfficientNet-Lite0 vs Lite1 (packaged ImageNet weights; no hub), under ``full`` ResNet-34
+    vs EfficientNet-B3 at its native resolution (hub weights), under ``fixture`` two tiny
+    random-init timm test networks.
+    """
+    resolution = {"fixture": (48, 64), "demo": (64, 96, 128), "full": (224, None)}[profile]
+    backbone = {
+        "fixture": {"backbone=test_resnet": {"backbone": "test_resnet"}},
+        "demo": {"backbone=tf_efficientnet_lite1": {"backbone": "tf_efficientnet_lite1", "weights": "packaged"}},
+        # img_size None: each backbone at its own pretrained (native) input size
+        "full": {
+            "backbone=resnet34": {"backbone": "resnet34", "weights": "hub", "img_size": None},
+            "backbone=efficientnet_b3": {"backbone": "efficientnet_b3", "weights": "hub", "img_size": None},
+        },
+    }[profile]
+    # The fixture profile (CI) runs every code path with one variant per experiment, so that a
+    # notebook's grid of tiny runs stays within seconds; demo and full run the whole ladder.
+    tiny = profile == "fixture"
+    augment = ("weak", "strong") if tiny else ("weak", "medium", "strong", "super_strong")
+    margin = (0.0, 0.1) if tiny else (0.0, 0.1, 0.2)
+    photometric = ("none", "grayworld") if tiny else ("none", "clahe", "grayworld", "both")
+    loss = ("batch_hard", "infonce") if tiny else ("batch_hard", "semi_hard", "infonce")
+    embed_dim = (32, 64) if tiny else (128, 256, 512)
+    return [
+        Experiment(
+            "crop", "02_1", "Does cropping to the garment box beat the whole photo?", {"crop=False": {"crop": False}}
+        ),
+        Experiment(
+            "resize",
+            "02_1",
+            "Does letterbox (aspect kept) beat the original study's squash resize?",
+            _levels("resize", ("squash",)),
+        ),
+        Experiment("resolution", "02_1", "Which input side?", _levels("img_size", resolution)),
+        Experiment("augment", "02_2", "Which augmentation preset?", _levels("augment", augment)),
+        Experiment(
+            "margin", "02_2", "Does growing the box (the consumer/shop 'box gap') help?", _levels("box_margin", margin)
+        ),
+        Experiment(
+            "photometric", "02_2", "Does photometric 'domain normalisation' help?", _levels("photometric", photometric)
+        ),
+        Experiment(
+            "head",
+            "02_2",
+            "BatchNorm in the head (bn, the original study's) or BNNeck? (L2 is always on: cosine retrieval needs it)",
+            _levels("head", ("bn", "bnneck")),
+        ),
+        Experiment("loss", "03", "Which metric loss?", _levels("loss", loss)),
+        Experiment("embed_dim", "03", "Which embedding dimension?", _levels("embed_dim", embed_dim)),
+        Experiment("backbone", "03", "Which backbone?", backbone),
+    ]
+
+
+def get_experiment(profile: str, name: str) -> Experiment:
+    found = {e.name: e for e in experiments(profile)}
+    if name not in found:
+        raise InputError(
+            f"unknown experiment {name!r}; choose one of: {', '.join(found)}, a stage ({', '.join(STAGES)}) or all"
+        )
+    return found[name]
+
+
+def select(profile: str, name: str) -> list[Experiment]:
+    """The experiments an argument names: one experiment, a stage, or ``all``."""
+    if name == "all":
+        return experiments(profile)
+    if name in STAGES:
+        return [e for e in experiments(profile) if e.stage == name]
+    return [get_experiment(profile, name)]
+
+
+# --------------------------------------------------------------------------- where results live
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in text)
+
+
+def run_key(cfg: Config, table_sha256: str) -> str:
+    """What makes two runs the same run: the resolved config (runtime fields aside: they never
+    change results) including the seed, and the table."""
+    values = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS}
+    text = json.dumps({"config": values, "table": table_sha256}, sort_keys=True, default=str)
+    return sha256_bytes(text.encode())[:12]
+
+
+def find_runs(root: Path) -> dict[str, Path]:
+    """key → run directory, for every run the study started anywhere under ``root``."""
+    found = {}
+    for marker in sorted(Path(root).glob("*/*/study_run.json")):
+        found.setdefault(json.loads(marker.read_text())["key"], marker.parent)
+    return found
+
+
+def is_finished(run_dir: Path) -> bool:
+    marker = run_dir / "study_run.json"
+    return marker.is_file() and json.loads(marker.read_text()).get("finished", False)
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def val_ranks(run_dir: Path, table: pd.DataFrame, data_root: Path, progress: bool = False) -> pd.DataFrame:
+    """``best.pt`` evaluated once on val (official protocol): one row per scored query with its
+    0-based first-hit rank and average precision, sorted by path."""
+    embedder, cfg = checkpoints.load_embedder(run_dir / "best.pt")
+    device = runtime.resolve_device(cfg.device)
+    queries, gallery = metrics.protocol_sets(table, "val", "official")
+    embed = inference.embed_table(
+        cfg, embedder.to(device), pd.concat([queries, gallery]), data_root, device, progress=progress, desc="val ranks"
+    )
+    result = metrics.retrieval_metrics(
+        embed[: len(queries)], queries.item_id.to_numpy(), embed[len(queries) :], gallery.item_id.to_numpy()
+    )
+    scored = queries.iloc[result.query_index]
+    ranks = pd.DataFrame(
+        {
+            "path": scored.path.to_numpy(),
+            "item_id": scored.item_id.to_numpy(),
+            "first_hit_rank": result.first_hit_rank,
+            "average_precision": result.average_precision,
+        }
+    )
+    return ranks.sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def metrics_from_ranks(ranks: pd.DataFrame) -> dict:
+    """Val Recall@K and mAP of one run from its per-query ranks (the numbers the statistics use)."""
+    out = {f"recall@{k}": float((ranks.first_hit_rank < k).mean()) for k in (1, 5, 10, 20)}
+    return {**out, "map": float(ranks.average_precision.mean()), "n_queries": int(len(ranks))}
+
+
+def _write_marker(run_dir: Path, record: dict) -> None:
+    write_text_atomic(run_dir / "study_run.json", json.dumps(record, indent=2) + "\n")
+
+
+def ensure_run(
+    cfg: Config,
+    table_path: Path,
+    data_root: Path,
+    run_dir: Path,
+    root: Path,
+    progress: bool = True,
+    stop_after_epoch: int | None = None,
+) -> tuple[Path, str]:
+    """``(the run directory holding this run, what was done)``: ``reused`` (finished anywhere
+    under ``root``), ``resumed`` (a half-finished one continued), or ``trained``.
+
+    ``stop_after_epoch`` interrupts training after that epoch (as a disconnect would); the
+    next call resumes it.
+    """
+    table_sha = sha256_file(table_path)
+    key = run_key(cfg, table_sha)
+    existing = find_runs(root).get(key)
+    if existing is not None and is_finished(existing):
+        return existing, "reused"
+    run_dir = existing or run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker = (
+        json.loads((run_dir / "study_run.json").read_text())
+        if existing
+        else {"key": key, "table_sha256": table_sha, "seed": cfg.seed, "finished": False, "wall_s": 0.0}
+    )
+    resume = (run_dir / "last.pt").is_file()
+    _write_marker(run_dir, marker)
+    started = time.perf_counter()
+    try:
+        result = artifacts.ensure_trained(cfg, table_path, data_root, run_dir, progress, stop_after_epoch)
+        if result is None:
+            return run_dir, "interrupted"
+        ranks = val_ranks(run_dir, read_table(table_path), data_root, progress)
+        write_text_atomic(run_dir / "val_ranks.csv", ranks.to_csv(index=False, lineterminator="\n"))
+        marker["finished"] = True
+    finally:  # wall time adds up over every session that worked on the run
+        marker["wall_s"] = round(marker["wall_s"] + time.perf_counter() - started, 1)
+        _write_marker(run_dir, marker)
+    # last.pt (weights + optimiser state) only serves a resume; best.pt stays for analysis.
+    (run_dir / "last.pt").unlink(missing_ok=True)
+    return run_dir, "resumed" if resume else "trained"
+
+
+def run_row(run_dir: Path, root: Path) -> dict:
+    """One finished run's line of ``runs.csv`` (without experiment / variant / changed fields)."""
+    history = pd.read_csv(run_dir / "history.csv")
+    result = json.loads((run_dir / "metrics.json").read_text())
+    ranks = pd.read_csv(run_dir / "val_ranks.csv")
+    marker = json.loads((run_dir / "study_run.json").read_text())
+    trained = history.loc[history.epoch >= 1, "train_images_per_s"]
+    return {
+        "run_dir": str(run_dir.relative_to(root)),
+        "best_epoch": int(result["best_epoch"]),
+        "epochs_run": int(history.epoch.max()),
+        **{f"val_{m}": v for m, v in metrics_from_ranks(ranks).items()},
+        "wall_s": marker["wall_s"],
+        "images_per_s": round(float(trained.mean()), 1) if len(trained) else math.nan,
+    }
+
+
+# --------------------------------------------------------------------------- statistics (pure)
+
+
+def seed_summary(runs: pd.DataFrame, columns=tuple(f"val_{m}" for m in METRICS)) -> pd.DataFrame:
+    """Per variant: ``n_seeds``, and for each column its mean and sample std (ddof 1; NaN for
+    one seed) over seeds. Variants keep their first-appearance order."""
+    grouped = runs.groupby("variant", sort=False)
+    out = pd.DataFrame({"n_seeds": grouped.seed.nunique()})
+    for column in columns:
+        out[f"{column}_mean"] = grouped[column].mean()
+        out[f"{column}_std"] = grouped[column].std(ddof=1)
+    return out
+
+
+def paired_bootstrap(
+    baseline_hits: np.ndarray, variant_hits: np.ndarray, n_boot: int = N_BOOT, seed: int = 0, alpha: float = ALPHA
+) -> tuple[float, float, float]:
+    """``(difference, low, high)`` of ``mean(variant) - mean(baseline)`` over a ``[seeds,
+    queries]`` grid of per-query values (e.g. hit@K indicators), paired by seed and query.
+
+    Each replicate resamples seeds and queries together, with replacement: a random choice of
+    seeds × a random choice of queries, the mean paired difference over that sub-grid. So the
+    interval holds both sources of noise: which queries the val split happens to have, and
+    the seed-to-seed spread of training (the original study's same-seed reruns differed by 0.01–0.03 R@5). Percentile interval.
+    """
+    base, var = np.asarray(baseline_hits, dtype=np.float64), np.asarray(variant_hits, dtype=np.float64)
+    if base.shape != var.shape or base.ndim != 2 or 0 in base.shape:
+        raise InputError(f"paired values need one equal [seeds, queries] shape, got {base.shape} and {var.shape}")
+    diff = var - base
+    rng = np.random.default_rng(seed)
+    n_seeds, n_queries = diff.shape
+    means = np.empty(n_boot)
+    batch = max(1, 2_000_000 // diff.size)  # bounds the [batch, seeds, queries] gather
+    for b0 in range(0, n_boot, batch):
+        b1 = min(n_boot, b0 + batch)
+        s = rng.integers(0, n_seeds, size=(b1 - b0, n_seeds))
+        q = rng.integers(0, n_queries, size=(b1 - b0, n_queries))
+        means[b0:b1] = diff[s[:, :, None], q[:, None, :]].mean(axis=(1, 2))
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(diff.mean()), float(low), float(high)
+
+
+def verdict(low: float, high: float) -> str:
+    """``better`` when the whole interval lies above 0, ``worse`` below 0, else ``within noise``."""
+    if low > 0:
+        return "better"
+    if high < 0:
+        return "worse"
+    return "within noise"
+
+
+def check_same_queries(ranks: dict) -> None:
+    """Paired statistics need every run scored on the same val queries (the same table)."""
+    paths = [np.sort(frame.path.to_numpy()) for frame in ranks.values()]
+    if any(len(p) != len(paths[0]) or not np.array_equal(p, paths[0]) for p in paths[1:]):
+        raise InputError("val_ranks.csv files hold different queries: the runs used different tables")
+
+
+def hit_grid(ranks_by_seed: dict[int, pd.DataFrame], seeds, k: int) -> np.ndarray:
+    """``[seeds, queries]`` hit@K indicators, the queries aligned by path (see :func:`check_same_queries`)."""
+    frames = [ranks_by_seed[s].sort_values("path", kind="stable") for s in seeds]
+    return np.stack([(f.first_hit_rank.to_numpy() < k).astype(np.float64) for f in frames])
+
+
+def compare(
+    runs: pd.DataFrame, ranks: dict[tuple[str, int], pd.DataFrame], n_boot: int = N_BOOT, alpha: float = ALPHA
+) -> pd.DataFrame:
+    """One row per variant: its seeds' mean ± std and, against ``baseline`` on the seeds both
+    have, the paired difference in val Recall@1/5/10 with its interval and verdict."""
+    check_same_queries(ranks)
+    summary = seed_summary(runs)
+    base_seeds = set(runs.loc[runs.variant == "baseline", "seed"])
+    for variant in summary.index:
+        seeds = sorted(base_seeds & set(runs.loc[runs.variant == variant, "seed"]))
+        for k in KS:
+            if variant == "baseline" or not seeds:
+                summary.loc[variant, [f"diff_recall@{k}", f"low_recall@{k}", f"high_recall@{k}"]] = math.nan
+                summary.loc[variant, f"verdict_recall@{k}"] = "baseline" if variant == "baseline" else "no pairs"
+                continue
+            grids = [hit_grid({s: ranks[(v, s)] for s in seeds}, seeds, k) for v in ("baseline", variant)]
+            diff, low, high = paired_bootstrap(*grids, n_boot=n_boot, alpha=alpha)
+            summary.loc[variant, [f"diff_recall@{k}", f"low_recall@{k}", f"high_recall@{k}"]] = diff, low, high
+            summary.loc[variant, f"verdict_recall@{k}"] = verdict(low, high)
+    return summary
+
+
+def decide(comparison: pd.DataFrame) -> tuple[str, str]:
+    """``(winner, why)`` by :data:`RULE` from a :func:`compare` table."""
+    better = comparison[comparison[f"verdict_{PRIMARY}"] == "better"]
+    if better.empty:
+        return "baseline", f"no variant is `better` on val {PRIMARY}: the baseline is kept"
+    winner = better[f"diff_{PRIMARY}"].idxmax()
+    return winner, (
+        f"{winner} is `better` on val {PRIMARY} by {better.loc[winner, f'diff_{PRIMARY}']:+.3f} "
+        f"[{better.loc[winner, f'low_{PRIMARY}']:+.3f}, {better.loc[winner, f'high_{PRIMARY}']:+.3f}]"
+    )
+
+
+# --------------------------------------------------------------------------- stages and the carried config
+
+
+def stage_overrides(profile: str, stage: str, root: Path, strict: bool = True) -> dict:
+    """The overrides every run of ``stage`` starts from: the budget plus the adopted variants
+    of every earlier stage (from their ``decision.json``). An earlier experiment not finished
+    yet is an error (its winner is not known), or, with ``strict=False`` (projections only),
+    assumed to keep its baseline."""
+    overrides = dict(BUDGET[profile])
+    for experiment in experiments(profile):
+        if STAGES.index(experiment.stage) >= STAGES.index(stage):
+            continue
+        decision = Path(root) / experiment.name / "decision.json"
+        if not decision.is_file() and not strict:
+            continue
+        if not decision.is_file():
+            raise InputError(
+                f"stage {stage} builds on the winners of stage {experiment.stage}: run "
+                f"`python -m helpers study {experiment.name} --profile {profile}` first"
+            )
+        overrides.update(json.loads(decision.read_text())["winner_overrides"])
+    return overrides
+
+
+def resolve_variants(experiment: Experiment, base: Config) -> dict[str, Config]:
+    """``{"baseline": base, variant: config}``; a variant identical to the baseline (e.g.
+    ``augment=medium`` when the baseline already uses it) is the baseline and is dropped."""
+    out = {"baseline": base}
+    for name, overrides in experiment.variants.items():
+        cfg = check(replace(base, **overrides))
+        if all(getattr(base, k) == v for k, v in overrides.items()):
+            continue
+        out[name] = cfg
+    return out
+
+
+def changed_fields(configs: dict[str, Config]) -> list[str]:
+    """Config fields (seed aside) on which any variant differs from the baseline."""
+    base = asdict(configs["baseline"])
+    return sorted({k for cfg in configs.values() for k, v in asdict(cfg).items() if k != "seed" and base[k] != v})
+
+
+def projected_seconds(root: Path, profile: str, n_runs: int, epochs: int) -> tuple[float, str]:
+    """``(seconds, where the per-epoch time came from)`` for training ``n_runs`` runs of at most
+    ``epochs`` epochs: measured from this study's finished runs when there are any (their
+    median wall time per epoch run), else :data:`SECONDS_PER_EPOCH`'s stated estimate."""
+    per_epoch = []
+    for run_dir in find_runs(root).values():
+        if is_finished(run_dir):
+            history = pd.read_csv(run_dir / "history.csv")
+            per_epoch.append(
+                json.loads((run_dir / "study_run.json").read_text())["wall_s"] / max(1, history.epoch.max())
+            )
+    if per_epoch:
+        seconds = float(np.median(per_epoch))
+        return n_runs * epochs * seconds, f"{seconds:.1f} s/epoch measured (median of {len(per_epoch)} finished runs)"
+    seconds = SECONDS_PER_EPOCH[profile]
+    return n_runs * epochs * seconds, f"{seconds:.1f} s/epoch stated estimate (no finished run measured yet)"
+
+
+def plan(
+    profile: str,
+    n_seeds: int | None = None,
+    data_root: str | None = None,
+    root: Path | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Per experiment: configurations, runs, and runs still to train (not finished anywhere in
+    the study), with the projected time. Stages whose earlier winners are not known yet are
+    counted as if the baselines were kept, plus one new baseline per seed for each later
+    stage (it changes when a variant is adopted), so the total is an upper bound."""
+    root = Path(root or artifacts.results_root(profile))
+    n_seeds = n_seeds_for(profile, n_seeds)
+    profile_cfg = base_config(profile, data_root)
+    _, table_path = artifacts.ensure_prepared(profile_cfg, progress)
+    table_sha, known, rows = sha256_file(table_path), find_runs(root), []
+    for experiment in experiments(profile):
+        base = check(replace(profile_cfg, **stage_overrides(profile, experiment.stage, root, strict=False)))
+        configs = resolve_variants(experiment, base)
+        keys = {run_key(replace(cfg, seed=seed), table_sha) for cfg in configs.values() for seed in range(n_seeds)}
+        rows.append(
+            {
+                "stage": experiment.stage,
+                "experiment": experiment.name,
+                "configs": len(configs),
+                "runs": len(configs) * n_seeds,
+                "new_keys": keys,
+                "to_train": {k for k in keys if not is_finished(known.get(k, root / "-"))},
+            }
+        )
+    table = pd.DataFrame(rows)
+    seen: set = set()  # a run shared by several experiments (a stage's baseline) is trained once
+    for i, row in table.iterrows():
+        table.at[i, "to_train"] = len(row.to_train - seen)
+        seen |= row.new_keys
+    undecided = sum(
+        1
+        for s in STAGES[1:]
+        if not all(
+            (root / e.name / "decision.json").is_file()
+            for e in experiments(profile)
+            if STAGES.index(e.stage) < STAGES.index(s)
+        )
+    )
+    table["to_train"] = table.to_train.astype(int)
+    total = int(table.to_train.sum()) + undecided * n_seeds
+    epochs = check(replace(profile_cfg, **BUDGET[profile])).epochs
+    seconds, source = projected_seconds(root, profile, total, epochs)
+    print(
+        f"study on profile {profile}, {n_seeds} seeds: ≤ {total} runs to train (incl. {undecided * n_seeds} "
+        f"baselines of stages whose earlier winners are not known yet); projected ≤ {seconds / 60:.0f} min "
+        f"({total} × ≤ {epochs} epochs × {source})",
+        flush=True,
+    )
+    return table.drop(columns="new_keys")
+
+
+def n_seeds_for(profile: str, n_seeds: int | None) -> int:
+    """The number of seeds asked for, or the profile's default (:data:`DEFAULT_SEEDS`)."""
+    if n_seeds is None:
+        return DEFAULT_SEEDS[profile]
+    if n_seeds < 1:
+        raise InputError(f"--seeds must be at least 1, got {n_seeds}")
+    return n_seeds
+
+
+def base_config(profile: str, data_root: str | None = None) -> Config:
+    return get_config(profile, data_root=data_root if profile == "full" else None)
+
+
+def run_experiment(
+    experiment: Experiment,
+    profile: str,
+    n_seeds: int | None = None,
+    data_root: str | None = None,
+    root: Path | None = None,
+    progress: bool = True,
+    stop_after_epoch: int | None = None,
+) -> dict:
+    """Train (or reuse / resume) every (variant, seed) of ``experiment``, then write its
+    ``runs.csv``, ``comparison.csv`` and ``decision.json``. Returns them as a dict."""
+    root = Path(root or artifacts.results_root(profile))
+    n_seeds = n_seeds_for(profile, n_seeds)
+    profile_cfg = base_config(profile, data_root)
+    data_root_path, table_path = artifacts.ensure_prepared(profile_cfg, progress)
+    write_data_summary(profile_cfg, table_path, root)
+    base = check(replace(profile_cfg, **stage_overrides(profile, experiment.stage, root)))
+    configs = resolve_variants(experiment, base)
+    jobs = [(variant, seed, replace(cfg, seed=seed)) for seed in range(n_seeds) for variant, cfg in configs.items()]
+    table_sha, known = sha256_file(table_path), find_runs(root)
+    todo = [j for j in jobs if not is_finished(known.get(run_key(j[2], table_sha), root / "-"))]
+    seconds, source = projected_seconds(root, profile, len(todo), base.epochs)
+    print(
+        f"{experiment.name}: {len(jobs)} runs ({len(configs)} variants × {n_seeds} seed{'s' * (n_seeds != 1)}), "
+        f"{len(todo)} to train; "
+        f"projected ≤ {seconds / 60:.1f} min ({len(todo)} × ≤ {base.epochs} epochs × {source})",
+        flush=True,
+    )
+    rows, ranks = [], {}
+    fields = changed_fields(configs)
+    for variant, seed, cfg in progress_bar(jobs, desc=f"study {experiment.name}", disable=not progress):
+        run_dir = root / experiment.name / f"{_slug(variant)}_seed{seed}_{run_key(cfg, table_sha)}"
+        found, action = ensure_run(
+            cfg, table_path, data_root_path, run_dir, root, progress=progress, stop_after_epoch=stop_after_epoch
+        )
+        if action == "interrupted":
+            raise InputError(f"{found}: interrupted after epoch {stop_after_epoch}; run the study again to resume it")
+        rows.append(
+            {
+                "experiment": experiment.name,
+                "variant": variant,
+                "seed": seed,
+                **{k: getattr(cfg, k) for k in fields},
+                "action": action,
+                **run_row(found, root),
+            }
+        )
+        ranks[(variant, seed)] = pd.read_csv(found / "val_ranks.csv")
+    return write_experiment(experiment, profile, pd.DataFrame(rows), ranks, configs, root)
+
+
+def write_experiment(
+    experiment: Experiment, profile: str, runs: pd.DataFrame, ranks: dict, configs: dict, root: Path
+) -> dict:
+    """``runs.csv``, ``comparison.csv`` and ``decision.json`` of a finished experiment."""
+    out = root / experiment.name
+    out.mkdir(parents=True, exist_ok=True)
+    comparison = compare(runs, ranks)
+    winner, why = decide(comparison)
+    overrides = {k: getattr(configs[winner], k) for k in experiment.fields} if winner != "baseline" else {}
+    seeds = sorted(runs.seed.unique().tolist())
+    decision = {
+        "experiment": experiment.name,
+        "stage": experiment.stage,
+        "question": experiment.question,
+        "profile": profile,
+        "protocol": "official",
+        "split": "val",
+        "seeds": seeds,
+        "primary": PRIMARY,
+        "rule": RULE,
+        "winner": winner,
+        "why": why,
+        "winner_overrides": overrides,
+        "baseline": {k: getattr(configs["baseline"], k) for k in changed_fields(configs)},
+        "ci_percent": round(100 * (1 - ALPHA)),
+        "n_boot": N_BOOT,
+    }
+    write_text_atomic(out / "runs.csv", runs.drop(columns="action").to_csv(index=False, lineterminator="\n"))
+    write_text_atomic(out / "comparison.csv", comparison.to_csv(index_label="variant", lineterminator="\n"))
+    write_text_atomic(out / "decision.json", json.dumps(decision, indent=2, default=str) + "\n")
+    if all((root / e.name / "decision.json").is_file() for e in experiments(profile)):
+        write_final_config(profile, root)
+    return {"runs": runs, "comparison": comparison, "decision": decision}
+
+
+def decided_fields(profile: str) -> list[str]:
+    """The config fields the study decides (those its experiments vary)."""
+    return sorted({f for e in experiments(profile) for f in e.fields})
+
+
+def write_final_config(profile: str, root: Path | None = None) -> dict:
+    """``final_config.json``: every decided field's value after the last stage, by the rule
+    (never typed by hand); ``04_demo`` trains and tests it (``helpers.experiments.final``)."""
+    root = Path(root or artifacts.results_root(profile))
+    # The profile's own config (no data root needed: nothing is trained here) + every stage's winners.
+    carried = check(replace(PROFILES[profile], **stage_overrides(profile, "03", root)))
+    decisions = [json.loads((root / e.name / "decision.json").read_text()) for e in experiments(profile)]
+    carried = replace(
+        carried, **{k: v for d in decisions if d["stage"] == "03" for k, v in d["winner_overrides"].items()}
+    )
+    record = {
+        "profile": profile,
+        "config": {k: getattr(carried, k) for k in decided_fields(profile)},
+        "rule": RULE,
+        "budget": BUDGET[profile],
+        "decisions": [{k: d[k] for k in ("experiment", "stage", "winner", "why")} for d in decisions],
+    }
+    write_text_atomic(root / "final_config.json", json.dumps(record, indent=2, default=str) + "\n")
+    return record
+
+
+def write_data_summary(cfg: Config, table_path: Path, root: Path) -> dict:
+    """``data_summary.json`` beside the experiments, so the report needs nothing but results/."""
+    summary = json.loads((Path(table_path).parent / "summary.json").read_text())
+    source = (
+        f"synthetic ({cfg.synthetic_items} items from helpers.data.synthetic, seed {cfg.synthetic_seed}), not DeepFashion"
+        if cfg.data_root is None
+        else "DeepFashion Consumer-to-Shop"
+    )
+    record = {
+        "profile": cfg.profile,
+        "data_source": source,
+        "splits": summary["splits"],
+        "categories": summary.get("categories"),
+        "parameters": summary.get("parameters"),
+        "table_sha256": summary.get("table_sha256"),
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(root / "data_summary.json", json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def load_experiment(root: Path, name: str) -> dict:
+    """``runs``, ``comparison`` and ``decision`` of a finished experiment, read back from disk."""
+    folder = Path(root) / name
+    if not (folder / "decision.json").is_file():
+        raise InputError(f"{folder}: no finished experiment (no decision.json); run `python -m helpers study {name}`")
+    return {
+        "runs": pd.read_csv(folder / "runs.csv"),
+        "comparison": pd.read_csv(folder / "comparison.csv", index_col="variant"),
+        "decision": json.loads((folder / "decision.json").read_text()),
+    }
+
+
+def learned(result: dict) -> str:
+    """A sentence on one experiment computed from its numbers, so it cannot contradict them."""
+    comparison, decision = result["comparison"], result["decision"]
+    parts = []
+    for variant, row in comparison.drop(index="baseline").iterrows():
+        parts.append(
+            f"{variant}: {row[f'diff_{PRIMARY}']:+.3f} val R@5 "
+            f"[{row[f'low_{PRIMARY}']:+.3f}, {row[f'high_{PRIMARY}']:+.3f}], {row[f'verdict_{PRIMARY}']}"
+        )
+    base = comparison.loc["baseline"]
+    n = int(base.n_seeds)
+    head = f"{decision['experiment']} (baseline val R@5 {base[f'val_{PRIMARY}_mean']:.3f}, {n} seed{'s' * (n != 1)}): "
+    return (
+        head
+        + ("; ".join(parts) if parts else "no variant differs from the baseline")
+        + f". Adopted: {decision['winner']}."
+    )
+
+
+# --------------------------------------------------------------------------- what the notebooks call
+
+
+def ensure_earlier_stages(
+    profile: str,
+    stage: str,
+    n_seeds: int | None = None,
+    data_root: str | None = None,
+    root: Path | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """Run every experiment of an earlier stage that has no decision yet (a notebook opened on
+    its own still builds on its predecessors' winners); returns their names."""
+    root = Path(root or artifacts.results_root(profile))
+    missing = [
+        e
+        for e in experiments(profile)
+        if STAGES.index(e.stage) < STAGES.index(stage) and not (root / e.name / "decision.json").is_file()
+    ]
+    for experiment in missing:
+        run_experiment(experiment, profile, n_seeds, data_root, root, progress)
+    return [e.name for e in missing]
+
+
+def grid(profile: str, stage: str, root: Path | None = None) -> pd.DataFrame:
+    """The stage's grid: one row per (experiment, variant) with the values it runs; the
+    baseline rows show the stage baseline's values of the fields the experiment varies."""
+    root = Path(root or artifacts.results_root(profile))
+    base = check(replace(PROFILES[profile], **stage_overrides(profile, stage, root)))
+    rows = []
+    for experiment in (e for e in experiments(profile) if e.stage == stage):
+        configs = resolve_variants(experiment, base)
+        fields = changed_fields(configs)
+        for variant, cfg in configs.items():
+            rows.append(
+                {
+                    "experiment": experiment.name,
+                    "variant": variant,
+                    "runs with": ", ".join(f"{k}={getattr(cfg, k)}" for k in fields),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def run_stage(
+    profile: str,
+    stage: str,
+    n_seeds: int | None = None,
+    data_root: str | None = None,
+    root: Path | None = None,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Every experiment of ``stage`` (finished runs reused, a half-finished one resumed)."""
+    return {
+        e.name: run_experiment(e, profile, n_seeds, data_root, root, progress)
+        for e in experiments(profile)
+        if e.stage == stage
+    }
+
+
+def carried(profile: str, stage: str, root: Path | None = None) -> dict:
+    """What ``stage`` hands on: its stage baseline's overrides plus its own winners."""
+    root = Path(root or artifacts.results_root(profile))
+    overrides = stage_overrides(profile, stage, root)
+    for experiment in (e for e in experiments(profile) if e.stage == stage):
+        overrides.update(load_experiment(root, experiment.name)["decision"]["winner_overrides"])
+    return overrides

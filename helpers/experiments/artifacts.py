@@ -233,10 +233,13 @@ def with_interval(result: dict, metric: str) -> str:
 
 def comparison_table(rows: list[dict]) -> pd.DataFrame:
     """One row per entry of ``rows`` (``{"model": name, "result": metrics, **other columns}``):
-    the other columns as given, then each metric with its interval, the query and gallery counts."""
+    the other columns first (in the order they first appear), then each metric with its interval,
+    the query and gallery counts."""
+    extra = list(dict.fromkeys(k for row in rows for k in row if k not in ("model", "result")))
     table = [
         {
-            **{k: v for k, v in row.items() if k != "result"},
+            "model": row["model"],
+            **{k: row.get(k, "—") for k in extra},
             **{m: with_interval(row["result"], m) for m in METRICS},
             "n_queries": row["result"].get("n_queries", "—"),
             "n_gallery": row["result"].get("n_gallery", "—"),

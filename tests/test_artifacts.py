@@ -1,0 +1,105 @@
+"""helpers.experiments.artifacts: a finished thing is reused only for exactly the same inputs,
+a different one is refused or rebuilt, never silently mixed in."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from helpers.core import config
+from helpers.core.errors import InputError
+from helpers.experiments import artifacts
+from helpers.modeling import checkpoints
+
+
+@pytest.fixture(scope="module")
+def trained(small_tree, tmp_path_factory):
+    """One finished fixture run (1 epoch) on the shared small tree."""
+    root, table = small_tree
+    run_dir = tmp_path_factory.mktemp("artifacts") / "run"
+    cfg = config.get_config("fixture", epochs=1)
+    result = artifacts.ensure_trained(cfg, table, root, run_dir, progress=False)
+    return cfg, run_dir, result
+
+
+def test_a_finished_run_is_read_back_not_retrained(small_tree, trained, monkeypatch):
+    root, table = small_tree
+    cfg, run_dir, first = trained
+    monkeypatch.setattr(artifacts.train, "fit", lambda *a, **k: pytest.fail("retrained a finished run"))
+    again = artifacts.ensure_trained(cfg, table, root, run_dir, progress=False)
+    assert again["recall@5"] == first["recall@5"] and again["best_epoch"] == first["best_epoch"]
+    # Runtime fields never change a result: a finished run is the same run on another machine.
+    assert artifacts.ensure_trained(replace(cfg, num_workers=1), table, root, run_dir) == again
+
+
+def test_a_finished_run_of_another_recipe_is_refused(small_tree, trained):
+    root, table = small_tree
+    cfg, run_dir, _ = trained
+    with pytest.raises(InputError, match=r"another recipe \(embed_dim: 32 → 16\)"):
+        artifacts.ensure_trained(config.get_config("fixture", epochs=1, embed_dim=16), table, root, run_dir)
+
+
+def test_a_finished_run_on_another_table_is_refused(small_tree, trained, tmp_path):
+    root, table = small_tree
+    cfg, run_dir, _ = trained
+    other = tmp_path / "images.csv"
+    other.write_text(table.read_text() + "\n")  # same rows, other bytes: another table for the hash
+    with pytest.raises(InputError, match="table: .* changed since the run"):
+        artifacts.ensure_trained(cfg, other, root, run_dir)
+
+
+def test_an_index_is_reused_for_the_same_checkpoint_and_rebuilt_for_another(small_tree, trained, tmp_path):
+    root, table = small_tree
+    cfg, run_dir, _ = trained
+    index_dir = tmp_path / "index"
+    artifacts.ensure_index(run_dir / "best.pt", table, root, index_dir, progress=False)
+    meta = json.loads((index_dir / "index.json").read_text())
+    built = (index_dir / "embeddings.npy").stat().st_mtime_ns
+    artifacts.ensure_index(run_dir / "best.pt", table, root, index_dir, progress=False)
+    assert (index_dir / "embeddings.npy").stat().st_mtime_ns == built  # reused
+
+    # Another checkpoint (one weight changed): the index keys on the checkpoint's content.
+    state = checkpoints.read_checkpoint(run_dir / "best.pt")
+    first_weight = next(iter(state["model"]))
+    state["model"][first_weight] = state["model"][first_weight] + 0.5
+    checkpoints.save_checkpoint(tmp_path / "other.pt", state)
+    artifacts.ensure_index(tmp_path / "other.pt", table, root, index_dir, progress=False)
+    rebuilt = json.loads((index_dir / "index.json").read_text())
+    assert rebuilt["checkpoint_sha256"] != meta["checkpoint_sha256"] and rebuilt["checkpoint"].endswith("other.pt")
+    artifacts.ensure_index(tmp_path / "other.pt", table, root, index_dir, split="val", progress=False)
+    assert json.loads((index_dir / "index.json").read_text())["split"] == "val"  # another gallery: rebuilt
+
+
+def test_an_index_folder_holding_something_else_is_never_replaced(small_tree, trained, tmp_path):
+    root, table = small_tree
+    _, run_dir, _ = trained
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("a user's file")
+    with pytest.raises(InputError, match="holds no index.json"):
+        artifacts.ensure_index(run_dir / "best.pt", table, root, folder, progress=False)
+    assert (folder / "notes.txt").read_text() == "a user's file"
+
+
+def test_a_zero_shot_row_is_computed_once(small_tree, tmp_path, monkeypatch):
+    root, table = small_tree
+    out = tmp_path / "zero.json"
+    cfg = config.get_config("fixture")
+    first = artifacts.ensure_zero_shot(cfg, table, root, out, progress=False)
+    monkeypatch.setattr(artifacts.inference, "evaluate_zero_shot", lambda *a, **k: pytest.fail("recomputed"))
+    assert artifacts.ensure_zero_shot(cfg, table, root, out, progress=False) == first
+    assert 0.0 <= first["recall@1"] <= first["recall@5"] <= 1.0
+
+
+def test_comparison_table_shows_values_with_their_intervals():
+    rows = [
+        {"model": "a", "result": {"recall@1": 0.5, "recall@1_ci": [0.25, 0.75], "n_queries": 8, "n_gallery": 4}},
+        {"model": "b", "protocol": "split", "result": {"recall@5": 0.125}},
+    ]
+    table = artifacts.comparison_table(rows)
+    assert table.loc["a", "recall@1"] == "0.500 [0.250, 0.750]"
+    assert table.loc["b", "recall@5"] == "0.125" and table.loc["b", "recall@1"] == "—"
+    assert table.loc["a", "n_queries"] == 8 and table.loc["b", "n_gallery"] == "—"
+    assert list(table.columns[:1]) == ["protocol"]

@@ -40,7 +40,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     """Flags both benchmarks take (model, threads, repeats, profile, the sweep's common axes)."""
     parser.add_argument("--backbone", default=None, help="default: the demo profile's (tf_efficientnet_lite0)")
     parser.add_argument("--weights", default=None, help="auto | hub | packaged | none (default: the demo profile's)")
-    parser.add_argument("--img-size", type=int, default=None, help="default: the demo profile's (128)")
+    parser.add_argument("--img-size", type=int, default=None, help="default: the demo profile's (160)")
     parser.add_argument(
         "--num-workers",
         type=int,

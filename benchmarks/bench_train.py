@@ -7,8 +7,9 @@ goal **>= 0.9 × the best bare step** (PASS / MISS). It asserts nothing: it is a
 
 * **project: fit loop**: what ``train.fit()`` builds (``train._build``: the demo config's model,
   ``create_criterion``, ``create_optimizer``, the ``lr_factor`` schedule, one persistent
-  DataLoader over ``datasets.SampleSeeds(PKSampler)`` at ``runtime.resolve_num_workers``, with JPEG
-  decoding, box crop, letterbox and the augmentation preset), run as ``fit()`` runs an epoch:
+  DataLoader over ``datasets.SampleSeeds(PKSampler)`` at ``runtime.resolve_num_workers``, reading the
+  decoded-crop store ``_build`` makes beside the table (``helpers.data.store``: decoded, cropped and
+  letterboxed once, before the timed passes) and drawing the augmentation preset), run as ``fit()`` runs an epoch:
   ``set_epoch``, then ``train.train_one_epoch``. The allocator is tuned as ``fit()`` tunes it
   (``runtime.tune_allocator``; ``C2S_MALLOPT=0`` turns it off). Epoch 1 includes the loader's
   start-up; the goal applies to the later epochs (the steady state of a run).
@@ -26,7 +27,7 @@ With ``--repeats > 1`` every method and variant runs once per round and keeps it
 The output also gives, per method, the first step and the others (wall, system CPU, minor page
 faults), the CPU other processes used (a WARNING when over 0.15 cores) and a loader profile.
 
-    python benchmarks/bench_train.py                           # demo: lite0, 128 px, P=8 x K=4
+    python benchmarks/bench_train.py                           # demo: lite0, 160 px, P=8 x K=4
     python benchmarks/bench_train.py --sweep-threads own --sweep-channels-last off   # smaller sweep
     python benchmarks/bench_train.py --backbone test_efficientnet --weights none --img-size 64 --steps 3
 """

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "helpers"
 # package when listed earlier in the same tuple (the order inside a package is part of the design).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core", ("errors", "progress", "files", "config", "runtime", "repro", "arrays", "schema")),
-    ("data", ("deepfashion", "sampling", "synthetic", "staging", "transforms", "datasets")),
+    ("data", ("deepfashion", "sampling", "synthetic", "staging", "transforms", "store", "datasets")),
     ("modeling", ("models", "losses", "distributed", "checkpoints")),
     ("evaluation", ("metrics", "inference", "search", "ann", "gallery", "plots")),
     ("training", ("train",)),

@@ -22,6 +22,7 @@ from helpers.core import errors
 from helpers.core.errors import InputError
 from helpers.core.repro import torch_generator, worker_init_fn
 from helpers.core.schema import BOX_COLUMNS, DOMAINS, IMAGE_COLUMNS, check_columns
+from helpers.data.store import CropStore
 from helpers.data.transforms import C2STransform, open_rgb
 
 
@@ -34,8 +35,21 @@ class C2SDataset(Dataset):
     joined back to rows.
     """
 
-    def __init__(self, table: pd.DataFrame, data_root: str | Path, transform: C2STransform):
+    def __init__(
+        self,
+        table: pd.DataFrame,
+        data_root: str | Path,
+        transform: C2STransform,
+        store: CropStore | None = None,
+        store_rows: np.ndarray | None = None,
+    ):
+        """With a ``store``, row ``i`` is read from ``store.pixels[store_rows[i]]`` (default: the
+        same position) instead of being decoded, cropped and resized again."""
         check_columns(table, IMAGE_COLUMNS)
+        self.store = store
+        self._store_rows = np.arange(len(table)) if store_rows is None else np.asarray(store_rows)
+        if store is not None and len(self._store_rows) != len(table):
+            raise InputError(f"{len(table)} table rows but {len(self._store_rows)} store rows")
         self.table = table.reset_index(drop=True)
         self.data_root = Path(data_root)
         self.transform = transform
@@ -55,19 +69,21 @@ class C2SDataset(Dataset):
         in any worker, for any number of workers, and after a resume."""
         i, draw_seed = key if isinstance(key, tuple) else (key, None)
         path = self.data_root / self._paths[i]
-        image = open_rgb(path)
-        try:
-            if draw_seed is None:
-                tensor = self.transform(image, self._boxes[i])
-            else:
-                # fork_rng restores torch's global generator afterwards (it matters in the main
-                # process when num_workers is 0: model code must not see these draws).
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(draw_seed)
-                    tensor = self.transform(image, self._boxes[i])
-        except InputError as exc:  # a bad box: name the image it belongs to
-            raise errors.at(path, None, str(exc)) from None
-        return tensor, int(self.labels[i]), int(i)
+        if self.store is not None:  # prepare()'s output, stored: only the random part is left to do
+            prepared = np.array(self.store.pixels[self._store_rows[i]])  # a copy: the store stays read-only
+        else:
+            image = open_rgb(path)
+            try:
+                prepared = self.transform.prepare(image, self._boxes[i])
+            except InputError as exc:  # a bad box: name the image it belongs to
+                raise errors.at(path, None, str(exc)) from None
+        if draw_seed is None:
+            return self.transform.finish(prepared), int(self.labels[i]), int(i)
+        # fork_rng restores torch's global generator afterwards (it matters in the main process
+        # when num_workers is 0: model code must not see these draws).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(draw_seed)
+            return self.transform.finish(prepared), int(self.labels[i]), int(i)
 
 
 # --------------------------------------------------------------------------- P×K sampler

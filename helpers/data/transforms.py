@@ -261,10 +261,32 @@ class C2STransform:
         )
 
     def __call__(self, image: Image.Image, box: Sequence[float] | None = None) -> torch.Tensor:
-        image = crop_box(image, box if self.crop else None, self.margin)  # crop=False: the whole photo
+        return self.finish(self.prepare(image, box))
+
+    def prepare(self, image: Image.Image, box: Sequence[float] | None = None) -> Image.Image:
+        """The deterministic part, the same every epoch: crop (``crop=False``: the whole photo),
+        photometric normalisation, resize to ``img_size``. A store keeps its result as uint8."""
+        image = crop_box(image, box if self.crop else None, self.margin)
         image = photometric(image, self.photometric)
-        image = resize_image(image, self.img_size, self.resize, self.interpolation, self.fill)
-        return self.tensor_ops(image)
+        return resize_image(image, self.img_size, self.resize, self.interpolation, self.fill)
+
+    def finish(self, pixels: Image.Image | np.ndarray) -> torch.Tensor:
+        """Augmentation (random, from torch's generator), tensor and normalisation of a prepared
+        image: a PIL image from :meth:`prepare` or the same pixels as a uint8 HWC array."""
+        return self.tensor_ops(pixels)
+
+    @property
+    def prepared_fields(self) -> dict:
+        """Everything :meth:`prepare`'s pixels depend on (a store is keyed by it)."""
+        return {
+            "img_size": self.img_size,
+            "interpolation": self.interpolation,
+            "resize": self.resize,
+            "photometric": self.photometric,
+            "margin": self.margin,
+            "crop": self.crop,
+            "fill": list(self.fill),
+        }
 
     def __repr__(self) -> str:
         return (

@@ -39,7 +39,7 @@ from helpers.core.errors import InputError
 from helpers.core.files import copy_atomic, portable_path, sha256_file, write_text_atomic
 from helpers.core.progress import progress_bar
 from helpers.core.schema import read_table
-from helpers.data import datasets, transforms
+from helpers.data import datasets, store, transforms
 from helpers.evaluation import inference
 from helpers.modeling import distributed, losses, models
 from helpers.modeling.checkpoints import read_checkpoint, save_checkpoint
@@ -177,7 +177,9 @@ def _open_run(run_dir: Path, cfg: Config, table_path: Path, resume: bool) -> dic
     return state
 
 
-def _build(cfg: Config, table_path: Path, data_root: Path, run_dir: Path, state: dict | None) -> Run:
+def _build(
+    cfg: Config, table_path: Path, data_root: Path, run_dir: Path, state: dict | None, progress: bool = True
+) -> Run:
     table = read_table(table_path)
     ctx, device = distributed.init(runtime.resolve_device(cfg.device))
     repro.seed_everything(cfg.seed, cfg.deterministic)  # the same on every rank: identical initial weights
@@ -200,8 +202,18 @@ def _build(cfg: Config, table_path: Path, data_root: Path, run_dir: Path, state:
     train_rows = table.loc[table.split == "train"].reset_index(drop=True)
     if train_rows.empty:
         raise InputError(f"{table_path}: the train split is empty")
+    transform = transforms.create_transform(cfg, embedder.data_config, cfg.augment)
+    # Every image decoded, cropped and resized once, beside the prepared table, for every epoch,
+    # seed and run of this preprocessing (helpers.data.store); rank 0 builds it, the others read.
+    folder = Path(table_path).parent / "stores"
+    if ctx.is_main:
+        crops = store.ensure_store(train_rows, data_root, transform, folder, progress=progress)
+    distributed.barrier()
+    if not ctx.is_main:
+        crops = store.ensure_store(train_rows, data_root, transform, folder, progress=False)
+    kept = np.flatnonzero(crops.valid)  # an image that could not be decoded is left out (and listed)
     train_set = datasets.C2SDataset(
-        train_rows, data_root, transforms.create_transform(cfg, embedder.data_config, cfg.augment)
+        train_rows.iloc[kept].reset_index(drop=True), data_root, transform, store=crops, store_rows=kept
     )
     sampler = datasets.PKSampler((train_set.labels, train_set.domains), cfg.p_items, cfg.k_images, seed=cfg.seed)
     batches = datasets.SampleSeeds(sampler, cfg.seed)
@@ -429,7 +441,7 @@ def fit(
     run_dir, table_path, data_root = Path(run_dir), Path(table_path), Path(data_root)
     run_dir.mkdir(parents=True, exist_ok=True)
     state = _open_run(run_dir, cfg, table_path, resume)
-    run = _build(cfg, table_path, data_root, run_dir, state)
+    run = _build(cfg, table_path, data_root, run_dir, state, progress)
     distributed.barrier()  # every rank has checked the run directory before rank 0 writes to it
     if run.state is None:
         _baseline(run)

@@ -74,7 +74,7 @@ def main() -> int:
 
     from helpers.core import config, repro, runtime
     from helpers.core.schema import read_table
-    from helpers.data import datasets, transforms
+    from helpers.data import datasets, store, transforms
     from helpers.evaluation import inference
     from helpers.experiments import artifacts
     from helpers.modeling import models
@@ -123,9 +123,10 @@ def main() -> int:
         optimizer = train.create_optimizer(cfg, embedder)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-        dataset = datasets.C2SDataset(
-            train_rows, data_root, transforms.create_transform(cfg, embedder.data_config, cfg.augment)
-        )
+        # As fit() feeds it: the decoded-crop store beside the table (built once, then reused).
+        transform = transforms.create_transform(cfg, embedder.data_config, cfg.augment)
+        crops = store.ensure_store(train_rows, data_root, transform, Path(table_path).parent / "stores")
+        dataset = datasets.C2SDataset(train_rows, data_root, transform, store=crops)
         steps = args.steps + args.warmup
         sampler = datasets.SampleSeeds(
             datasets.PKSampler((dataset.labels, dataset.domains), p, args.k, epoch_len=steps, seed=0), 0

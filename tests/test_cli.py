@@ -167,3 +167,18 @@ def test_building_the_parser_imports_neither_torch_nor_pandas():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_study_runs_each_chosen_experiment_and_says_where_results_are(monkeypatch, capsys):
+    from helpers.experiments import study
+
+    ran = []
+    monkeypatch.setattr(study, "run_experiment", lambda experiment, *a, **k: ran.append(experiment.name) or {})
+    monkeypatch.setattr(study, "learned", lambda result: "learned")
+    assert main(["study", "crop", "--profile", "fixture", "--quiet"]) == 0
+    assert ran == ["crop"]
+    from helpers.core.files import portable_path
+    from helpers.experiments import artifacts
+
+    where = portable_path(artifacts.results_root("fixture"))
+    assert capsys.readouterr().out.splitlines()[-1] == f"results in {where}"

@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("modeling", ("models", "losses", "distributed", "checkpoints")),
     ("evaluation", ("metrics", "inference", "search", "ann", "gallery", "plots")),
     ("training", ("train",)),
-    ("experiments", ("artifacts", "study", "final", "pipeline", "report")),
+    ("experiments", ("artifacts", "statistics", "study", "final", "pipeline", "report")),
     ("apps", ("app", "cli")),
 )
 RANK = {

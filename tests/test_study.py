@@ -10,11 +10,12 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import pytest
+from statsmodels.stats.multitest import multipletests
 
 from helpers.apps.cli import main
 from helpers.core import config
 from helpers.core.errors import InputError
-from helpers.experiments import artifacts, study
+from helpers.experiments import artifacts, statistics, study
 
 # --------------------------------------------------------------------------- statistics
 
@@ -35,67 +36,12 @@ def test_seed_summary_mean_and_sample_std():
     assert list(summary.index) == ["baseline", "one_seed"]
 
 
-def test_paired_difference_point_estimate_by_hand():
-    base = np.array([[1, 0, 0, 1], [0, 0, 1, 1]])
-    variant = np.array([[1, 1, 0, 1], [1, 0, 1, 1]])
-    diff, low, high = study.paired_bootstrap(base, variant, n_boot=200)
-    assert diff == pytest.approx(2 / 8)  # two more hits among 8 (seed, query) pairs
-    assert low <= diff <= high
-
-
-@pytest.mark.parametrize("delta, expected", [(1, "better"), (-1, "worse"), (0, "within noise")])
-def test_constant_differences_have_degenerate_intervals(delta, expected):
-    base = np.zeros((2, 5))
-    variant = base + delta
-    diff, low, high = study.paired_bootstrap(base, variant, n_boot=100)
-    assert (diff, low, high) == (delta, delta, delta)
-    assert study.verdict(low, high) == expected
-
-
-def test_bootstrap_resamples_queries():
-    # One seed, two queries, differences 1 and 0: a resample of the two queries holds
-    # {1,1}, {1,0}/{0,1}, {0,0} with probabilities 1/4, 1/2, 1/4 → means 1, 0.5, 0.
-    diff, low, high = study.paired_bootstrap(np.zeros((1, 2)), np.array([[1.0, 0.0]]), n_boot=4000, seed=1)
-    assert (diff, low, high) == (0.5, 0.0, 1.0)
-
-
-def test_bootstrap_resamples_seeds():
-    # Two seeds, one query: only resampling seeds gives any spread (queries alone would give [0.5, 0.5]).
-    diff, low, high = study.paired_bootstrap(np.zeros((2, 1)), np.array([[1.0], [0.0]]), n_boot=4000, seed=1)
-    assert (diff, low, high) == (0.5, 0.0, 1.0)
-    assert study.verdict(low, high) == "within noise"
-
-
-def test_bootstrap_replicate_distribution_matches_hand_computation():
-    # The share of replicates with mean 0.5 in the two-query case is 1/2 (see above).
-    rng_means = []
-    for seed in range(400):
-        _, low, high = study.paired_bootstrap(np.zeros((1, 2)), np.array([[1.0, 0.0]]), n_boot=1, seed=seed)
-        rng_means.append(low)
-    assert np.mean(np.isclose(rng_means, 0.5)) == pytest.approx(0.5, abs=0.08)
-
-
-def test_bootstrap_is_seeded_and_checks_shapes():
-    rng = np.random.default_rng(0)
-    base, variant = rng.integers(0, 2, (3, 50)), rng.integers(0, 2, (3, 50))
-    assert study.paired_bootstrap(base, variant, seed=3) == study.paired_bootstrap(base, variant, seed=3)
-    with pytest.raises(InputError, match="shape"):
-        study.paired_bootstrap(np.zeros((2, 3)), np.zeros((2, 4)))
-
-
-@pytest.mark.parametrize(
-    "low, high, expected",
-    [(0.01, 0.2, "better"), (-0.2, -0.01, "worse"), (0.0, 0.2, "within noise"), (-0.1, 0.1, "within noise")],
-)
-def test_verdict(low, high, expected):
-    assert study.verdict(low, high) == expected
-
-
-def _ranks(ranks: list[int]) -> pd.DataFrame:
+def _ranks(ranks: list[int], items: list[str] | None = None) -> pd.DataFrame:
+    """val_ranks.csv rows; by default every query its own item."""
     return pd.DataFrame(
         {
-            "path": [f"q{i}.jpg" for i in range(len(ranks))],
-            "item_id": "x",
+            "path": [f"q{i:03d}.jpg" for i in range(len(ranks))],
+            "item_id": items or [f"id_{i}" for i in range(len(ranks))],
             "first_hit_rank": ranks,
             "average_precision": 0.5,
         }
@@ -113,30 +59,81 @@ def _runs_of(ranks: dict) -> pd.DataFrame:
 
 
 def test_compare_by_hand():
+    items = ["a", "a", "b", "c"]
     ranks = {
-        ("baseline", 0): _ranks([0, 3, 7, 12]),
-        ("baseline", 1): _ranks([0, 0, 7, 12]),
-        ("wide", 0): _ranks([0, 0, 0, 12]),
-        ("wide", 1): _ranks([1, 0, 3, 4]),
+        ("baseline", 0): _ranks([0, 3, 7, 12], items),
+        ("baseline", 1): _ranks([0, 0, 7, 12], items),
+        ("wide", 0): _ranks([0, 0, 0, 12], items),
+        ("wide", 1): _ranks([1, 0, 3, 4], items),
     }
     runs = _runs_of(ranks)
-    table = study.compare(runs, ranks, n_boot=300)
+    table = study.compare(runs, ranks, "exp", n_boot=300)
     # hits@1: baseline 1+2 of 8, variant 3+1 of 8 → +1/8; hits@5: 4 vs 7 → +3/8; hits@10: 6 vs 7 → +1/8
     assert table.loc["wide", "diff_recall@1"] == pytest.approx(1 / 8)
     assert table.loc["wide", "diff_recall@5"] == pytest.approx(3 / 8)
     assert table.loc["wide", "diff_recall@10"] == pytest.approx(1 / 8)
+    # per seed, R@5: seed 0 hits 2 → 3 of 4, seed 1 hits 2 → 4 of 4
+    assert json.loads(table.loc["wide", "seed_diffs_recall@5"]) == pytest.approx([1 / 4, 2 / 4])
     assert table.loc["baseline", "val_recall@5_mean"] == pytest.approx(0.5)
     assert table.loc["wide", "val_recall@5_mean"] == pytest.approx(7 / 8)
     assert table.loc["wide", "val_recall@5_std"] == pytest.approx(math.sqrt(2 * (1 / 8) ** 2))  # 3/4 and 1
     assert table.loc["baseline", "verdict_recall@5"] == "baseline"
     assert table.loc["wide", "low_recall@5"] <= 3 / 8 <= table.loc["wide", "high_recall@5"]
+    assert list(table.loc["wide", ["role_recall@1", "role_recall@5", "role_recall@10"]]) == [
+        "exploratory",
+        "primary",
+        "exploratory",
+    ]
+    # alone in its family (m = 1), Holm changes nothing: its level is alpha, its p the raw p
+    wide = table.loc["wide"]
+    assert (wide["holm_m_recall@5"], wide["holm_rank_recall@5"], wide["alpha_step_recall@5"]) == (1, 1, 0.05)
+    assert wide["p_holm_recall@5"] == wide["p_recall@5"] and wide["low_adj_recall@5"] == wide["low_recall@5"]
+    assert wide["mde_recall@5"] == pytest.approx(statistics.mde(wide["se_recall@5"]))
+    assert "p_holm_recall@1" not in table.columns  # exploratory metrics have no correction
+
+
+def test_compare_draws_items_from_the_comparisons_own_stream():
+    rng = np.random.default_rng(0)
+    items = [f"id_{i}" for i in rng.integers(0, 15, 40)]
+    ranks = {(v, s): _ranks(list(rng.integers(0, 9, 40)), items) for v in ("baseline", "v") for s in (0, 1)}
+    runs = _runs_of(ranks)
+    table = study.compare(runs, ranks, "exp")
+    grids = [study.hit_grid({s: ranks[(v, s)] for s in (0, 1)}, (0, 1), 5) for v in ("baseline", "v")]
+    expected = statistics.paired_bootstrap(*grids, items, statistics.stream("exp", "v", "recall@5"))
+    assert table.loc["v", "p_recall@5"] == expected.p_value and table.loc["v", "se_recall@5"] == expected.se
+    assert table.loc["v", "spawn_key_recall@5"] == statistics.spawn_key("exp", "v", "recall@5")
+    pd.testing.assert_frame_equal(study.compare(runs, ranks, "exp"), table)  # a rerun gives the same numbers
+    # another experiment's comparison of the same runs draws another stream
+    assert study.compare(runs, ranks, "other").loc["v", "p_recall@5"] != table.loc["v", "p_recall@5"]
 
 
 def test_compare_refuses_runs_on_different_queries():
     ranks = {("baseline", 0): _ranks([0, 1]), ("v", 0): _ranks([0, 1, 2])}
-    runs = _runs_of(ranks)
     with pytest.raises(InputError, match="different queries"):
-        study.compare(runs, ranks)
+        study.compare(_runs_of(ranks), ranks, "exp")
+    ranks = {("baseline", 0): _ranks([0, 1], ["a", "b"]), ("v", 0): _ranks([0, 1], ["a", "a"])}
+    with pytest.raises(InputError, match="different queries"):
+        study.compare(_runs_of(ranks), ranks, "exp")
+
+
+def test_raw_significant_but_not_after_holm_is_within_noise():
+    # One seed, 100 single-query items, 20 gained hits and 7 lost: +0.13 with SE ≈ 0.05, raw p ≈ 0.01.
+    base = [9] * 20 + [0] * 7 + [9] * 73
+    variant = [0] * 20 + [9] * 7 + [9] * 73
+    ranks = {("baseline", 0): _ranks(base), ("v", 0): _ranks(variant)}
+    runs = _runs_of(ranks)
+    alone = study.compare(runs, ranks, "exp")
+    assert alone.loc["v", "low_recall@5"] > 0 and alone.loc["v", "verdict_recall@5"] == "better"
+    among = study.compare(runs, ranks, "exp", pending=18)  # one of 19 tests, the others not run yet
+    row = among.loc["v"]
+    assert row["low_recall@5"] > 0 and row["p_recall@5"] < 0.05  # the raw interval excludes 0
+    assert row["holm_m_recall@5"] == 19 and row["alpha_step_recall@5"] == pytest.approx(0.05 / 19)
+    assert row["low_adj_recall@5"] < 0 < row["high_adj_recall@5"] and row["p_holm_recall@5"] > 0.05
+    assert row["verdict_recall@5"] == "within noise" and study.decide(among)[0] == "baseline"
+    assert row["mde_recall@5"] > alone.loc["v", "mde_recall@5"]  # a stricter level needs a larger effect
+    # the other experiments' finished tests take part in the ranking
+    ranked = study.compare(runs, ranks, "exp", others=[1e-4, 0.5], pending=2).loc["v"]
+    assert (ranked["holm_m_recall@5"], ranked["holm_rank_recall@5"]) == (5, 2)
 
 
 def test_metrics_from_ranks():
@@ -149,8 +146,9 @@ def _comparison(diffs: dict[str, tuple[float, str]]) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "diff_recall@5": {v: d for v, (d, _) in diffs.items()},
-            "low_recall@5": {v: d - 0.01 for v, (d, _) in diffs.items()},
-            "high_recall@5": {v: d + 0.01 for v, (d, _) in diffs.items()},
+            "low_adj_recall@5": {v: d - 0.01 for v, (d, _) in diffs.items()},
+            "high_adj_recall@5": {v: d + 0.01 for v, (d, _) in diffs.items()},
+            "p_holm_recall@5": {v: 0.01 for v in diffs},
             "verdict_recall@5": {v: verdict for v, (_, verdict) in diffs.items()},
         }
     )
@@ -160,10 +158,106 @@ def test_decide_by_the_rule():
     table = _comparison(
         {"baseline": (math.nan, "baseline"), "a": (0.05, "better"), "b": (0.08, "better"), "c": (0.2, "within noise")}
     )
-    assert study.decide(table)[0] == "b"  # the larger `better` difference; c's larger one is noise
+    winner, why = study.decide(table)
+    assert winner == "b" and "[+0.070, +0.090]" in why  # the larger `better` difference; c's larger one is noise
     table = _comparison({"baseline": (math.nan, "baseline"), "c": (0.2, "within noise"), "d": (-0.1, "worse")})
     winner, why = study.decide(table)
     assert winner == "baseline" and "kept" in why
+
+
+# --------------------------------------------------------------------------- the family of Recall@5 tests
+
+
+def _write_study(root, names=None):
+    """Every (or the named) fixture experiment finished by write_experiment on made-up val ranks,
+    each a run folder with its val_ranks.csv; the variants of crop, head and loss clearly better."""
+    rng = np.random.default_rng(11)
+    items = [f"id_{i:02d}" for i in np.repeat(np.arange(30), rng.integers(1, 4, 30))]
+    baseline = {s: list(rng.integers(0, 12, len(items))) for s in (0, 1)}
+    base = config.get_config("fixture")
+    results = {}
+    for experiment in study.experiments("fixture"):
+        if names is not None and experiment.name not in names:
+            continue
+        configs = study.resolve_variants(experiment, base)
+        rows, ranks = [], {}
+        for variant in configs:
+            for seed in (0, 1):
+                better = variant != "baseline" and experiment.name in ("crop", "head", "loss")
+                values = [0] * len(items) if better else baseline[seed] if variant == "baseline" else None
+                values = values if values is not None else list(rng.integers(0, 12, len(items)))
+                run_dir = f"{experiment.name}/{study._slug(variant)}_seed{seed}"
+                (root / run_dir).mkdir(parents=True, exist_ok=True)
+                frame = _ranks(values, items)
+                frame.to_csv(root / run_dir / "val_ranks.csv", index=False)
+                ranks[(variant, seed)] = frame
+                metrics = {f"val_{m}": x for m, x in study.metrics_from_ranks(frame).items()}
+                rows.append({"variant": variant, "seed": seed, "action": "trained", "run_dir": run_dir, **metrics})
+        results[experiment.name] = study.write_experiment(
+            experiment, "fixture", pd.DataFrame(rows), ranks, configs, root
+        )
+    return results
+
+
+def test_family_interim_then_final(tmp_path):
+    results = _write_study(tmp_path)
+    planned = sum(study.planned_tests("fixture").values())
+    first = results["crop"]["decision"]["family"]
+    # crop decided first: its own test, every other planned test counted as p = 1
+    assert (first["m"], first["pending"], first["planned"]) == (planned, planned - 1, planned)
+    assert results["backbone"]["decision"]["family"]["pending"] == 0
+    # the fixture drops a variant equal to its baseline in several experiments: the final family is smaller
+    tables = {name: study.load_experiment(tmp_path, name)["comparison"] for name in results}
+    rows = pd.concat([t.drop(index="baseline").assign(experiment=n) for n, t in tables.items()])
+    assert len(rows) == 10 < planned and (rows["holm_m_final_recall@5"] == 10).all()
+    # final Holm over every finished test, as statsmodels computes it
+    assert rows["p_holm_final_recall@5"].to_numpy() == pytest.approx(
+        multipletests(rows["p_recall@5"].to_numpy(), method="holm")[1]
+    )
+    # decisions taken early stay valid: the final values are never stricter than the decision's
+    assert (rows["p_holm_final_recall@5"] <= rows["p_holm_recall@5"] + 1e-12).all()
+    assert (rows["alpha_step_final_recall@5"] >= rows["alpha_step_recall@5"] - 1e-15).all()
+    early = rows[rows["verdict_recall@5"] == "better"]
+    assert set(early.experiment) == {"crop", "head", "loss"} and (early["verdict_final_recall@5"] == "better").all()
+    for name, result in results.items():
+        assert result["decision"]["winner"] == study.decide(tables[name])[0]  # the decision-time verdicts stay
+    assert tables["crop"].loc["baseline", "verdict_final_recall@5"] == "baseline"
+    # the integers come back as integers, the stream keys to the last digit
+    assert tables["crop"].loc["crop=False", "spawn_key_recall@5"] == statistics.spawn_key(
+        "crop", "crop=False", "recall@5"
+    )
+    # a second pass recomputes the same replicates and rewrites nothing
+    stamps = {n: (tmp_path / n / "comparison.csv").stat().st_mtime_ns for n in results}
+    assert study.finalise_family("fixture", tmp_path) is not None
+    assert {n: (tmp_path / n / "comparison.csv").stat().st_mtime_ns for n in results} == stamps
+
+
+def test_final_family_waits_for_every_experiment(tmp_path):
+    _write_study(tmp_path, names={"crop", "resize"})
+    assert study.finalise_family("fixture", tmp_path) is None
+    table = study.load_experiment(tmp_path, "resize")["comparison"]
+    assert "p_holm_final_recall@5" not in table.columns
+    # resize decided after crop: crop's finished test in its family, the rest pending
+    decision = study.load_experiment(tmp_path, "resize")["decision"]
+    assert decision["family"]["pending"] == sum(study.planned_tests("fixture").values()) - 2
+    assert table.loc["resize=squash", "holm_m_recall@5"] == decision["family"]["m"]
+
+
+def test_report_shows_the_holm_columns(tmp_path):
+    from helpers.experiments import report
+
+    _write_study(tmp_path)
+    summary = {"profile": "fixture", "data_source": "synthetic, not DeepFashion", "table_sha256": "ab12cd34ef56"}
+    splits = {"val": {"items": 30, "consumer_images": 60, "shop_images": 30, "pairs": 60}}
+    (tmp_path / "data_summary.json").write_text(json.dumps({**summary, "splits": splits}))
+    report.build(tmp_path, tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "ΔR@5 [Holm CI] | p / Holm p | MDE R@5 | Holm p, whole family" in text
+    assert "ΔR@1 [95 % CI, exploratory]" in text and "Holm-corrected at decision time over 17 Recall@5 tests" in text
+    crop = study.load_experiment(tmp_path, "crop")["comparison"].loc["crop=False"]
+    assert f"{crop['p_recall@5']:.4f} / {crop['p_holm_recall@5']:.4f}" in text
+    assert f"[{crop['low_adj_recall@5']:+.3f}, {crop['high_adj_recall@5']:+.3f}] better" in text
+    assert report.untraceable_numbers(text, tmp_path) == []
 
 
 # --------------------------------------------------------------------------- the grid

@@ -248,7 +248,8 @@ def cmd_demo(args) -> None:
 
 def cmd_study(args) -> None:
     """Run (reuse, resume) an experiment, a stage or the whole study; print each result."""
-    from helpers.experiments import study
+    from helpers.core.files import portable_path
+    from helpers.experiments import artifacts, study
 
     chosen = study.select(args.profile, args.experiment)
     study.n_seeds_for(args.profile, args.seeds)  # a bad --seeds fails before any data is prepared
@@ -257,7 +258,7 @@ def cmd_study(args) -> None:
     for experiment in chosen:
         result = study.run_experiment(experiment, args.profile, args.seeds, args.data_root, progress=not args.quiet)
         print(study.learned(result))
-    print(f"results in {study.results_root(args.profile)}")
+    print(f"results in {portable_path(artifacts.results_root(args.profile))}")
 
 
 def cmd_report(args) -> None:

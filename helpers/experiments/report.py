@@ -6,7 +6,9 @@ Every number printed comes from a file under ``results/<profile>/`` (``data_summ
 each experiment's ``comparison.csv`` / ``decision.json`` written by :mod:`helpers.experiments.study`,
 ``final_config.json`` and ``final/metrics.json`` written by ``04_demo``), formatted, never
 computed anew; :func:`untraceable_numbers` checks that. Every table says its protocol, split,
-data source, profile and seeds.
+data source, profile and seeds. The one write into ``results/``: once every experiment of a
+profile has finished, :func:`helpers.experiments.study.finalise_family` adds the whole family's
+Holm values to the comparisons (a no-op before, and for tables written without the correction).
 """
 
 from __future__ import annotations
@@ -61,19 +63,23 @@ def with_ci(result: dict, metric: str) -> str:
 # --------------------------------------------------------------------------- tables
 
 
+def _label(variant: str, decision: dict) -> str:
+    if variant != "baseline":
+        return variant
+    return "baseline (" + ", ".join(f"{k}={v}" for k, v in decision["baseline"].items()) + ")"
+
+
 def experiment_table(comparison: pd.DataFrame, decision: dict) -> pd.DataFrame:
     """Per variant: seeds, val Recall@1/5/10 mean ± std, paired differences with intervals and
-    verdicts against the experiment's own baseline."""
+    verdicts against the experiment's own baseline (Holm-corrected for Recall@5 when the table
+    has the correction: :func:`holm_table`)."""
+    if f"p_holm_{study.PRIMARY}" in comparison.columns:
+        return holm_table(comparison, decision)
     rows = []
     for variant, row in comparison.iterrows():
-        label = (
-            variant
-            if variant != "baseline"
-            else "baseline (" + ", ".join(f"{k}={v}" for k, v in decision["baseline"].items()) + ")"
-        )
         rows.append(
             {
-                "variant": label,
+                "variant": _label(variant, decision),
                 "seeds": int(row.n_seeds),
                 **{f"R@{k}": mean_std(row[f"val_recall@{k}_mean"], row[f"val_recall@{k}_std"]) for k in study.KS},
                 **{
@@ -90,13 +96,89 @@ def experiment_table(comparison: pd.DataFrame, decision: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def caption(decision: dict, data_source: str) -> str:
+def _interval(diff: float, low: float, high: float, label: str) -> str:
+    """``+0.012 [-0.010, +0.034]``; a row without a difference: its label (``baseline``, ``no pairs``)."""
+    return label if pd.isna(diff) else f"{diff:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def holm_table(comparison: pd.DataFrame, decision: dict) -> pd.DataFrame:
+    """:func:`experiment_table` of a table with Holm's correction: Recall@5's raw interval, its
+    Holm-adjusted interval and verdict, raw and Holm p-values and minimum detectable effect as
+    the decision used them, and Holm over the whole family once every experiment has finished;
+    Recall@1 and @10 with raw intervals, exploratory."""
+    primary, percent, final = study.PRIMARY, decision["ci_percent"], f"p_holm_final_{study.PRIMARY}"
+    rows = []
+    for variant, row in comparison.iterrows():
+        label, tested = row[f"verdict_{primary}"], not pd.isna(row[f"p_{primary}"])
+        rows.append(
+            {
+                "variant": _label(variant, decision),
+                "seeds": int(row.n_seeds),
+                **{f"R@{k}": mean_std(row[f"val_recall@{k}_mean"], row[f"val_recall@{k}_std"]) for k in study.KS},
+                f"ΔR@5 [{percent} % CI]": _interval(
+                    row[f"diff_{primary}"], row[f"low_{primary}"], row[f"high_{primary}"], label
+                ),
+                "ΔR@5 [Holm CI]": difference(
+                    row[f"diff_{primary}"], row[f"low_adj_{primary}"], row[f"high_adj_{primary}"], label
+                ),
+                "p / Holm p": f"{row[f'p_{primary}']:.4f} / {row[f'p_holm_{primary}']:.4f}" if tested else "—",
+                "MDE R@5": f"{row[f'mde_{primary}']:.3f}" if tested else "—",
+                **(
+                    {"Holm p, whole family": f"{row[final]:.4f} {row[f'verdict_final_{primary}']}" if tested else "—"}
+                    if final in comparison.columns
+                    else {}
+                ),
+                **{
+                    f"ΔR@{k} [{percent} % CI, exploratory]": difference(
+                        row[f"diff_recall@{k}"],
+                        row[f"low_recall@{k}"],
+                        row[f"high_recall@{k}"],
+                        row[f"verdict_recall@{k}"],
+                    )
+                    for k in study.KS
+                    if f"recall@{k}" != primary
+                },
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def caption(decision: dict, data_source: str, comparison: pd.DataFrame | None = None) -> str:
+    """The table's caption (Holm's correction described when the decision used it); ``comparison``
+    names the whole-family column when it has one."""
+    if "family" in decision:
+        return holm_caption(decision, data_source, comparison)
     seeds = ", ".join(map(str, decision["seeds"]))
     return (
         f"*{VAL_PROTOCOL}; split val; data: {data_source}; profile `{decision['profile']}`; seeds {seeds}. "
         f"Mean ± sample std over seeds; Δ = variant − baseline, paired by seed and query, "
         f"{decision['ci_percent']} % percentile bootstrap resampling seeds and queries together "
         f"(n_boot {decision['n_boot']}); verdict `better` / `worse` when the interval excludes 0.*"
+    )
+
+
+def holm_caption(decision: dict, data_source: str, comparison: pd.DataFrame | None) -> str:
+    seeds = ", ".join(map(str, decision["seeds"]))
+    family = decision["family"]
+    final = f"holm_m_final_{study.PRIMARY}"
+    sizes = comparison[final].dropna() if comparison is not None and final in comparison.columns else []
+    return (
+        f"*{VAL_PROTOCOL}; split val; data: {data_source}; profile `{decision['profile']}`; seeds {seeds}. "
+        "Mean ± sample std over seeds; Δ = variant − baseline, paired by seed and query; bootstrap "
+        f"(n_boot {decision['n_boot']}) resampling seeds, then items with all their queries; two-sided bootstrap "
+        f"p-values. Recall@5 decides, Holm-corrected at decision time over {family['m']} Recall@5 tests: those "
+        f"finished and the planned ones not run yet ({family['pending']}, counted as p = 1, which only makes the "
+        "correction stricter): "
+        "the Holm CI is the percentile interval at the level Holm's step gives the test, the verdict `better` / "
+        f"`worse` when it excludes 0 and Holm p < {family['alpha']}; MDE: the difference detected with power "
+        f"{family['power']} at that level."
+        + (
+            f" Whole family: Holm over all {int(sizes.iloc[0])} Recall@5 tests of the finished study, never above "
+            "the decision's Holm p."
+            if len(sizes)
+            else ""
+        )
+        + f" Recall@1 and Recall@10 are exploratory: raw {decision['ci_percent']} % intervals, no correction.*"
     )
 
 
@@ -158,6 +240,7 @@ def profile_section(root: Path, figures: Path, level: str = "##") -> tuple[list[
     summary = json.loads(summary_path.read_text())
     profile = summary["profile"]
     source = summary["data_source"]
+    study.finalise_family(profile, root)  # the whole family's Holm values, once every experiment has finished
     lines = [
         f"{level} Profile `{profile}`: {source}",
         "",
@@ -240,7 +323,7 @@ def experiment_lines(
         ]
     )
     return head + [
-        caption(decision, source),
+        caption(decision, source, comparison),
         "",
         table,
         "",

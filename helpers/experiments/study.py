@@ -35,9 +35,10 @@ val and every query's first-hit rank written to ``val_ranks.csv``: the paired st
 resample those. Test is never read here (the original study reported validation numbers that had also selected its models): ``fit`` writes it to
 ``metrics.json``, the study and the report ignore it except for the final configuration.
 
-**Statistics** (pure functions): :func:`seed_summary` (mean ± sample std over seeds) and
-:func:`paired_bootstrap` (difference in Recall@K with a percentile interval that resamples
-seeds and queries together), :func:`verdict`.
+**Statistics**: :func:`seed_summary` (mean ± sample std over seeds) and :func:`compare` (per
+Recall@K the paired difference with :mod:`helpers.experiments.statistics`' bootstrap over seeds
+and items, its p-value and minimum detectable effect; Recall@5 tests Holm-corrected over the
+study's family: :func:`family_so_far` at decision time, :func:`finalise_family` once all have run).
 """
 
 from __future__ import annotations
@@ -59,19 +60,20 @@ from helpers.core.progress import progress_bar
 from helpers.core.schema import read_table
 from helpers.evaluation import inference, metrics
 from helpers.evaluation.metrics import METRICS
-from helpers.experiments import artifacts
+from helpers.experiments import artifacts, statistics
+from helpers.experiments.statistics import ALPHA, N_BOOT
 from helpers.modeling import checkpoints
 
 STAGES = ("02_1", "02_2", "03")
 KS = (1, 5, 10)
-PRIMARY = "recall@5"  # the model-selection metric of train.fit, so the study decides on it too
+PRIMARY_K = 5  # Recall@5, the model-selection metric of train.fit, so the study decides on it too
+PRIMARY = f"recall@{PRIMARY_K}"
 RULE = (
     "adopt a variant only if its paired verdict on val Recall@5 against the experiment's own baseline is "
-    "`better` (the whole 95 % bootstrap interval of the difference above 0); among several `better` "
-    "variants the one with the largest mean difference; otherwise keep the baseline"
+    "`better` (Holm-corrected over the study's Recall@5 tests: adjusted p below 0.05 and the whole "
+    "Holm-adjusted bootstrap interval of the difference above 0); among several `better` variants the one "
+    "with the largest mean difference; otherwise keep the baseline"
 )
-N_BOOT = 2000
-ALPHA = 0.05
 
 # The study's size per profile: a budget applied on top of the profile's config to every run.
 #
@@ -326,7 +328,7 @@ def run_row(run_dir: Path, root: Path) -> dict:
     }
 
 
-# --------------------------------------------------------------------------- statistics (pure)
+# --------------------------------------------------------------------------- statistics
 
 
 def seed_summary(runs: pd.DataFrame, columns=tuple(f"val_{m}" for m in METRICS)) -> pd.DataFrame:
@@ -340,47 +342,11 @@ def seed_summary(runs: pd.DataFrame, columns=tuple(f"val_{m}" for m in METRICS))
     return out
 
 
-def paired_bootstrap(
-    baseline_hits: np.ndarray, variant_hits: np.ndarray, n_boot: int = N_BOOT, seed: int = 0, alpha: float = ALPHA
-) -> tuple[float, float, float]:
-    """``(difference, low, high)`` of ``mean(variant) - mean(baseline)`` over a ``[seeds,
-    queries]`` grid of per-query values (e.g. hit@K indicators), paired by seed and query.
-
-    Each replicate resamples seeds and queries together, with replacement: a random choice of
-    seeds × a random choice of queries, the mean paired difference over that sub-grid. So the
-    interval holds both sources of noise: which queries the val split happens to have, and
-    the seed-to-seed spread of training (the original study's same-seed reruns differed by 0.01–0.03 R@5). Percentile interval.
-    """
-    base, var = np.asarray(baseline_hits, dtype=np.float64), np.asarray(variant_hits, dtype=np.float64)
-    if base.shape != var.shape or base.ndim != 2 or 0 in base.shape:
-        raise InputError(f"paired values need one equal [seeds, queries] shape, got {base.shape} and {var.shape}")
-    diff = var - base
-    rng = np.random.default_rng(seed)
-    n_seeds, n_queries = diff.shape
-    means = np.empty(n_boot)
-    batch = max(1, 2_000_000 // diff.size)  # bounds the [batch, seeds, queries] gather
-    for b0 in range(0, n_boot, batch):
-        b1 = min(n_boot, b0 + batch)
-        s = rng.integers(0, n_seeds, size=(b1 - b0, n_seeds))
-        q = rng.integers(0, n_queries, size=(b1 - b0, n_queries))
-        means[b0:b1] = diff[s[:, :, None], q[:, None, :]].mean(axis=(1, 2))
-    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return float(diff.mean()), float(low), float(high)
-
-
-def verdict(low: float, high: float) -> str:
-    """``better`` when the whole interval lies above 0, ``worse`` below 0, else ``within noise``."""
-    if low > 0:
-        return "better"
-    if high < 0:
-        return "worse"
-    return "within noise"
-
-
 def check_same_queries(ranks: dict) -> None:
-    """Paired statistics need every run scored on the same val queries (the same table)."""
-    paths = [np.sort(frame.path.to_numpy()) for frame in ranks.values()]
-    if any(len(p) != len(paths[0]) or not np.array_equal(p, paths[0]) for p in paths[1:]):
+    """Paired statistics need every run scored on the same val queries (the same table), each
+    query of the same item."""
+    queries = [frame.sort_values("path", kind="stable")[["path", "item_id"]].astype(str) for frame in ranks.values()]
+    if any(not q.reset_index(drop=True).equals(queries[0].reset_index(drop=True)) for q in queries[1:]):
         raise InputError("val_ranks.csv files hold different queries: the runs used different tables")
 
 
@@ -390,26 +356,142 @@ def hit_grid(ranks_by_seed: dict[int, pd.DataFrame], seeds, k: int) -> np.ndarra
     return np.stack([(f.first_hit_rank.to_numpy() < k).astype(np.float64) for f in frames])
 
 
-def compare(
-    runs: pd.DataFrame, ranks: dict[tuple[str, int], pd.DataFrame], n_boot: int = N_BOOT, alpha: float = ALPHA
-) -> pd.DataFrame:
-    """One row per variant: its seeds' mean ± std and, against ``baseline`` on the seeds both
-    have, the paired difference in val Recall@1/5/10 with its interval and verdict."""
+def query_items(ranks: pd.DataFrame) -> np.ndarray:
+    """Each query's item, in :func:`hit_grid`'s order of queries (by path): the bootstrap's clusters."""
+    return ranks.sort_values("path", kind="stable").item_id.astype(str).to_numpy()
+
+
+def paired_tests(
+    runs: pd.DataFrame,
+    ranks: dict[tuple[str, int], pd.DataFrame],
+    experiment: str,
+    ks=KS,
+    n_boot: int = N_BOOT,
+) -> dict[tuple[str, int], statistics.PairedBootstrap | None]:
+    """``(variant, K) → bootstrap of its Recall@K difference from baseline`` on the seeds both
+    have (None: no common seed), each from the comparison's own stream."""
     check_same_queries(ranks)
-    summary = seed_summary(runs)
     base_seeds = set(runs.loc[runs.variant == "baseline", "seed"])
-    for variant in summary.index:
+    items = query_items(next(iter(ranks.values())))
+    tests = {}
+    for variant in runs.variant.unique():
+        if variant == "baseline":
+            continue
         seeds = sorted(base_seeds & set(runs.loc[runs.variant == variant, "seed"]))
-        for k in KS:
-            if variant == "baseline" or not seeds:
-                summary.loc[variant, [f"diff_recall@{k}", f"low_recall@{k}", f"high_recall@{k}"]] = math.nan
-                summary.loc[variant, f"verdict_recall@{k}"] = "baseline" if variant == "baseline" else "no pairs"
+        for k in ks:
+            if not seeds:
+                tests[(variant, k)] = None
                 continue
             grids = [hit_grid({s: ranks[(v, s)] for s in seeds}, seeds, k) for v in ("baseline", variant)]
-            diff, low, high = paired_bootstrap(*grids, n_boot=n_boot, alpha=alpha)
-            summary.loc[variant, [f"diff_recall@{k}", f"low_recall@{k}", f"high_recall@{k}"]] = diff, low, high
-            summary.loc[variant, f"verdict_recall@{k}"] = verdict(low, high)
-    return summary
+            rng = statistics.stream(experiment, variant, f"recall@{k}")
+            tests[(variant, k)] = statistics.paired_bootstrap(*grids, items, rng, n_boot)
+    return tests
+
+
+def holm_columns(test: statistics.PairedBootstrap, family: statistics.HolmFamily, i: int, final: bool) -> dict:
+    """The primary metric's Holm columns of one test (the ``i``-th finished test of ``family``);
+    ``final``: the ``_final`` set written once the whole family has run."""
+    infix, alpha_step, p_holm = "_final" if final else "", float(family.alpha_step[i]), float(family.p_holm[i])
+    low, high = test.interval(alpha_step)
+    return {
+        f"holm_m{infix}_{PRIMARY}": family.m,
+        f"holm_rank{infix}_{PRIMARY}": int(family.rank[i]),
+        f"alpha_step{infix}_{PRIMARY}": alpha_step,
+        f"p_holm{infix}_{PRIMARY}": p_holm,
+        f"low_adj{infix}_{PRIMARY}": low,
+        f"high_adj{infix}_{PRIMARY}": high,
+        f"mde{infix}_{PRIMARY}": statistics.mde(test.se, alpha_step),
+        f"verdict{infix}_{PRIMARY}": statistics.holm_verdict(low, high, p_holm),
+    }
+
+
+def compare(
+    runs: pd.DataFrame,
+    ranks: dict[tuple[str, int], pd.DataFrame],
+    experiment: str,
+    others=(),
+    pending: int = 0,
+    n_boot: int = N_BOOT,
+) -> pd.DataFrame:
+    """One row per variant: its seeds' mean ± std and, against ``baseline`` on the seeds both
+    have, per Recall@K the paired difference (observed, per seed), its bootstrap standard error,
+    raw percentile interval and p-value, and the minimum detectable effect.
+
+    Recall@5 is the primary metric: its tests join Holm's family with ``others`` (the raw
+    p-values of the other experiments' finished Recall@5 tests) and ``pending`` planned tests
+    counted as p = 1 (:func:`family_so_far`), and its verdict comes from the Holm-adjusted
+    interval. Recall@1 and @10 are exploratory: verdicts from the raw interval, no correction.
+    """
+    summary = seed_summary(runs)
+    tests = paired_tests(runs, ranks, experiment, n_boot=n_boot)
+    primary = [v for v in summary.index if v != "baseline"]
+    family = statistics.holm_family(
+        [*others, *(np.nan if tests[(v, PRIMARY_K)] is None else tests[(v, PRIMARY_K)].p_value for v in primary)],
+        pending,
+    )
+    rows = {}
+    for variant in summary.index:
+        row = {}
+        for k in KS:
+            metric = f"recall@{k}"
+            test = tests.get((variant, k))
+            if test is None:
+                row[f"verdict_{metric}"] = "baseline" if variant == "baseline" else "no pairs"
+                continue
+            low, high = test.interval()
+            row.update(
+                {
+                    f"diff_{metric}": test.diff,
+                    f"seed_diffs_{metric}": json.dumps(test.seed_diffs),
+                    f"se_{metric}": test.se,
+                    f"low_{metric}": low,
+                    f"high_{metric}": high,
+                    f"p_{metric}": test.p_value,
+                    f"mde_{metric}": statistics.mde(test.se),
+                    f"verdict_{metric}": statistics.verdict(low, high),
+                    f"role_{metric}": "primary" if metric == PRIMARY else "exploratory",
+                    f"spawn_key_{metric}": statistics.spawn_key(experiment, variant, metric),
+                }
+            )
+            if metric == PRIMARY:  # the MDE and verdict at Holm's level replace the raw ones
+                row.update(holm_columns(test, family, len(others) + primary.index(variant), final=False))
+        rows[variant] = row
+    return summary.join(comparison_frame(rows))
+
+
+# Per Recall@K in this order (Holm's only for the primary metric); finalise_family appends the _final set.
+TEST_COLUMNS = ("diff", "seed_diffs", "se", "low", "high", "p")
+HOLM_COLUMNS = ("holm_m", "holm_rank", "alpha_step", "p_holm", "low_adj", "high_adj")
+LABEL_COLUMNS = ("mde", "verdict", "role", "spawn_key")
+INTEGER_PREFIXES = ("spawn_key_", "holm_m_", "holm_rank_")
+
+
+def comparison_columns() -> list[str]:
+    """The statistics' columns of a comparison table, in order."""
+    return [
+        f"{c}_recall@{k}"
+        for k in KS
+        for c in (*TEST_COLUMNS, *(HOLM_COLUMNS if k == PRIMARY_K else ()), *LABEL_COLUMNS)
+    ]
+
+
+def comparison_frame(rows: dict[str, dict]) -> pd.DataFrame:
+    """``{variant: {column: value}}`` as a table of :func:`comparison_columns`, integers built as
+    integers (through a float, a 63-bit stream key would lose digits)."""
+    columns = {
+        c: pd.Series(
+            {v: row[c] for v, row in rows.items() if c in row},
+            dtype="Int64" if c.startswith(INTEGER_PREFIXES) else None,
+        )
+        for c in comparison_columns()
+    }
+    return pd.DataFrame(columns, index=list(rows))
+
+
+def integer_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """Counts, ranks and stream keys as nullable integers (the baseline row has none), so they
+    are written as integers."""
+    return table.astype({c: "Int64" for c in table.columns if c.startswith(INTEGER_PREFIXES)})
 
 
 def decide(comparison: pd.DataFrame) -> tuple[str, str]:
@@ -418,9 +500,108 @@ def decide(comparison: pd.DataFrame) -> tuple[str, str]:
     if better.empty:
         return "baseline", f"no variant is `better` on val {PRIMARY}: the baseline is kept"
     winner = better[f"diff_{PRIMARY}"].idxmax()
+    row = better.loc[winner]
     return winner, (
-        f"{winner} is `better` on val {PRIMARY} by {better.loc[winner, f'diff_{PRIMARY}']:+.3f} "
-        f"[{better.loc[winner, f'low_{PRIMARY}']:+.3f}, {better.loc[winner, f'high_{PRIMARY}']:+.3f}]"
+        f"{winner} is `better` on val {PRIMARY} by {row[f'diff_{PRIMARY}']:+.3f}, Holm-adjusted interval "
+        f"[{row[f'low_adj_{PRIMARY}']:+.3f}, {row[f'high_adj_{PRIMARY}']:+.3f}], Holm p {row[f'p_holm_{PRIMARY}']:.4f}"
+    )
+
+
+# --------------------------------------------------------------------------- the family of primary tests
+
+
+def planned_tests(profile: str) -> dict[str, int]:
+    """Recall@5 tests each experiment plans: one per listed variant (an upper bound: a variant
+    equal to its stage baseline is dropped when the experiment runs)."""
+    return {e.name: len(e.variants) for e in experiments(profile)}
+
+
+def read_comparison(path: Path) -> pd.DataFrame:
+    """A ``comparison.csv`` as written: its integer columns read as integers (a 63-bit stream key
+    would lose digits as a float)."""
+    names = pd.read_csv(path, nrows=0).columns
+    return pd.read_csv(path, index_col="variant", dtype={c: "Int64" for c in names if c.startswith(INTEGER_PREFIXES)})
+
+
+def finished_pvalues(root: Path, name: str) -> list[float] | None:
+    """The raw Recall@5 p-values of experiment ``name`` (NaN: a variant without pairs), or None
+    when it has not finished with these statistics (no ``decision.json``, or one written before
+    them, without a ``family``)."""
+    decision = Path(root) / name / "decision.json"
+    if not decision.is_file() or "family" not in json.loads(decision.read_text()):
+        return None
+    table = read_comparison(Path(root) / name / "comparison.csv")
+    return table[f"p_{PRIMARY}"].drop(index="baseline").tolist() if f"p_{PRIMARY}" in table.columns else []
+
+
+def family_so_far(profile: str, root: Path, current: str) -> tuple[list[float], int]:
+    """``(raw Recall@5 p-values of the other experiments finished with these statistics, planned
+    tests of the others)``: the experiments not finished count all their planned tests as p = 1."""
+    others, pending = [], 0
+    for name, planned in planned_tests(profile).items():
+        found = None if name == current else finished_pvalues(root, name)
+        if found is not None:
+            others += found
+        elif name != current:
+            pending += planned
+    return others, pending
+
+
+def run_ranks(root: Path, runs: pd.DataFrame) -> dict[tuple[str, int], pd.DataFrame]:
+    """``(variant, seed) → val_ranks.csv`` of every run listed in a ``runs.csv``."""
+    ranks = {}
+    for run in runs.itertuples():
+        path = Path(root) / run.run_dir / "val_ranks.csv"
+        if not path.is_file():
+            raise InputError(f"{path}: missing; the final Holm values need every run's val ranks")
+        ranks[(run.variant, run.seed)] = pd.read_csv(path)
+    return ranks
+
+
+def finalise_family(profile: str, root: Path | None = None) -> pd.DataFrame | None:
+    """Holm over every finished Recall@5 comparison once every experiment of ``profile`` has
+    finished: each ``comparison.csv`` gains the ``_final`` Holm columns (rewritten only when they
+    change; the decision-time columns and verdicts stay: the decisions used them). The replicates
+    are recomputed from each run's ``val_ranks.csv`` with the comparison's own stream, so they are
+    the decision's. Returns the family, one row per test, or None while an experiment has not
+    finished with these statistics (then nothing is written)."""
+    root = Path(root or artifacts.results_root(profile))
+    names = list(planned_tests(profile))
+    if any(finished_pvalues(root, name) is None for name in names):
+        return None
+    found = []
+    for name in names:
+        runs = pd.read_csv(root / name / "runs.csv")
+        table = read_comparison(root / name / "comparison.csv")
+        for (variant, _), test in paired_tests(runs, run_ranks(root, runs), name, ks=(PRIMARY_K,)).items():
+            if test is None:
+                continue
+            if not np.isclose(test.p_value, table.loc[variant, f"p_{PRIMARY}"]):
+                raise InputError(f"{root / name / 'runs.csv'}: {variant}'s runs no longer give its p-value; rerun it")
+            found.append((name, variant, test))
+    family = statistics.holm_family([test.p_value for _, _, test in found])
+    for name in names:
+        path = root / name / "comparison.csv"
+        table = read_comparison(path)
+        for i, (experiment, variant, test) in enumerate(found):
+            if experiment == name:
+                for column, value in holm_columns(test, family, i, final=True).items():
+                    table.loc[variant, column] = value
+        # the baseline and variants without pairs keep their label
+        untested = ~table.index.isin([variant for experiment, variant, _ in found if experiment == name])
+        table.loc[untested, f"verdict_final_{PRIMARY}"] = table.loc[untested, f"verdict_{PRIMARY}"]
+        text = integer_columns(table).to_csv(index_label="variant", lineterminator="\n")
+        if text != path.read_text():
+            write_text_atomic(path, text)
+    return pd.DataFrame(
+        {
+            "experiment": [name for name, _, _ in found],
+            "variant": [variant for _, variant, _ in found],
+            f"p_{PRIMARY}": [test.p_value for _, _, test in found],
+            f"holm_rank_final_{PRIMARY}": family.rank,
+            f"alpha_step_final_{PRIMARY}": family.alpha_step,
+            f"p_holm_final_{PRIMARY}": family.p_holm,
+        }
     )
 
 
@@ -611,7 +792,8 @@ def write_experiment(
     """``runs.csv``, ``comparison.csv`` and ``decision.json`` of a finished experiment."""
     out = root / experiment.name
     out.mkdir(parents=True, exist_ok=True)
-    comparison = compare(runs, ranks)
+    others, pending = family_so_far(profile, root, experiment.name)
+    comparison = compare(runs, ranks, experiment.name, others, pending)
     winner, why = decide(comparison)
     overrides = {k: getattr(configs[winner], k) for k in experiment.fields} if winner != "baseline" else {}
     seeds = sorted(runs.seed.unique().tolist())
@@ -631,6 +813,18 @@ def write_experiment(
         "baseline": {k: getattr(configs["baseline"], k) for k in changed_fields(configs)},
         "ci_percent": round(100 * (1 - ALPHA)),
         "n_boot": N_BOOT,
+        "resampling": "seeds, then items with all their queries (one item draw for every drawn seed)",
+        "study_entropy": statistics.STUDY_ENTROPY,
+        "family": {
+            "metric": PRIMARY,
+            "method": "holm",
+            "alpha": ALPHA,
+            "power": statistics.POWER,
+            "planned": sum(planned_tests(profile).values()),
+            "m": len(others) + len(comparison) - 1 + pending,
+            "pending": pending,
+        },
+        "exploratory": [f"recall@{k}" for k in KS if k != PRIMARY_K],
     }
     write_text_atomic(out / "runs.csv", runs.drop(columns="action").to_csv(index=False, lineterminator="\n"))
     write_text_atomic(out / "comparison.csv", comparison.to_csv(index_label="variant", lineterminator="\n"))
@@ -663,6 +857,7 @@ def write_final_config(profile: str, root: Path | None = None) -> dict:
         "decisions": [{k: d[k] for k in ("experiment", "stage", "winner", "why")} for d in decisions],
     }
     write_text_atomic(root / "final_config.json", json.dumps(record, indent=2, default=str) + "\n")
+    finalise_family(profile, root)
     return record
 
 
@@ -694,7 +889,7 @@ def load_experiment(root: Path, name: str) -> dict:
         raise InputError(f"{folder}: no finished experiment (no decision.json); run `python -m helpers study {name}`")
     return {
         "runs": pd.read_csv(folder / "runs.csv"),
-        "comparison": pd.read_csv(folder / "comparison.csv", index_col="variant"),
+        "comparison": read_comparison(folder / "comparison.csv"),
         "decision": json.loads((folder / "decision.json").read_text()),
     }
 
@@ -703,10 +898,14 @@ def learned(result: dict) -> str:
     """A sentence on one experiment computed from its numbers, so it cannot contradict them."""
     comparison, decision = result["comparison"], result["decision"]
     parts = []
+    # Tables written before the Holm correction hold raw intervals only.
+    holm = f"p_holm_{PRIMARY}" in comparison.columns
+    low, high = (f"low_adj_{PRIMARY}", f"high_adj_{PRIMARY}") if holm else (f"low_{PRIMARY}", f"high_{PRIMARY}")
     for variant, row in comparison.drop(index="baseline").iterrows():
         parts.append(
-            f"{variant}: {row[f'diff_{PRIMARY}']:+.3f} val R@5 "
-            f"[{row[f'low_{PRIMARY}']:+.3f}, {row[f'high_{PRIMARY}']:+.3f}], {row[f'verdict_{PRIMARY}']}"
+            f"{variant}: {row[f'diff_{PRIMARY}']:+.3f} val R@5 [{row[low]:+.3f}, {row[high]:+.3f}"
+            + (f"] Holm-adjusted, Holm p {row[f'p_holm_{PRIMARY}']:.4f}" if holm else "]")
+            + f", {row[f'verdict_{PRIMARY}']}"
         )
     base = comparison.loc["baseline"]
     n = int(base.n_seeds)

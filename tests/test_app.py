@@ -8,6 +8,7 @@ import json
 from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
+import pandas as pd
 import pytest
 from app_support import bad_uploads, encode, exif_rotated_jpeg, fixture_index, odd_but_valid_uploads, photo
 from PIL import Image
@@ -106,6 +107,117 @@ def test_a_crop_partly_outside_is_clipped_to_the_image():
     assert app.parse_box(" ", (96, 128)) is None
 
 
+def _drawn(xmin, ymin, xmax, ymax, **extra) -> dict:
+    """A box as the box-drawing component sends it: screen pixels of the shown photo, a colour and
+    the shown/actual size ratio (``scaleFactor``), which the page sets when it shrinks a photo."""
+    return {"xmin": xmin, "ymin": ymin, "xmax": xmax, "ymax": ymax, "label": "", "color": "rgb(255, 0, 0)", **extra}
+
+
+def test_a_drawn_box_is_read_in_the_photo_s_pixels_as_the_component_reads_it():
+    # A 1200×900 photo shown 478 px wide (scale 478/1200): the box's screen pixels over the scale.
+    scale = 478 / 1200
+    drawn = _drawn(47.8, 39.83, 318.67, 298.75, scaleFactor=scale)
+    assert app.parse_box(drawn, (1200, 900)) == (120, 100, 800, 750)
+    annotation = pytest.importorskip("gradio_image_annotation")
+    (own,) = annotation.image_annotator().preprocess_boxes([drawn])  # the component's own conversion
+    assert app.parse_box(drawn, (1200, 900)) == tuple(own[key] for key in app.BOX_KEYS)
+    assert app.parse_box(_drawn(10, 20, 30, 40), (96, 128)) == (10, 20, 30, 40)  # no scaleFactor: pixels
+
+
+def test_a_drawn_box_partly_outside_is_clipped_to_the_photo():
+    assert app.parse_box(_drawn(-8, 30, 140, 500), (96, 128)) == (0, 30, 96, 128)
+    assert app.parse_box(_drawn(-4, -2, 50, 60, scaleFactor=0.5), (96, 128)) == (0, 0, 96, 120)
+
+
+@pytest.mark.parametrize(
+    "drawn, message",
+    [
+        (_drawn(40, 10, 40, 60), "the drawn box is empty"),  # zero width: a click, not a drag
+        (_drawn(40, 60, 80, 10), "the drawn box is empty"),
+        (_drawn(200, 200, 300, 300), "the drawn box lies outside the 96×128 image"),
+        (_drawn(10, 10, 50, 50, scaleFactor=0), "the drawn box: expected four numbers"),
+        ({"xmin": 10, "ymin": 10, "xmax": 50}, "the drawn box: expected four numbers"),
+        (_drawn("a", 10, 50, 50), "the drawn box: expected four numbers"),
+    ],
+)
+def test_a_degenerate_drawn_box_gets_a_one_line_message(demo, drawn, message):
+    answer = app.search_page(demo, {"image": encode(photo(), "PNG"), "boxes": [drawn], "orientation": 0}, None, 3)
+    assert not answer.ok and answer.hits == []
+    assert answer.message.startswith(f"⚠️ {message}")
+    assert "\n" not in answer.message
+
+
+def test_no_drawn_box_searches_the_whole_photo(demo):
+    data = encode(photo(), "PNG")
+    page = app.search_page(demo, {"image": data, "boxes": [], "orientation": 0}, None, demo.n_gallery)
+    assert page.ok and page.box is None and "for the whole photo" in page.message
+    direct = demo.answer(data, k=demo.n_gallery)
+    assert [h["path"] for h in page.hits] == [h["path"] for h in direct.hits]
+    assert [h["score"] for h in page.hits] == pytest.approx([h["score"] for h in direct.hits], abs=1e-6)
+    nothing = app.search_page(demo, None, None, 3)  # no photo at all (the page's photo removed)
+    assert not nothing.ok and nothing.message.startswith("⚠️ no image")
+
+
+def test_the_drawn_box_is_what_is_searched(demo):
+    data = encode(photo(96, 128, seed=3), "PNG")
+    drawn = app.search_page(demo, {"image": data, "boxes": [_drawn(10, 20, 60, 100)]}, None, demo.n_gallery)
+    assert drawn.ok and drawn.box == (10, 20, 60, 100) and "for the box 10,20,60,100" in drawn.message
+    typed = demo.answer(data, box="10,20,60,100", k=demo.n_gallery)
+    assert [h["path"] for h in drawn.hits] == [h["path"] for h in typed.hits]
+    assert [h["score"] for h in drawn.hits] == pytest.approx([h["score"] for h in typed.hits], abs=1e-6)
+    whole = demo.answer(data, k=demo.n_gallery)
+    assert [h["score"] for h in drawn.hits] != pytest.approx([h["score"] for h in whole.hits], abs=1e-4)
+
+
+def test_a_photo_turned_on_the_page_is_searched_turned_with_its_box(demo):
+    # One click on "rotate clockwise" shows the 96×128 photo 128×96; the box is drawn on that view.
+    picture = photo(96, 128, seed=4)
+    value = {"image": encode(picture, "PNG"), "boxes": [_drawn(70, 5, 125, 90)], "orientation": 1}
+    page = app.search_page(demo, value, None, demo.n_gallery)
+    assert page.ok and page.box == (70, 5, 125, 90)
+    turned = picture.transpose(Image.Transpose.ROTATE_270)
+    assert turned.size == (128, 96) and turned.getpixel((127, 0)) == picture.getpixel((0, 0))  # clockwise
+    direct = demo.answer(turned, box=(70, 5, 125, 90), k=demo.n_gallery)
+    assert [h["score"] for h in page.hits] == pytest.approx([h["score"] for h in direct.hits], abs=1e-6)
+    bad = app.search_page(demo, {**value, "orientation": 5}, None, 3)
+    assert not bad.ok and "rotation must be 0-3 quarter turns" in bad.message
+
+
+def test_a_listed_query_comes_with_its_annotated_box_on_its_stored_pixels(demo):
+    label = demo.query_choices()[0]
+    row = demo.queries[label]
+    value = demo.query_annotation(label)
+    stored = transforms.open_rgb(demo.data_root / row.path)  # the dataset's pixels, no EXIF turn
+    assert value["image"].size == stored.size and value["image"].tobytes() == stored.tobytes()
+    assert value["boxes"] == [{"xmin": row.x_1, "ymin": row.y_1, "xmax": row.x_2, "ymax": row.y_2}]
+    page = app.search_page(demo, {"image": None, **value}, label, demo.n_gallery)
+    typed = demo.answer(query=label, box=demo.query_example(label)[1], k=demo.n_gallery)
+    assert page.ok and page.box == (row.x_1, row.y_1, row.x_2, row.y_2) and page.true_item == row.item_id
+    assert [h["path"] for h in page.hits] == [h["path"] for h in typed.hits]
+    with pytest.raises(app.QueryError, match="unknown test query"):
+        demo.query_annotation("no such query")
+
+
+def test_the_page_says_why_the_box_matters_with_the_study_s_numbers(tmp_path):
+    committed = REPO_ROOT / "results" / "demo"
+    comparison = pd.read_csv(committed / "crop" / "comparison.csv", index_col="variant")
+    text = app.box_advice(committed)
+    whole, boxed = comparison.loc["crop=False"], comparison.loc["baseline"]
+    assert f"val recall@5 {whole['val_recall@5_mean']:.3f} against {boxed['val_recall@5_mean']:.3f}" in text
+    assert f"difference {whole['diff_recall@5']:+.3f}" in text and "synthetic demo data, not DeepFashion" in text
+    # Read, not typed: other numbers in the file are other numbers on the page.
+    (tmp_path / "crop").mkdir()
+    (tmp_path / "crop" / "decision.json").write_text((committed / "crop" / "decision.json").read_text())
+    comparison.loc["crop=False", "val_recall@5_mean"] = 0.123456
+    comparison.to_csv(tmp_path / "crop" / "comparison.csv", index_label="variant")
+    assert "val recall@5 0.123 against" in app.box_advice(tmp_path)
+    # Not run (or unreadable): the reason in words, without a number.
+    for results in (None, tmp_path / "nothing"):
+        assert not any(ch.isdigit() for ch in app.box_advice(results))
+    (tmp_path / "crop" / "comparison.csv").write_text("variant,other\nbaseline,1\n")
+    assert not any(ch.isdigit() for ch in app.box_advice(tmp_path))
+
+
 @pytest.mark.parametrize("k", [0, -1, 51, "x", None])
 def test_a_bad_k_gets_a_message(demo, k):
     answer = demo.answer(encode(photo()), k=k)
@@ -201,6 +313,13 @@ def test_the_page_shows_no_absolute_path_of_the_server(demo, tmp_path):
     blocks = app.build_blocks(outside)
     shown = " ".join(str(getattr(block, "value", "")) for block in blocks.blocks.values())
     assert "shop_images" in shown and str(tmp_path) not in shown
+    assert app.box_advice(None) in shown  # the page says why to draw the box
+
+
+def test_the_index_s_profile_gives_the_page_its_study_results(demo):
+    from helpers.experiments import artifacts
+
+    assert demo.results == artifacts.results_root("fixture")
 
 
 def test_the_served_app_survives_bad_queries(index_dir, tmp_path, free_port):
@@ -213,10 +332,16 @@ def test_the_served_app_survives_bad_queries(index_dir, tmp_path, free_port):
         good.write_bytes(encode(photo(), "JPEG"))
         bad = tmp_path / "broken.jpg"
         bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not the rest of a JPEG")
-        for upload, ok in ((good, True), (bad, False), (good, True)):
-            gallery, message, table = client.predict(
-                gradio_client.handle_file(str(upload)), None, "", 3, api_name="/search"
-            )
+        box = [{"xmin": 10, "ymin": 20, "xmax": 60, "ymax": 100}]
+        for upload, boxes, ok in ((good, [], True), (bad, [], False), (good, box, True), (good, [{"xmin": 1}], False)):
+            drawn = {"image": gradio_client.handle_file(str(upload)), "boxes": boxes, "orientation": 0}
+            gallery, message, table = client.predict(drawn, None, 3, api_name="/search")
             assert (len(gallery), message.startswith("⚠️")) == ((3, False) if ok else (0, True)), message
+        assert (
+            "for the box 10,20,60,100"
+            in client.predict(
+                {"image": gradio_client.handle_file(str(good)), "boxes": box}, None, 3, api_name="/search"
+            )[1]
+        )
     finally:
         blocks.close()

@@ -1,8 +1,14 @@
 """The live demo: a Gradio app over a saved gallery index (``python -m helpers serve``).
 
-A consumer photo goes in (upload, webcam, clipboard, or one of the index's test queries),
-optionally cropped to the garment; the top-K shop images come out with item id, category
-and score, and for a test query whether its true item was found.
+A consumer photo goes in (upload, webcam, clipboard, or one of the index's test queries), with
+a box dragged around the garment on the photo (a test query comes with its annotated box; no box:
+the whole photo); the top-K shop images come out with item id, category and score, and for a test
+query whether its true item was found.
+
+The box is drawn with ``gradio_image_annotation`` (its ``image_annotator``, one box at most): its
+value holds the box in the shown image's pixels, which is what the search crops to, and it takes a
+box to show, so a test query's annotated box is drawn on it. Gradio's own ImageEditor was the
+alternative, but its crop tool gives back a cropped picture, never the box, and cannot be given one.
 
 Two layers, so the logic is tested without a browser or a server:
 
@@ -20,6 +26,7 @@ embeds only its own photo. Only the index's public API is used (``GalleryIndex.l
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -55,8 +62,12 @@ MAX_LISTED_QUERIES = 300
 # threads wait for each other whenever one is descheduled; one 128-px image gains little from
 # a second thread anyway, and the other core is left to Gradio's upload and encoding work.
 QUERY_THREADS = 1
-# helpers.data.workspace writes this file at the root of every synthetic tree it generates.
-SYNTHETIC_MARKER = "synthetic.json"
+# The study's experiment that searches with the whole photo instead of the garment box: the page
+# quotes its result (results/<profile>/crop/) to say why the box matters.
+CROP_EXPERIMENT = "crop"
+BOX_KEYS = ("xmin", "ymin", "xmax", "ymax")  # a drawn box, in the box-drawing component's value
+# The box-drawing component's quarter turns (clockwise, as its rotate buttons turn the photo).
+QUARTER_TURNS = {0: None, 1: Image.Transpose.ROTATE_270, 2: Image.Transpose.ROTATE_180, 3: Image.Transpose.ROTATE_90}
 
 
 class QueryError(InputError):
@@ -106,31 +117,51 @@ def _reason(error: Exception) -> str:
 def parse_box(box, size: tuple[int, int]) -> tuple[int, int, int, int] | None:
     """The garment box as ``(x1, y1, x2, y2)`` pixels, or None for the whole photo.
 
-    ``box`` is None / "" / a text ``"x1,y1,x2,y2"`` / a 4-sequence. A box partly outside the
-    image is clipped to it (as the training crops are); one entirely outside, empty or
-    malformed is a :class:`QueryError`.
+    ``box`` is None / "" / a text ``"x1,y1,x2,y2"`` / a 4-sequence / a box the user drew: a dict of
+    the box-drawing component's value (``xmin, ymin, xmax, ymax`` over its optional ``scaleFactor``,
+    the component's own conversion from screen to image pixels). A box partly outside the image is
+    clipped to it (as the training crops are); one entirely outside, empty or malformed is a
+    :class:`QueryError`.
     """
     if box is None or (isinstance(box, str) and not box.strip()):
         return None
-    if isinstance(box, str):
-        parts = [p for p in box.replace(";", ",").replace(" ", ",").split(",") if p]
-        try:
-            values = [float(p) for p in parts]
-        except ValueError:
-            raise QueryError(f"crop box {box!r}: expected four numbers x1,y1,x2,y2 (pixels)") from None
-    else:
-        values = [float(v) for v in box]
+    name = "the drawn box" if isinstance(box, dict) else f"crop box {box!r}"
+    malformed = QueryError(f"{name}: expected four numbers x1,y1,x2,y2 (pixels)")
+    try:
+        if isinstance(box, dict):
+            scale = float(box.get("scaleFactor", 1))
+            values = [float(box[key]) / scale for key in BOX_KEYS]
+        elif isinstance(box, str):
+            values = [float(p) for p in box.replace(";", ",").replace(" ", ",").split(",") if p]
+        else:
+            values = [float(v) for v in box]
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        raise malformed from None
     if len(values) != 4 or not all(np.isfinite(values)):
-        raise QueryError(f"crop box {box!r}: expected four numbers x1,y1,x2,y2 (pixels)")
+        raise malformed
     x1, y1, x2, y2 = values
     if x2 <= x1 or y2 <= y1:
-        raise QueryError(f"crop box {box!r} is empty: need x1 < x2 and y1 < y2")
+        raise QueryError(f"{name} is empty: need x1 < x2 and y1 < y2")
     width, height = size
     left, top = max(0, round(x1)), max(0, round(y1))
     right, bottom = min(width, round(x2)), min(height, round(y2))
     if right - left < 1 or bottom - top < 1:
-        raise QueryError(f"crop box {box!r} lies outside the {width}×{height} image")
+        raise QueryError(f"{name} lies outside the {width}×{height} image")
     return left, top, right, bottom
+
+
+def turn(picture: Image.Image, turns) -> Image.Image:
+    """``picture`` as the box-drawing component shows it after ``turns`` clicks on its rotate
+    buttons (quarter turns clockwise, 0-3): the box the user drew is in those pixels."""
+    if turns is None:
+        return picture
+    try:
+        turns = int(turns)
+    except (TypeError, ValueError):
+        raise QueryError(f"the photo's rotation must be 0-3 quarter turns, got {turns!r}") from None
+    if turns not in QUARTER_TURNS:
+        raise QueryError(f"the photo's rotation must be 0-3 quarter turns, got {turns!r}")
+    return picture if QUARTER_TURNS[turns] is None else picture.transpose(QUARTER_TURNS[turns])
 
 
 # ----------------------------------------------------------------------------------------
@@ -147,6 +178,7 @@ class Answer:
     hits: list[dict] = field(default_factory=list)  # search_image's dicts + "image" (absolute path) + "true"
     true_item: str | None = None
     seconds: float = 0.0
+    box: tuple[int, int, int, int] | None = None  # the pixels searched (left, top, right, bottom); None: all
 
     def gallery(self) -> list[tuple[str, str]]:
         """(image path, caption) pairs for ``gr.Gallery``."""
@@ -165,10 +197,18 @@ def query_label(row) -> str:
 class SearchApp:
     """A loaded gallery index plus the test queries it can offer; answers one query at a time."""
 
-    def __init__(self, index, data_root: str | Path, queries: pd.DataFrame | None = None, synthetic: bool = False):
+    def __init__(
+        self,
+        index,
+        data_root: str | Path,
+        queries: pd.DataFrame | None = None,
+        synthetic: bool = False,
+        results: str | Path | None = None,
+    ):
         self.index = index
         self.synthetic = synthetic
         self.data_root = Path(data_root)
+        self.results = None if results is None else Path(results)  # the study's results for the index's profile
         self.queries = {} if queries is None else {query_label(r): r for r in queries.itertuples(index=False)}
 
     @property
@@ -185,17 +225,28 @@ class SearchApp:
         row = self.queries[label]
         return str(self.data_root / row.path), f"{row.x_1},{row.y_1},{row.x_2},{row.y_2}"
 
-    def answer(self, image=None, query: str | None = None, box=None, k: int = 5) -> Answer:
+    def query_annotation(self, label: str) -> dict:
+        """The box-drawing component's value for a test query: the pixels the search reads (the
+        stored ones, see :meth:`_picture`) with the query's annotated box drawn on them."""
+        picture, _ = self._picture(None, label)
+        row = self.queries[label]
+        box = parse_box((row.x_1, row.y_1, row.x_2, row.y_2), picture.size)
+        return {"image": picture, "boxes": [dict(zip(BOX_KEYS, box))]}
+
+    def answer(self, image=None, query: str | None = None, box=None, k: int = 5, turns: int | None = None) -> Answer:
         """Top-``k`` for one photo; never raises for bad input (it becomes ``Answer.message``).
 
         ``image`` is bytes, a file path or a PIL image; ``query`` a label from
         :meth:`query_choices` (then its own file is searched and its true item checked);
-        ``box`` the crop (:func:`parse_box`).
+        ``box`` the crop (:func:`parse_box`), in the pixels of the photo turned by ``turns``
+        (:func:`turn`: the page's rotate buttons).
         """
         start = time.perf_counter()
         try:
             picture, true_item = self._picture(image, query)
-            hits = self._search(picture, parse_box(box, picture.size), _check_k(k))
+            picture = turn(picture, turns)
+            crop = parse_box(box, picture.size)
+            hits = self._search(picture, crop, _check_k(k))
         except InputError as error:  # QueryError, and the index's own one-line errors (bad crop...)
             return Answer(False, f"⚠️ {error}", seconds=time.perf_counter() - start)
         except Exception as error:  # a bug must not take the server down; the log has the traceback
@@ -208,7 +259,7 @@ class SearchApp:
         seconds = time.perf_counter() - start
         for hit in hits:
             hit["true"] = true_item is not None and hit["item_id"] == true_item
-        return Answer(True, _summary(hits, true_item, seconds), hits, true_item, seconds)
+        return Answer(True, _summary(hits, true_item, crop, seconds), hits, true_item, seconds, crop)
 
     def _picture(self, image, query: str | None) -> tuple[Image.Image, str | None]:
         if query:
@@ -243,8 +294,9 @@ def _check_k(k) -> int:
     return k
 
 
-def _summary(hits: list[dict], true_item: str | None, seconds: float) -> str:
-    text = f"top {len(hits)} shop images, answered in {seconds * 1000:.0f} ms."
+def _summary(hits: list[dict], true_item: str | None, box, seconds: float) -> str:
+    searched = "the whole photo" if box is None else "the box " + ",".join(map(str, box))
+    text = f"top {len(hits)} shop images for {searched}, answered in {seconds * 1000:.0f} ms."
     if true_item is None:
         return text
     found = [hit["rank"] for hit in hits if hit["true"]]
@@ -275,11 +327,14 @@ def load_app(index_dir: str, data_root: str | None = None, table: str | None = N
     and set this process to :data:`QUERY_THREADS` torch threads.
 
     ``data_root`` / ``table`` default to what the index recorded when it was built; without a
-    readable table the app has no test queries but answers uploads.
+    readable table the app has no test queries but answers uploads. The study's results of the
+    index's profile (``results/<profile>``) give the page its numbers on the garment box.
     """
     import torch
 
+    from helpers.core.config import PROFILES
     from helpers.evaluation.gallery import GalleryIndex
+    from helpers.experiments import artifacts
 
     # Once for the process that serves queries, not per query: changing the count rebuilds
     # torch's thread pool (measured: +55 ms per query when set and restored around each one).
@@ -293,7 +348,9 @@ def load_app(index_dir: str, data_root: str | None = None, table: str | None = N
     queries = None
     if table and Path(table).is_file():
         queries = listed_queries(table, meta.get("split", "test"), index.gallery)
-    app = SearchApp(index, root, queries, synthetic=(root / SYNTHETIC_MARKER).is_file())
+    profile = index.run_config.get("profile")
+    results = artifacts.results_root(profile) if profile in PROFILES else None
+    app = SearchApp(index, root, queries, (root / artifacts.SYNTHETIC_MARKER).is_file(), results)
     # Warm up: the first forward pass builds the model and allocates; users should not wait for it.
     app.answer(Image.new("RGB", (64, 64), (128, 128, 128)), k=1)
     return app
@@ -314,56 +371,104 @@ def describe(app: SearchApp) -> str:
     )
     return (
         f"Gallery: {app.n_gallery} shop images from {data}, embedded once when the index was built. "
-        "Upload a consumer photo (or use the webcam, or pick a test query), optionally give the garment's "
-        "box, choose K and press **Search**."
+        "Upload a consumer photo (or use the webcam, or pick a test query), drag a box around the garment "
+        "on it, choose K and press **Search**."
     )
 
 
-def _raw_upload(component):
-    """A ``preprocess`` for a gr.Image that hands the handler the uploaded file untouched.
+def box_advice(results: str | Path | None) -> str:
+    """Why to draw the box, in one or two sentences: with the numbers of the study's crop experiment
+    (``<results>/crop/``, read now, so the page never carries a typed number) when it has been run."""
+    advice = "**Drag a box around the garment** on the photo (no box: the whole photo is searched). "
+    folder = None if results is None else Path(results) / CROP_EXPERIMENT
+    if folder is None or not (folder / "comparison.csv").is_file() or not (folder / "decision.json").is_file():
+        return advice + "The search embeds what is in the box: a whole photo adds its background and other clothes."
+    try:
+        comparison = pd.read_csv(folder / "comparison.csv", index_col="variant")
+        decision = json.loads((folder / "decision.json").read_text())
+        metric, split = decision["primary"], decision["split"]
+        # The study's variants of this experiment (helpers.experiments.study): the baseline crops to the box.
+        whole, boxed = comparison.loc["crop=False"], comparison.loc["baseline"]
+        data = "synthetic demo data, not DeepFashion" if decision["profile"] != "full" else "DeepFashion C2S"
+        seeds = decision["seeds"]
+        finding = (
+            f"In the study's crop experiment ({data}), searching with the whole photo instead of the garment box "
+            f"scored {split} {metric} {whole[f'{split}_{metric}_mean']:.3f} against {boxed[f'{split}_{metric}_mean']:.3f} "
+            f"over seed{'s' * (len(seeds) != 1)} {', '.join(map(str, seeds))} (difference {whole[f'diff_{metric}']:+.3f}, "
+            f"{decision['ci_percent']} % interval [{whole[f'low_{metric}']:+.3f}, {whole[f'high_{metric}']:+.3f}]: "
+            f"{whole[f'verdict_{metric}']})."
+        )
+    except (OSError, KeyError, TypeError, ValueError) as error:  # a study of another format: no numbers
+        log.warning("%s: crop experiment unreadable (%s)", folder, _reason(error))
+        return box_advice(None)
+    return advice + finding
 
-    gr.Image decodes the upload itself before the handler runs, so a corrupt file would end in
-    Gradio's generic "Error" instead of our message; this way decoding (and every check)
-    happens in :func:`decode_image`. Set on the instance rather than by subclassing: Gradio
-    writes a ``.pyi`` stub next to any module that defines a component class.
+
+def _raw_annotation(component):
+    """A ``preprocess`` for the box-drawing component that hands the handler the uploaded file
+    untouched, with the drawn boxes and quarter turns as the page sent them.
+
+    The component decodes the upload itself before the handler runs, so a corrupt file would end
+    in Gradio's generic "Error" instead of our message; this way decoding (and every check)
+    happens in :func:`decode_image`, and the box in :func:`parse_box`. Set on the instance rather
+    than by subclassing: Gradio writes a ``.pyi`` stub next to any module that defines a component.
     """
-    standard = component.preprocess
 
     def preprocess(payload):
-        if payload is None or (payload.url and payload.url.startswith("data:")):
-            return standard(payload)  # webcam frames may arrive as data URLs
-        return str(payload.path)
+        if payload is None:
+            return None
+        return {"image": str(payload.image.path), "boxes": payload.boxes, "orientation": payload.orientation}
 
     return preprocess
+
+
+def search_page(app: SearchApp, annotated: dict | None, query: str | None, k) -> Answer:
+    """The page's **Search**: the box-drawing component's value (the photo, the box drawn on it
+    and the quarter turns it was given) and the test query picked, if any."""
+    annotated = annotated or {}
+    boxes = annotated.get("boxes") or []  # at most one (single_box); the newest comes first
+    return app.answer(
+        image=annotated.get("image"),
+        query=query or None,
+        box=boxes[0] if boxes else None,
+        k=k,
+        turns=annotated.get("orientation"),
+    )
 
 
 def build_blocks(app: SearchApp):
     """The Gradio UI over ``app``'s handlers (the same functions the tests call)."""
     import gradio as gr
+    from gradio_image_annotation import image_annotator
 
-    def search(image, query, box, k):
-        result = app.answer(image=image, query=query or None, box=box, k=k)
+    def search(annotated, query, k):
+        result = search_page(app, annotated, query, k)
         return result.gallery(), result.message, hit_table(result.hits)
 
     def pick(label):
-        return app.query_example(label)
+        if not label:
+            return None, ""
+        try:
+            return app.query_annotation(label), ""
+        except QueryError as error:
+            return None, f"⚠️ {error}"
 
     with gr.Blocks(title="C2S clothing retrieval: live demo") as blocks:
         gr.Markdown("# Consumer-to-shop retrieval: find the shop photos of a garment\n" + describe(app))
         with gr.Row():
             with gr.Column(scale=2):
-                image = gr.Image(
-                    label="consumer photo",
-                    type="filepath",
+                gr.Markdown(box_advice(app.results), elem_id="box-advice")
+                photo = image_annotator(
+                    label="consumer photo: drag a box around the garment",
                     sources=["upload", "webcam", "clipboard"],
+                    single_box=True,
+                    disable_edit_boxes=True,  # a box needs no label here
+                    show_remove_button=True,  # removing the box searches the whole photo
                     elem_id="query-image",
                 )
-                image.preprocess = _raw_upload(image)
+                photo.preprocess = _raw_annotation(photo)
                 query = gr.Dropdown(
                     choices=app.query_choices(), value=None, label="…or pick a test query", elem_id="test-query"
-                )
-                box = gr.Textbox(
-                    label="crop to the garment: x1,y1,x2,y2 in pixels (empty: the whole photo)", elem_id="crop-box"
                 )
                 k = gr.Slider(1, 20, value=5, step=1, label="K (shop images to show)", elem_id="k")
                 button = gr.Button("Search", variant="primary", elem_id="search")
@@ -373,10 +478,11 @@ def build_blocks(app: SearchApp):
                 table = gr.Dataframe(
                     headers=list(HIT_COLUMNS), label="the same hits as a table", interactive=False, elem_id="hits"
                 )
-        button.click(search, [image, query, box, k], [results, status, table], api_name="search")
-        query.input(pick, [query], [image, box], api_name=False)
-        # A new upload is not the test query any more: forget the choice (and its box).
-        image.upload(lambda: (None, ""), None, [query, box], api_name=False)
+        button.click(search, [photo, query, k], [results, status, table], api_name="search")
+        query.input(pick, [query], [photo, status], api_name=False)
+        # A new or removed photo is not the test query any more: forget the choice.
+        photo.upload(lambda: None, None, [query], api_name=False)
+        photo.clear(lambda: None, None, [query], api_name=False)
     return blocks
 
 

@@ -63,15 +63,27 @@ def write_tree(results: Path, with_final: bool = True) -> Path:
         }
     ).T
     comparison.to_csv(root / "crop" / "comparison.csv", index_label="variant")
-    pd.DataFrame(
+    runs = pd.DataFrame(
         {
             "experiment": "crop",
             "variant": ["baseline", "baseline", "crop=False", "crop=False"],
             "seed": [0, 1, 0, 1],
             "crop": [True, True, False, False],
+            "run_dir": [
+                "crop/baseline_seed0_a",
+                "crop/baseline_seed1_b",
+                "crop/crop-False_seed0_c",
+                "crop/crop-False_seed1_d",
+            ],
+            "best_epoch": [2, 1, 2, 2],
             "val_recall@5": [0.6, 0.65, 0.45, 0.55],
         }
-    ).to_csv(root / "crop" / "runs.csv", index=False)
+    )
+    runs.to_csv(root / "crop" / "runs.csv", index=False)
+    for run_dir in runs.run_dir:  # epoch 0: the untrained model, no loss
+        (root / run_dir).mkdir()
+        history = {"epoch": [0, 1, 2], "loss": [math.nan, 0.5, 0.4], "val_recall@5": [0.3, 0.5, 0.6]}
+        pd.DataFrame(history).to_csv(root / run_dir / "history.csv", index=False)
     (root / "crop" / "decision.json").write_text(
         json.dumps(
             {
@@ -177,13 +189,30 @@ def test_report_tables_match_the_hand_written_expectation(built):
     assert "**Adopted: baseline.**" in text
     assert "## resize: " in text and "Not run yet" in text  # experiments without results are named, not hidden
     assert "not comparable with `official`" in text
-    assert {p.name for p in written} == {"report.md", "report.html", "slides.md", "demo_crop.png"}
+    assert {p.name for p in written} == {
+        "report.md",
+        "report.html",
+        "slides.md",
+        "demo_crop.png",
+        "demo_crop_curves.png",
+    }
+
+
+def test_learning_curves_sit_under_their_experiments_table(built):
+    _, out, _ = built
+    text = (out / "report.md").read_text()
+    table, curves = text.index(EXPECTED_CROP), text.index("![crop: learning curves](figures/demo_crop_curves.png)")
+    assert table < text.index("the learning curves of `crop` (figure below)") < curves < text.index("## resize: ")
+    caption = text[curves:].splitlines()[2]
+    assert caption.startswith("*Learning curves of `crop`") and "mean over seeds 0, 1" in caption
+    assert "band: lowest to highest seed" in caption
 
 
 def test_html_and_slides(built):
     _, out, _ = built
     html = (out / "report.html").read_text()
     assert html.startswith("<!DOCTYPE html>") and html.count("<table>") == 5 and "demo_crop.png" in html
+    assert '<img src="figures/demo_crop_curves.png" alt="crop: learning curves"' in html
     slides = (out / "slides.md").read_text()
     assert slides.startswith("---\nmarp: true") and slides.count("\n---\n") >= 5
     assert EXPECTED_CROP in slides

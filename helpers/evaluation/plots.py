@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 DOMAIN_COLOURS = {"consumer": "tab:orange", "shop": "tab:blue"}
@@ -189,4 +190,53 @@ def plot_experiment(comparison: pd.DataFrame, title: str, ks=(1, 5, 10)) -> plt.
     # One legend below both panels: the K of each colour is the same left and right.
     fig.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=len(ks), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
+    return fig
+
+
+CURVE_METRIC = "val_recall@5"  # the study's model-selection metric, drawn per epoch beside the loss
+
+
+def learning_curve_summary(history: pd.DataFrame, columns=("loss", CURVE_METRIC)) -> pd.DataFrame:
+    """Per (variant, epoch) of a tidy history (``helpers.experiments.study.experiment_history``):
+    ``n_seeds`` that reached the epoch and, per column, the mean over them (``_mean``) and the
+    band from the lowest to the highest seed (``_low``, ``_high``); NaN (epoch 0's loss) skipped.
+    Variants keep their first-appearance order, epochs ascend."""
+    grouped = history.groupby(["variant", "epoch"])
+    out = pd.DataFrame({"n_seeds": grouped.seed.nunique()})
+    for column in columns:
+        out[f"{column}_mean"] = grouped[column].mean()
+        out[f"{column}_low"] = grouped[column].min()
+        out[f"{column}_high"] = grouped[column].max()
+    return out.reindex(list(dict.fromkeys(history.variant)), level="variant")
+
+
+def plot_learning_curves(history: pd.DataFrame, title: str) -> plt.Figure:
+    """One study experiment's runs per epoch (a tidy history, ``helpers.experiments.study.
+    experiment_history``): left train loss, right val Recall@5; per variant a line at the mean
+    over its seeds and a band from the lowest to the highest seed, so every seed's curve lies
+    inside it (with 2–3 seeds a standard deviation says little); a dot marks each run's best
+    epoch (``best``) at its own value. Epoch 0 is the untrained model: no loss. Where a run
+    stopped early, later epochs average the seeds still training."""
+    summary = learning_curve_summary(history, ("loss", CURVE_METRIC))
+    variants = summary.index.unique("variant")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharex=True)
+    for i, variant in enumerate(variants):
+        colour = f"C{i % 10}"
+        curve = summary.loc[variant]
+        for ax, column in zip(axes, ("loss", CURVE_METRIC)):
+            ax.plot(curve.index, curve[f"{column}_mean"], color=colour, marker=".", label=variant)
+            ax.fill_between(
+                curve.index, curve[f"{column}_low"], curve[f"{column}_high"], color=colour, alpha=0.2, linewidth=0
+            )
+        best = history.loc[(history.variant == variant) & history.best]
+        axes[1].scatter(best.epoch, best[CURVE_METRIC], color=colour, edgecolor="black", s=30, zorder=3)
+    axes[0].set(xlabel="epoch", ylabel="train loss", title="train loss")
+    axes[1].set(xlabel="epoch", ylabel="val Recall@5", title="val Recall@5 (dot: a run's best epoch)")
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(f"{title}: line = mean over seeds, band = min–max over seeds", fontsize=10)
+    columns = min(len(variants), 5)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=columns, fontsize=8, frameon=False)
+    rows = -(-len(variants) // columns)  # legend rows below the panels
+    fig.tight_layout(rect=(0, 0.02 + 0.06 * rows, 1, 1))
     return fig

@@ -307,6 +307,10 @@ def experiment_lines(
     plots.plot_experiment(comparison, f"{experiment.name} ({profile})").savefig(
         figure, dpi=80, metadata={"Software": None}
     )  # no version stamp: a rebuild is byte-identical
+    curves = figures / f"{profile}_{experiment.name}_curves.png"
+    plots.plot_learning_curves(
+        study.experiment_history(root, experiment.name), f"{experiment.name} ({profile})"
+    ).savefig(curves, dpi=80, metadata={"Software": None})
     table = md_table(experiment_table(comparison, decision))
     adopted = f"**Adopted: {decision['winner']}.** {decision['why']}."
     slides.append(
@@ -331,7 +335,24 @@ def experiment_lines(
         "",
         f"![{experiment.name}](figures/{figure.name})",
         "",
+        f"How the runs got there, epoch by epoch: the learning curves of `{experiment.name}` (figure below).",
+        "",
+        f"![{experiment.name}: learning curves](figures/{curves.name})",
+        "",
+        curves_caption(decision),
+        "",
     ]
+
+
+def curves_caption(decision: dict) -> str:
+    """The learning-curve figure's one-line caption."""
+    seeds = ", ".join(map(str, decision["seeds"]))
+    return (
+        f"*Learning curves of `{decision['experiment']}`, read from each run's `history.csv`: train loss (left; none "
+        f"at epoch 0, the untrained model) and val Recall@5 (right) per epoch. Line: mean over seeds {seeds} (after "
+        "a seed stopped early, over the seeds still training); band: lowest to highest seed; dot: the epoch of each "
+        "run's `best.pt`.*"
+    )
 
 
 def final_lines(root: Path, source: str, profile: str, level: str, slides: list) -> list[str]:

@@ -894,6 +894,35 @@ def load_experiment(root: Path, name: str) -> dict:
     }
 
 
+HISTORY_COLUMNS = ("loss", f"val_{PRIMARY}")
+
+
+def experiment_history(root: Path, name: str) -> pd.DataFrame:
+    """Every run's ``history.csv`` of experiment ``name``, tidy: one row per (variant, seed, epoch)
+    with ``experiment``, ``variant``, ``seed``, ``epoch``, ``loss`` (NaN at epoch 0, the untrained
+    model), ``val_recall@5`` and ``best`` (the epoch whose weights became the run's ``best.pt``).
+    The runs are those its ``runs.csv`` lists, in that order, wherever they live (a shared baseline
+    sits in the experiment that trained it first)."""
+    runs_path = Path(root) / name / "runs.csv"
+    if not runs_path.is_file():
+        raise InputError(f"{runs_path}: missing; run `python -m helpers study {name}` first")
+    frames = []
+    for run in pd.read_csv(runs_path).itertuples(index=False):
+        path = Path(root) / run.run_dir / "history.csv"
+        if not path.is_file():
+            raise InputError(f"{path}: missing; {runs_path} lists its run")
+        history = pd.read_csv(path)
+        missing = [c for c in ("epoch", *HISTORY_COLUMNS) if c not in history.columns]
+        if missing:
+            raise InputError(f"{path}: no column {', '.join(missing)}")
+        frames.append(
+            history[["epoch", *HISTORY_COLUMNS]].assign(
+                experiment=name, variant=run.variant, seed=run.seed, best=history.epoch == run.best_epoch
+            )
+        )
+    return pd.concat(frames, ignore_index=True)[["experiment", "variant", "seed", "epoch", *HISTORY_COLUMNS, "best"]]
+
+
 def learned(result: dict) -> str:
     """A sentence on one experiment computed from its numbers, so it cannot contradict them."""
     comparison, decision = result["comparison"], result["decision"]

@@ -39,7 +39,7 @@ notebooks: $(STAMP)
 
 # Speed ratios against a reference measured in the same run (see docs/benchmarks.md).
 bench: $(STAMP)
-	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_train.py --repeats 3
 	$(PY) benchmarks/bench_embed.py
 	$(PY) benchmarks/bench_search.py
 

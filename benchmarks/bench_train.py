@@ -3,7 +3,7 @@ on this machine, found by a small sweep in the same run.
 
 Prints images/s of each, two ratios and a verdict: the project's loop / the bare loop at the
 project's own settings, and the project's loop / the best bare configuration, against the
-goal **>= 0.9 × the best bare step** (PASS / MISS). It asserts nothing: it is a measurement.
+goal **>= 0.95 × the best bare step** (PASS / MISS). It asserts nothing: it is a measurement.
 
 * **project: fit loop**: what ``train.fit()`` builds (``train._build``: the demo config's model,
   ``create_criterion``, ``create_optimizer``, the ``lr_factor`` schedule, one persistent
@@ -44,7 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _timing as T  # noqa: E402  (also puts the repository root on sys.path)
 
-GOAL = 0.9
+GOAL = 0.95  # the decoded-crop store leaves the loop only augmentation and collation to add
 PROJECT = "project: fit loop, later epochs"
 PROJECT_FIRST = "project: fit loop, epoch 1 (loader start-up)"
 OWN_BARE = "bare, project settings, this process"

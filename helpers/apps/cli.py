@@ -55,7 +55,7 @@ def cmd_prepare(args) -> None:
         sample, resplit = None, sampling.parse_fractions(args.resplit, "--resplit")
     elif args.sample is not None:
         sample, resplit = sampling.parse_fractions(args.sample, "--sample"), None
-    else:  # the profile's; a re-split wins over a sample, as in workspace.ensure_prepared
+    else:  # the profile's; a re-split wins over a sample, as in artifacts.ensure_prepared
         sample, resplit = (None, profile.resplit) if profile.resplit else (profile.sample, None)
     categories = profile.categories if args.categories is None else sampling.parse_categories(args.categories)
     seed = profile.split_seed if args.seed is None else args.seed

@@ -1,5 +1,6 @@
-"""Inference with a model: its preprocessing, embedding a table or one photo, and evaluating
-a split under a protocol. Used by training (validation), the CLI, the gallery index and the
+"""Inference with a model: embedding a table or one photo (with the preprocessing
+:func:`helpers.data.transforms.create_transform` builds from the model's data config), and
+evaluating a split under a protocol. Used by training (validation), the CLI, the gallery index and the
 live demo alike, so a query is always embedded exactly as the gallery was.
 """
 

@@ -182,3 +182,35 @@ def test_study_runs_each_chosen_experiment_and_says_where_results_are(monkeypatc
 
     where = portable_path(artifacts.results_root("fixture"))
     assert capsys.readouterr().out.splitlines()[-1] == f"results in {where}"
+
+
+def test_study_postprocess_runs_on_the_final_configuration(monkeypatch, capsys):
+    import pandas as pd
+
+    from helpers.experiments import study
+
+    comparison = pd.DataFrame(
+        {
+            "n_seeds": [2, 2],
+            "val_recall@5_mean": [0.5, 0.625],
+            "diff_recall@5": [float("nan"), 0.125],
+            "low_recall@5": [float("nan"), -0.25],
+            "high_recall@5": [float("nan"), 0.5],
+            "verdict_recall@5": ["baseline", "within noise"],
+        },
+        index=["none", "alpha_qe"],
+    )
+    called = []
+    monkeypatch.setattr(
+        study,
+        "run_postprocess",
+        lambda profile, **k: (
+            called.append(profile)
+            or {"comparison": comparison, "decision": {"experiment": "postprocess", "winner": "none"}}
+        ),
+    )
+    assert main(["study", "postprocess", "--profile", "fixture", "--quiet"]) == 0
+    assert called == ["fixture"]
+    out = capsys.readouterr().out
+    assert out.startswith("postprocess (none val R@5 0.500, 2 seeds): alpha_qe: +0.125 val R@5 [-0.250, +0.500]")
+    assert out.rstrip().endswith("Adopted: none.")

@@ -21,7 +21,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core", ("errors", "progress", "files", "config", "runtime", "repro", "arrays", "schema")),
     ("data", ("deepfashion", "sampling", "synthetic", "staging", "transforms", "store", "datasets")),
     ("modeling", ("models", "losses", "distributed", "checkpoints")),
-    ("evaluation", ("metrics", "inference", "search", "ann", "gallery", "plots")),
+    ("evaluation", ("metrics", "inference", "search", "postprocess", "ann", "gallery", "plots")),
     ("training", ("train",)),
     ("experiments", ("artifacts", "statistics", "study", "final", "pipeline", "report")),
     ("apps", ("app", "cli")),

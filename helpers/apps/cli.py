@@ -251,6 +251,10 @@ def cmd_study(args) -> None:
     from helpers.core.files import portable_path
     from helpers.experiments import artifacts, study
 
+    if args.experiment == study.POSTPROCESS:  # on the final configuration's runs: no training
+        result = study.run_postprocess(args.profile, progress=not args.quiet)
+        print(study.learned(result))
+        return
     chosen = study.select(args.profile, args.experiment)
     study.n_seeds_for(args.profile, args.seeds)  # a bad --seeds fails before any data is prepared
     if len(chosen) > 1:  # the whole plan first, so the projected time is known before hours of runs
@@ -496,7 +500,8 @@ def _add_study(commands) -> None:
     study.add_argument(
         "experiment",
         help="crop, resize, resolution, augment, margin, photometric, head, loss, "
-        "embed_dim, backbone; a stage 02_1, 02_2, 03; or all",
+        "embed_dim, backbone; a stage 02_1, 02_2, 03; all; or postprocess (flip TTA, query expansion, "
+        "re-ranking on the final configuration's runs, after the study)",
     )
     _profile_arg(study)
     study.add_argument("--seeds", type=int, help="seeds 0..N-1; default demo 2, full 3, fixture 1")

@@ -35,6 +35,11 @@ val and every query's first-hit rank written to ``val_ranks.csv``: the paired st
 resample those. Test is never read here (the original study reported validation numbers that had also selected its models): ``fit`` writes it to
 ``metrics.json``, the study and the report ignore it except for the final configuration.
 
+**Post-processing** (:func:`run_postprocess`, after the study, no training): flip TTA, αQE,
+DBA and k-reciprocal re-ranking (:mod:`helpers.evaluation.postprocess`) on every seed's run of the
+final configuration, each against plain cosine (`none`) with the same statistics, in
+``results/<profile>/postprocess/``.
+
 **Statistics**: :func:`seed_summary` (mean ± sample std over seeds) and :func:`compare` (per
 Recall@K the paired difference with :mod:`helpers.experiments.statistics`' bootstrap over seeds
 and items, its p-value and minimum detectable effect; Recall@5 tests Holm-corrected over the
@@ -58,7 +63,7 @@ from helpers.core.errors import InputError
 from helpers.core.files import sha256_bytes, sha256_file, write_text_atomic
 from helpers.core.progress import progress_bar
 from helpers.core.schema import read_table
-from helpers.evaluation import inference, metrics
+from helpers.evaluation import inference, metrics, postprocess
 from helpers.evaluation.metrics import METRICS
 from helpers.experiments import artifacts, statistics
 from helpers.experiments.statistics import ALPHA, N_BOOT
@@ -235,15 +240,8 @@ def is_finished(run_dir: Path) -> bool:
 def val_ranks(run_dir: Path, table: pd.DataFrame, data_root: Path, progress: bool = False) -> pd.DataFrame:
     """``best.pt`` evaluated once on val (official protocol): one row per scored query with its
     0-based first-hit rank and average precision, sorted by path."""
-    embedder, cfg = checkpoints.load_embedder(run_dir / "best.pt")
-    device = runtime.resolve_device(cfg.device)
-    queries, gallery = metrics.protocol_sets(table, "val", "official")
-    embed = inference.embed_table(
-        cfg, embedder.to(device), pd.concat([queries, gallery]), data_root, device, progress=progress, desc="val ranks"
-    )
-    result = metrics.retrieval_metrics(
-        embed[: len(queries)], queries.item_id.to_numpy(), embed[len(queries) :], gallery.item_id.to_numpy()
-    )
+    queries, gallery, query_emb, gallery_emb = val_embeddings(run_dir, table, data_root, progress=progress)
+    result = metrics.retrieval_metrics(query_emb, queries.item_id.to_numpy(), gallery_emb, gallery.item_id.to_numpy())
     scored = queries.iloc[result.query_index]
     ranks = pd.DataFrame(
         {
@@ -254,6 +252,22 @@ def val_ranks(run_dir: Path, table: pd.DataFrame, data_root: Path, progress: boo
         }
     )
     return ranks.sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def val_embeddings(
+    run_dir: Path, table: pd.DataFrame, data_root: Path, flip_tta: bool | None = None, progress: bool = False
+) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray, np.ndarray]:
+    """``(val queries, val gallery, their embeddings)`` under the official protocol, embedded in
+    one pass with the run's ``best.pt``; ``flip_tta`` True / False overrides the run's own
+    setting of the flip test-time augmentation."""
+    embedder, cfg = checkpoints.load_embedder(run_dir / "best.pt")
+    cfg = cfg if flip_tta is None else replace(cfg, flip_tta=flip_tta)
+    device = runtime.resolve_device(cfg.device)
+    queries, gallery = metrics.protocol_sets(table, "val", "official")
+    embed = inference.embed_table(
+        cfg, embedder.to(device), pd.concat([queries, gallery]), data_root, device, progress=progress, desc="val ranks"
+    )
+    return queries, gallery, embed[: len(queries)], embed[len(queries) :]
 
 
 def metrics_from_ranks(ranks: pd.DataFrame) -> dict:
@@ -926,19 +940,22 @@ def experiment_history(root: Path, name: str) -> pd.DataFrame:
 def learned(result: dict) -> str:
     """A sentence on one experiment computed from its numbers, so it cannot contradict them."""
     comparison, decision = result["comparison"], result["decision"]
+    reference = "baseline" if "baseline" in comparison.index else "none"  # post-processing compares to `none`
     parts = []
     # Tables written before the Holm correction hold raw intervals only.
     holm = f"p_holm_{PRIMARY}" in comparison.columns
     low, high = (f"low_adj_{PRIMARY}", f"high_adj_{PRIMARY}") if holm else (f"low_{PRIMARY}", f"high_{PRIMARY}")
-    for variant, row in comparison.drop(index="baseline").iterrows():
+    for variant, row in comparison.drop(index=reference).iterrows():
         parts.append(
             f"{variant}: {row[f'diff_{PRIMARY}']:+.3f} val R@5 [{row[low]:+.3f}, {row[high]:+.3f}"
             + (f"] Holm-adjusted, Holm p {row[f'p_holm_{PRIMARY}']:.4f}" if holm else "]")
             + f", {row[f'verdict_{PRIMARY}']}"
         )
-    base = comparison.loc["baseline"]
+    base = comparison.loc[reference]
     n = int(base.n_seeds)
-    head = f"{decision['experiment']} (baseline val R@5 {base[f'val_{PRIMARY}_mean']:.3f}, {n} seed{'s' * (n != 1)}): "
+    head = (
+        f"{decision['experiment']} ({reference} val R@5 {base[f'val_{PRIMARY}_mean']:.3f}, {n} seed{'s' * (n != 1)}): "
+    )
     return (
         head
         + ("; ".join(parts) if parts else "no variant differs from the baseline")
@@ -1013,3 +1030,156 @@ def carried(profile: str, stage: str, root: Path | None = None) -> dict:
     for experiment in (e for e in experiments(profile) if e.stage == stage):
         overrides.update(load_experiment(root, experiment.name)["decision"]["winner_overrides"])
     return overrides
+
+
+# --------------------------------------------------------------------------- post-processing, no training
+
+POSTPROCESS = "postprocess"
+# Each method alone against `none` (plain cosine on the plain embeddings). αQE / DBA: k = 2
+# neighbours because a C2S item has few shop photos in the gallery (a larger k adds other items),
+# α = 3 as Radenović et al.; k-reciprocal: the paper's k1 = 20, k2 = 6, λ = 0.3.
+POSTPROCESS_METHODS: dict[str, dict] = {
+    "none": {},
+    "flip_tta": {},
+    "aqe": {"k": 2, "alpha": 3.0},
+    "dba": {"k": 2, "alpha": 3.0},
+    "k_reciprocal": {"k1": 20, "k2": 6, "lambda_value": 0.3},
+}
+POSTPROCESS_QUESTION = "Does post-processing the final configuration's rankings (no training) help?"
+POSTPROCESS_RULE = (
+    "adopt a method only if its paired verdict on val Recall@5 against `none` is `better` (Holm-corrected "
+    "over this experiment's Recall@5 tests: adjusted p below 0.05 and the whole Holm-adjusted bootstrap "
+    "interval of the difference above 0); among several `better` methods the one with the largest mean "
+    "difference; otherwise keep `none`"
+)
+
+
+def final_config(profile: str, root: Path) -> Config:
+    """The final configuration: ``final_config.json``'s decided fields on the profile and its budget."""
+    path = Path(root) / "final_config.json"
+    if not path.is_file():
+        raise InputError(f"{path}: missing; finish the study first (`python -m helpers study all --profile {profile}`)")
+    chosen = json.loads(path.read_text())["config"]
+    return check(replace(base_config(profile), **{**BUDGET[profile], **chosen}))
+
+
+def final_runs(profile: str, root: Path, table_path: Path) -> dict[int, Path]:
+    """seed → finished run directory of the final configuration, found by run key among every
+    run of the study (wherever an experiment put it)."""
+    cfg, table_sha = final_config(profile, root), sha256_file(table_path)
+    found = {}
+    for key, run_dir in find_runs(root).items():
+        seed = json.loads((run_dir / "study_run.json").read_text())["seed"]
+        if is_finished(run_dir) and key == run_key(replace(cfg, seed=seed), table_sha):
+            found[seed] = run_dir
+    if not found:
+        raise InputError(f"{root / 'final_config.json'}: no finished run of this configuration under {root}")
+    missing = [str(run_dir / "best.pt") for run_dir in found.values() if not (run_dir / "best.pt").is_file()]
+    if missing:
+        raise InputError(f"{missing[0]}: missing (checkpoints are local, not committed); rerun its experiment here")
+    return dict(sorted(found.items()))
+
+
+def postprocess_scores(method: str, plain: tuple, flipped: tuple) -> np.ndarray:
+    """``[Q, G]`` scores of ``method`` from the plain and the flip-TTA ``(query, gallery)`` embeddings."""
+    parameters = POSTPROCESS_METHODS[method]
+    if method == "flip_tta":
+        return postprocess.cosine_scores(*flipped)
+    scorer = {
+        "none": postprocess.cosine_scores,
+        "aqe": postprocess.alpha_query_expansion,
+        "dba": postprocess.database_augmentation,
+        "k_reciprocal": postprocess.k_reciprocal_scores,
+    }[method]
+    return scorer(*plain, **parameters)
+
+
+def postprocess_ranks(run_dir: Path, table: pd.DataFrame, data_root: Path, progress: bool = False) -> dict:
+    """method → ``(val_ranks.csv``-like frame, seconds of post-processing)`` for one run: val
+    embedded once plainly and once with flip TTA, every method ranked from them."""
+    queries, gallery, *plain = val_embeddings(run_dir, table, data_root, flip_tta=False, progress=progress)
+    flipped = val_embeddings(run_dir, table, data_root, flip_tta=True, progress=progress)[2:]
+    out = {}
+    for method in POSTPROCESS_METHODS:
+        started = time.perf_counter()
+        scores = postprocess_scores(method, tuple(plain), tuple(flipped))
+        kept, first_hit, average_precision = postprocess.ranking(scores, queries.item_id, gallery.item_id)
+        ranks = pd.DataFrame(
+            {
+                "path": queries.path.to_numpy()[kept],
+                "item_id": queries.item_id.to_numpy()[kept],
+                "first_hit_rank": first_hit,
+                "average_precision": average_precision,
+            }
+        ).sort_values("path", kind="stable")
+        out[method] = (ranks.reset_index(drop=True), time.perf_counter() - started)
+    return out
+
+
+def run_postprocess(profile: str, root: Path | None = None, progress: bool = True) -> dict:
+    """Every post-processing method on every seed's run of the final configuration, each against
+    ``none`` with the study's paired statistics (Holm over this experiment's own tests: they do
+    not change training, so they are not in the study's family), adopted by :data:`POSTPROCESS_RULE`
+    (:data:`RULE` with `none` as the baseline).
+    Writes ``postprocess/{runs.csv, comparison.csv, decision.json}``; returns them as a dict."""
+    root = Path(root or artifacts.results_root(profile))
+    data_root, table_path = artifacts.ensure_prepared(base_config(profile), progress)
+    table = read_table(table_path)
+    runs, ranks = [], {}
+    for seed, run_dir in progress_bar(
+        final_runs(profile, root, table_path).items(), desc="post-processing", disable=not progress
+    ):
+        result = json.loads((run_dir / "metrics.json").read_text())
+        for method, (frame, seconds) in postprocess_ranks(run_dir, table, data_root, progress).items():
+            # the statistics name the reference "baseline"; the files call it `none`
+            ranks[("baseline" if method == "none" else method, seed)] = frame
+            runs.append(
+                {
+                    "experiment": POSTPROCESS,
+                    "variant": method,
+                    "seed": seed,
+                    "parameters": json.dumps(POSTPROCESS_METHODS[method], sort_keys=True),
+                    "run_dir": str(run_dir.relative_to(root)),
+                    "best_epoch": int(result["best_epoch"]),
+                    **{f"val_{m}": v for m, v in metrics_from_ranks(frame).items()},
+                    "postprocess_s": round(seconds, 3),
+                }
+            )
+    runs = pd.DataFrame(runs)
+    comparison = compare(runs.replace({"variant": {"none": "baseline"}}), ranks, POSTPROCESS)
+    comparison = comparison.rename(index={"baseline": "none"})
+    winner, why = decide(comparison)
+    decision = {
+        "experiment": POSTPROCESS,
+        "question": POSTPROCESS_QUESTION,
+        "profile": profile,
+        "protocol": "official",
+        "split": "val",
+        "seeds": sorted(runs.seed.unique().tolist()),
+        "primary": PRIMARY,
+        "rule": POSTPROCESS_RULE,
+        "winner": "none" if winner == "baseline" else winner,
+        "why": why.replace("the baseline is kept", "`none` is kept"),
+        "winner_parameters": POSTPROCESS_METHODS["none" if winner == "baseline" else winner],
+        "final_config": json.loads((root / "final_config.json").read_text())["config"],
+        "ci_percent": round(100 * (1 - ALPHA)),
+        "n_boot": N_BOOT,
+        "resampling": "seeds, then items with all their queries (one item draw for every drawn seed)",
+        "study_entropy": statistics.STUDY_ENTROPY,
+        "family": {
+            "metric": PRIMARY,
+            "method": "holm",
+            "alpha": ALPHA,
+            "power": statistics.POWER,
+            "planned": len(POSTPROCESS_METHODS) - 1,
+            "m": len(comparison) - 1,
+            "pending": 0,
+        },
+        "exploratory": [f"recall@{k}" for k in KS if k != PRIMARY_K],
+    }
+    out = root / POSTPROCESS
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "runs.csv", runs.to_csv(index=False, lineterminator="\n"))
+    write_text_atomic(out / "comparison.csv", comparison.to_csv(index_label="variant", lineterminator="\n"))
+    write_text_atomic(out / "decision.json", json.dumps(decision, indent=2, default=str) + "\n")
+    return {"runs": runs, "comparison": comparison, "decision": decision}

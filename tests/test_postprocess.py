@@ -1,0 +1,203 @@
+"""helpers.evaluation.postprocess against explicit loops written from the papers' definitions and a
+hand-worked k-reciprocal case; the study's post-processing experiment on a real fixture run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from helpers.core.errors import InputError
+from helpers.evaluation import metrics, postprocess
+from helpers.experiments import artifacts, study
+
+
+def _unit(rows) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.float64)
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture
+def embeddings():
+    rng = np.random.default_rng(7)
+    return _unit(rng.normal(size=(5, 8))), _unit(rng.normal(size=(9, 8)))
+
+
+def _nearest(similarities: list[float], k: int, skip: int | None = None) -> list[int]:
+    """The k most similar indices, ties by lower index (the module's stable order)."""
+    order = sorted((j for j in range(len(similarities)) if j != skip), key=lambda j: (-similarities[j], j))
+    return order[:k]
+
+
+def _expanded(vector, others, k: int, alpha: float, skip: int | None = None) -> np.ndarray:
+    similarities = [float(np.dot(vector, other)) for other in others]
+    total = np.array(vector, dtype=np.float64)
+    for i in _nearest(similarities, k, skip):
+        total += max(similarities[i], 0.0) ** alpha * others[i]
+    return total / np.linalg.norm(total)
+
+
+def test_alpha_query_expansion_equals_the_loop(embeddings):
+    query, gallery = embeddings
+    got = postprocess.alpha_query_expansion(query, gallery, k=3, alpha=3.0)
+    for i, q in enumerate(query):
+        expanded = _expanded(q, gallery, 3, 3.0)
+        assert got[i] == pytest.approx([float(np.dot(expanded, g)) for g in gallery], abs=1e-5)
+
+
+def test_database_augmentation_equals_the_loop(embeddings):
+    query, gallery = embeddings
+    gallery = np.concatenate([gallery, gallery[:1]])  # a duplicate image is still a neighbour, itself is not
+    got = postprocess.database_augmentation(query, gallery, k=2, alpha=1.0)
+    augmented = [_expanded(g, gallery, 2, 1.0, skip=j) for j, g in enumerate(gallery)]
+    for i, q in enumerate(query):
+        assert got[i] == pytest.approx([float(np.dot(q, a)) for a in augmented], abs=1e-5)
+
+
+def test_negative_similarities_do_not_pull_the_query():
+    query = _unit([[1.0, 0.0]])
+    gallery = _unit([[-1.0, 0.1], [0.0, 1.0]])  # both neighbours at or below 0 similarity
+    assert postprocess.alpha_query_expansion(query, gallery, k=2, alpha=3.0) == pytest.approx(query @ gallery.T)
+
+
+def _k_reciprocal_loops(points: np.ndarray, n_query: int, k1: int, k2: int, lam: float) -> np.ndarray:
+    """Zhong et al. 2017 from its definitions, one element at a time."""
+    n = len(points)
+    squared = [
+        [float(sum((a - b) ** 2 for a, b in zip(points[i], points[j], strict=True))) for j in range(n)]
+        for i in range(n)
+    ]
+    d = [[squared[i][j] / max(squared[i]) for j in range(n)] for i in range(n)]
+
+    def nearest(i: int, k: int) -> list[int]:  # N(i, k): the k + 1 nearest, i itself first
+        return sorted(range(n), key=lambda j: (d[i][j], j))[: k + 1]
+
+    def reciprocal(i: int, k: int) -> set[int]:
+        return {j for j in nearest(i, k) if i in nearest(j, k)}
+
+    vectors = []
+    for i in range(n):
+        members = reciprocal(i, k1)
+        grown = set(members)
+        for c in members:
+            theirs = reciprocal(c, round(k1 / 2))
+            if len(theirs & members) > 2 / 3 * len(theirs):
+                grown |= theirs
+        total = sum(math.exp(-d[i][j]) for j in grown)
+        vectors.append([math.exp(-d[i][j]) / total if j in grown else 0.0 for j in range(n)])
+    expanded = [[sum(vectors[m][t] for m in nearest(i, k2 - 1)) / k2 for t in range(n)] for i in range(n)]
+    out = np.empty((n_query, n - n_query))
+    for i in range(n_query):
+        for j in range(n_query, n):
+            low = sum(min(a, b) for a, b in zip(expanded[i], expanded[j], strict=True))
+            high = sum(max(a, b) for a, b in zip(expanded[i], expanded[j], strict=True))
+            out[i, j - n_query] = (1 - lam) * (1 - low / high) + lam * d[i][j]
+    return out
+
+
+def test_k_reciprocal_by_hand():
+    # On the unit circle: query at 0°, gallery at 10°, 25°, 90°. With k1 = 1 the nearest of each
+    # point: 0°→10°, 10°→0°, 25°→10°, 90°→25°, so R(q) = {q, 10°}, R(10°) = {10°, q}, R(25°) = {25°}
+    # and R(90°) = {90°}: only the 10° image shares support with the query (Jaccard < 1).
+    angles = np.radians([0.0, 10.0, 25.0, 90.0])
+    points = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    query, gallery = points[:1], points[1:]
+    squared = 2 - 2 * np.cos(angles[:, None] - angles[None, :])
+    d = squared / squared.max(axis=1, keepdims=True)
+    a, b = math.exp(-d[0, 1]), math.exp(-d[1, 0])
+    v_query, v_10 = np.array([1, a]) / (1 + a), np.array([b, 1]) / (1 + b)
+    jaccard = 1 - np.minimum(v_query, v_10).sum() / np.maximum(v_query, v_10).sum()
+    got = postprocess.k_reciprocal_distance(query, gallery, k1=1, k2=1, lambda_value=0.0)
+    assert got[0] == pytest.approx([jaccard, 1.0, 1.0], abs=1e-6)
+    got = postprocess.k_reciprocal_distance(query, gallery, k1=1, k2=1, lambda_value=0.3)
+    assert got[0] == pytest.approx(0.7 * np.array([jaccard, 1.0, 1.0]) + 0.3 * d[0, 1:], abs=1e-6)
+    assert got[0] == pytest.approx(_k_reciprocal_loops(points.astype(np.float64), 1, 1, 1, 0.3)[0], abs=1e-6)
+
+
+@pytest.mark.parametrize(("k1", "k2", "lam"), [(3, 2, 0.3), (4, 3, 0.0), (2, 1, 0.5)])
+def test_k_reciprocal_equals_the_loops(embeddings, k1, k2, lam):
+    query, gallery = embeddings
+    got = postprocess.k_reciprocal_distance(query, gallery, k1, k2, lam)
+    expected = _k_reciprocal_loops(np.concatenate([query, gallery]).astype(np.float64), len(query), k1, k2, lam)
+    assert got == pytest.approx(expected, abs=1e-5)
+
+
+def test_k_reciprocal_with_lambda_one_keeps_the_original_ranking(embeddings):
+    query, gallery = embeddings
+    reranked = postprocess.k_reciprocal_scores(query, gallery, k1=3, k2=2, lambda_value=1.0)
+    original = postprocess.cosine_scores(query, gallery)
+    assert np.array_equal(np.argsort(-reranked, axis=1), np.argsort(-original, axis=1))
+
+
+def test_ranking_by_hand_and_as_retrieval_metrics(embeddings):
+    # order [1, 0, 2] (the tie 0.5 / 0.5 by lower position): relevant at 0 and 2 → AP (1/1 + 2/3) / 2
+    kept, first, ap = postprocess.ranking(np.array([[0.5, 0.9, 0.5], [0.1, 0.2, 0.3]]), ["a", "z"], ["b", "a", "a"])
+    assert kept.tolist() == [0] and first.tolist() == [0] and ap == pytest.approx([(1 + 2 / 3) / 2])
+    query, gallery = embeddings
+    query_labels, gallery_labels = ["a", "b", "c", "a", "q"], list("abcabcxyz")
+    kept, first, ap = postprocess.ranking(postprocess.cosine_scores(query, gallery), query_labels, gallery_labels)
+    expected = metrics.retrieval_metrics(query, query_labels, gallery, gallery_labels)
+    assert kept.tolist() == expected.query_index.tolist() == [0, 1, 2, 3]
+    assert first.tolist() == expected.first_hit_rank.tolist()
+    assert ap == pytest.approx(expected.average_precision)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda q, g: postprocess.alpha_query_expansion(q, g, k=0, alpha=3.0),
+        lambda q, g: postprocess.alpha_query_expansion(q, g, k=2, alpha=-1.0),
+        lambda q, g: postprocess.database_augmentation(q, g, k=0, alpha=3.0),
+        lambda q, g: postprocess.k_reciprocal_distance(q, g, k1=0, k2=1, lambda_value=0.3),
+        lambda q, g: postprocess.k_reciprocal_distance(q, g, k1=3, k2=0, lambda_value=0.3),
+        lambda q, g: postprocess.k_reciprocal_distance(q, g, k1=3, k2=1, lambda_value=1.5),
+        lambda q, g: postprocess.k_reciprocal_distance(q, g, k1=3, k2=1, lambda_value=-0.1),
+        lambda q, g: postprocess.cosine_scores(q, g[:, :4]),
+        lambda q, g: postprocess.cosine_scores(q[0], g),
+        lambda q, g: postprocess.ranking(q @ g.T, ["a"], ["b"]),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(embeddings, call):
+    with pytest.raises(InputError) as error:
+        call(*embeddings)
+    assert "\n" not in str(error.value)
+
+
+# --------------------------------------------------------------------------- the experiment, on a real fixture run
+
+
+def test_run_postprocess_on_the_final_configurations_run(tmp_path):
+    cfg = study.base_config("fixture")
+    data_root, table = artifacts.ensure_prepared(cfg, progress=False)
+    with pytest.raises(InputError, match="final_config.json: missing"):
+        study.run_postprocess("fixture", root=tmp_path, progress=False)
+    chosen = {k: getattr(cfg, k) for k in study.decided_fields("fixture")}
+    (tmp_path / "final_config.json").write_text(json.dumps({"profile": "fixture", "config": chosen}))
+    with pytest.raises(InputError, match="no finished run"):
+        study.run_postprocess("fixture", root=tmp_path, progress=False)
+    run_dir, _ = study.ensure_run(cfg, table, data_root, tmp_path / "crop" / "baseline_seed0", tmp_path, progress=False)
+
+    result = study.run_postprocess("fixture", root=tmp_path, progress=False)
+    out = tmp_path / "postprocess"
+    runs = pd.read_csv(out / "runs.csv")
+    assert list(runs.variant) == list(study.POSTPROCESS_METHODS) and set(runs.seed) == {0}
+    assert set(runs.run_dir) == {"crop/baseline_seed0"}
+    # `none` is the run's own val ranking: the numbers the study recorded for it
+    recorded = study.metrics_from_ranks(pd.read_csv(run_dir / "val_ranks.csv"))
+    none = runs.set_index("variant").loc["none"]
+    for metric in ("recall@1", "recall@5", "recall@10", "map"):
+        assert none[f"val_{metric}"] == pytest.approx(recorded[metric])
+    comparison = study.read_comparison(out / "comparison.csv")
+    assert list(comparison.index) == list(study.POSTPROCESS_METHODS)
+    assert comparison.loc["none", "verdict_recall@5"] == "baseline"
+    assert comparison.loc["none", "n_seeds"] == 1
+    tested = comparison.drop(index="none")
+    assert tested["verdict_recall@5"].isin(("better", "worse", "within noise")).all()
+    assert (tested["holm_m_recall@5"] == len(study.POSTPROCESS_METHODS) - 1).all()
+    decision = json.loads((out / "decision.json").read_text())
+    assert decision["winner"] in study.POSTPROCESS_METHODS and decision["seeds"] == [0]
+    assert decision["final_config"] == chosen and decision["family"]["m"] == 4
+    assert result["decision"] == decision

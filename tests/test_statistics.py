@@ -99,7 +99,7 @@ def test_vectorised_bootstrap_agrees_with_the_loops():
     rng = np.random.default_rng(7)
     items = [f"id_{i}" for i in rng.integers(0, 12, 40)]
     # hit indicators whose difference depends on the seed and the item, so both matter
-    effect = {label: rng.normal(0, 0.4) for label in set(items)}
+    effect = {label: rng.normal(0, 0.4) for label in sorted(set(items))}  # sorted: the same draws in every process
     base = rng.integers(0, 2, (3, 40)).astype(float)
     variant = np.array(
         [[float(rng.random() < 0.5 + effect[item] + 0.1 * s) for item in items] for s in range(3)], dtype=float
@@ -112,7 +112,9 @@ def test_vectorised_bootstrap_agrees_with_the_loops():
     assert fast.mean() == pytest.approx(slow.mean(), abs=4 * sd * math.sqrt(1 / 3_000 + 1 / 20_000))
     # the SD's relative Monte-Carlo error is about 1 / sqrt(2n)
     assert fast.std(ddof=1) == pytest.approx(sd, abs=4 * sd * math.sqrt(1 / 6_000 + 1 / 40_000))
-    assert fast.mean() == pytest.approx(diff.mean(), abs=4 * sd / math.sqrt(20_000))  # centred on the estimate
+    # Centred near the estimate, not on it: a mean over a random number of queries (items differ in
+    # their query counts) is a ratio estimator, whose bootstrap mean carries a bias of order 1/items.
+    assert fast.mean() == pytest.approx(diff.mean(), abs=0.25 * sd)
 
 
 @pytest.mark.parametrize("delta, expected", [(1, "better"), (-1, "worse"), (0, "within noise")])

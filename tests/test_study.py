@@ -192,7 +192,23 @@ def _write_study(root, names=None):
                 frame.to_csv(root / run_dir / "val_ranks.csv", index=False)
                 ranks[(variant, seed)] = frame
                 metrics = {f"val_{m}": x for m, x in study.metrics_from_ranks(frame).items()}
-                rows.append({"variant": variant, "seed": seed, "action": "trained", "run_dir": run_dir, **metrics})
+                # the learning curves the report draws: the untrained epoch 0, then the best epoch
+                history = {
+                    "epoch": [0, 1],
+                    "loss": [float("nan"), 0.5],
+                    "val_recall@5": [0.25, metrics["val_recall@5"]],
+                }
+                pd.DataFrame(history).to_csv(root / run_dir / "history.csv", index=False)
+                rows.append(
+                    {
+                        "variant": variant,
+                        "seed": seed,
+                        "action": "trained",
+                        "run_dir": run_dir,
+                        "best_epoch": 1,
+                        **metrics,
+                    }
+                )
         results[experiment.name] = study.write_experiment(
             experiment, "fixture", pd.DataFrame(rows), ranks, configs, root
         )

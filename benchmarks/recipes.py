@@ -77,6 +77,9 @@ RECIPES: dict[str, dict] = {
         "schedule": "cosine",
         "warmup_epochs": 1,
     },
+    # the default recipe (the candidate) run 20 epochs without early stopping: where does val
+    # recall level off? (the study's baseline is the default recipe at its full length)
+    "candidate_20": {**CANDIDATE, "epochs": 20, "patience": 20},
     # one change at a time from the plain reference
     "plain+p32": {**PLAIN, "p_items": 32},  # P×K 32×4: twice the negatives per batch, same images per epoch
     "plain+cosine": {**PLAIN, "optimizer": "adamw", "weight_decay": 1e-4, "schedule": "cosine", "warmup_epochs": 1},

@@ -12,6 +12,7 @@ import sys
 import torch
 
 from helpers.core.config import Config
+from helpers.core.errors import InputError
 
 # Measured on the 2-core CPU (docs/benchmarks.md): smaller inference batches are faster per
 # image there (allocator page faults grow with the batch); a GPU wants large batches.
@@ -76,3 +77,14 @@ def tune_allocator() -> bool:
         )
     except (OSError, AttributeError):  # musl or another libc: nothing to tune
         return False
+
+
+def budget_bytes(variable: str, default_mb: float) -> int:
+    """A memory budget given in MiB by the environment variable ``variable`` (``default_mb`` when
+    unset; 0 or less turns the feature off), in bytes; not a number is a one-line error."""
+    value = os.environ.get(variable, str(default_mb))
+    try:
+        megabytes = float(value)
+    except ValueError:
+        raise InputError(f"{variable} must be a number of MiB, got {value!r}") from None
+    return max(0, int(megabytes * 2**20))

@@ -32,6 +32,7 @@ import pandas as pd
 from helpers.core.errors import InputError
 from helpers.core.files import sha256_bytes, write_text_atomic
 from helpers.core.progress import progress_bar
+from helpers.core.runtime import budget_bytes
 from helpers.core.schema import BOX_COLUMNS
 from helpers.data.transforms import C2STransform, open_rgb
 
@@ -42,12 +43,7 @@ FORMAT = 1  # bumped when what a store holds changes
 
 
 def resolve_store_bytes() -> int:
-    value = os.environ.get("C2S_STORE_MB", str(STORE_MB))
-    try:
-        megabytes = float(value)
-    except ValueError:
-        raise InputError(f"C2S_STORE_MB must be a number of MiB, got {value!r}") from None
-    return max(0, int(megabytes * 2**20))
+    return budget_bytes("C2S_STORE_MB", STORE_MB)
 
 
 def store_key(rows: pd.DataFrame, data_root: str | Path, transform: C2STransform) -> str:

@@ -6,7 +6,6 @@ live demo alike, so a query is always embedded exactly as the gallery was.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +29,7 @@ EVAL_CACHE_MB = 1024
 
 
 def resolve_eval_cache_bytes() -> int:
-    value = os.environ.get("C2S_EVAL_CACHE_MB", str(EVAL_CACHE_MB))
-    try:
-        megabytes = float(value)
-    except ValueError:
-        raise InputError(f"C2S_EVAL_CACHE_MB must be a number of MiB, got {value!r}") from None
-    return max(0, int(megabytes * 2**20))
+    return runtime.budget_bytes("C2S_EVAL_CACHE_MB", EVAL_CACHE_MB)
 
 
 class CachedBatches:

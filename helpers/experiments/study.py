@@ -800,6 +800,32 @@ def run_experiment(
     return write_experiment(experiment, profile, pd.DataFrame(rows), ranks, configs, root)
 
 
+def statistics_record(planned: int, m: int, pending: int) -> dict:
+    """How an experiment's comparisons were made, as decision.json records it."""
+    return {
+        "ci_percent": round(100 * (1 - ALPHA)),
+        "n_boot": N_BOOT,
+        "resampling": "seeds, then items with all their queries (one item draw for every drawn seed)",
+        "study_entropy": statistics.STUDY_ENTROPY,
+        "family": {
+            "metric": PRIMARY,
+            "method": "holm",
+            "alpha": ALPHA,
+            "power": statistics.POWER,
+            "planned": planned,
+            "m": m,
+            "pending": pending,
+        },
+        "exploratory": [f"recall@{k}" for k in KS if k != PRIMARY_K],
+    }
+
+
+def _write_tables(out: Path, runs: pd.DataFrame, comparison: pd.DataFrame, decision: dict) -> None:
+    write_text_atomic(out / "runs.csv", runs.to_csv(index=False, lineterminator="\n"))
+    write_text_atomic(out / "comparison.csv", comparison.to_csv(index_label="variant", lineterminator="\n"))
+    write_text_atomic(out / "decision.json", json.dumps(decision, indent=2, default=str) + "\n")
+
+
 def write_experiment(
     experiment: Experiment, profile: str, runs: pd.DataFrame, ranks: dict, configs: dict, root: Path
 ) -> dict:
@@ -825,24 +851,11 @@ def write_experiment(
         "why": why,
         "winner_overrides": overrides,
         "baseline": {k: getattr(configs["baseline"], k) for k in changed_fields(configs)},
-        "ci_percent": round(100 * (1 - ALPHA)),
-        "n_boot": N_BOOT,
-        "resampling": "seeds, then items with all their queries (one item draw for every drawn seed)",
-        "study_entropy": statistics.STUDY_ENTROPY,
-        "family": {
-            "metric": PRIMARY,
-            "method": "holm",
-            "alpha": ALPHA,
-            "power": statistics.POWER,
-            "planned": sum(planned_tests(profile).values()),
-            "m": len(others) + len(comparison) - 1 + pending,
-            "pending": pending,
-        },
-        "exploratory": [f"recall@{k}" for k in KS if k != PRIMARY_K],
+        **statistics_record(
+            planned=sum(planned_tests(profile).values()), m=len(others) + len(comparison) - 1 + pending, pending=pending
+        ),
     }
-    write_text_atomic(out / "runs.csv", runs.drop(columns="action").to_csv(index=False, lineterminator="\n"))
-    write_text_atomic(out / "comparison.csv", comparison.to_csv(index_label="variant", lineterminator="\n"))
-    write_text_atomic(out / "decision.json", json.dumps(decision, indent=2, default=str) + "\n")
+    _write_tables(out, runs.drop(columns="action"), comparison, decision)
     if all((root / e.name / "decision.json").is_file() for e in experiments(profile)):
         write_final_config(profile, root)
     return {"runs": runs, "comparison": comparison, "decision": decision}
@@ -1162,24 +1175,9 @@ def run_postprocess(profile: str, root: Path | None = None, progress: bool = Tru
         "why": why.replace("the baseline is kept", "`none` is kept"),
         "winner_parameters": POSTPROCESS_METHODS["none" if winner == "baseline" else winner],
         "final_config": json.loads((root / "final_config.json").read_text())["config"],
-        "ci_percent": round(100 * (1 - ALPHA)),
-        "n_boot": N_BOOT,
-        "resampling": "seeds, then items with all their queries (one item draw for every drawn seed)",
-        "study_entropy": statistics.STUDY_ENTROPY,
-        "family": {
-            "metric": PRIMARY,
-            "method": "holm",
-            "alpha": ALPHA,
-            "power": statistics.POWER,
-            "planned": len(POSTPROCESS_METHODS) - 1,
-            "m": len(comparison) - 1,
-            "pending": 0,
-        },
-        "exploratory": [f"recall@{k}" for k in KS if k != PRIMARY_K],
+        **statistics_record(planned=len(POSTPROCESS_METHODS) - 1, m=len(comparison) - 1, pending=0),
     }
     out = root / POSTPROCESS
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "runs.csv", runs.to_csv(index=False, lineterminator="\n"))
-    write_text_atomic(out / "comparison.csv", comparison.to_csv(index_label="variant", lineterminator="\n"))
-    write_text_atomic(out / "decision.json", json.dumps(decision, indent=2, default=str) + "\n")
+    _write_tables(out, runs, comparison, decision)
     return {"runs": runs, "comparison": comparison, "decision": decision}

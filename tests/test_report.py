@@ -93,6 +93,10 @@ def write_tree(results: Path, with_final: bool = True) -> Path:
                 "seeds": [0, 1],
                 "winner": "baseline",
                 "why": "no variant is `better` on val recall@5: the baseline is kept",
+                "question": "Does cropping to the garment box beat the whole photo?",
+                "protocol": "official",
+                "split": "val",
+                "primary": "recall@5",
                 "winner_overrides": {},
                 "baseline": {"crop": True},
                 "ci_percent": 95,
@@ -202,16 +206,18 @@ def test_learning_curves_sit_under_their_experiments_table(built):
     _, out, _ = built
     text = (out / "report.md").read_text()
     table, curves = text.index(EXPECTED_CROP), text.index("![crop: learning curves](figures/demo_crop_curves.png)")
-    assert table < text.index("the learning curves of `crop` (figure below)") < curves < text.index("## resize: ")
-    caption = text[curves:].splitlines()[2]
-    assert caption.startswith("*Learning curves of `crop`") and "mean over seeds 0, 1" in caption
-    assert "band: lowest to highest seed" in caption
+    assert table < curves < text.index("## resize: ")
+    assert text[curves:].splitlines()[2] == "*Figure 2: learning curves of `crop` (definition: Section 3).*"
+    # the long definition sits once in the Method section, before the results
+    definition = text.index("**The learning-curve figures** of Section 4 share one definition")
+    assert text.index("## 3 Method") < definition < text.index("## 4 Results")
+    assert "mean over seeds 0, 1" in text[definition:curves] and text.count("band: lowest to highest seed") == 1
 
 
 def test_html_and_slides(built):
     _, out, _ = built
     html = (out / "report.html").read_text()
-    assert html.startswith("<!DOCTYPE html>") and html.count("<table>") == 5 and "demo_crop.png" in html
+    assert html.startswith("<!DOCTYPE html>") and html.count("<table>") == 6 and "demo_crop.png" in html
     assert '<img src="figures/demo_crop_curves.png" alt="crop: learning curves"' in html
     slides = (out / "slides.md").read_text()
     assert slides.startswith("---\nmarp: true") and slides.count("\n---\n") >= 5
@@ -277,3 +283,137 @@ def test_reproduction_section_follows_the_recorded_switch_and_machines(tmp_path)
     text = "\n".join(report.reproduction_lines(tmp_path))
     assert "tolerance zero" not in text and "without deterministic kernels" in text
     assert "`torch 2.11.0`" in text and "`torch 2.14.1`" in text
+
+
+# --------------------------------------------------------------------------- the paper: prose, labels, verdicts
+
+PROSE = REPO_ROOT / "report" / "prose"
+
+
+def write_prose(folder: Path, findings_02_1: str = "Cropping: {tab:crop}, {fig:crop}, {fig:crop_curves}.") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in report.prose_names():
+        (folder / name).write_text(f"Prose of {name.removesuffix('.md')}, see {{tab:test}}.\n")
+    (folder / "findings_02_1.md").write_text(findings_02_1 + "\n")
+
+
+def test_prose_sections_in_order_and_labels_numbered(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "report"
+    write_tree(results)
+    write_prose(out / "prose")
+    text = (report.build(results, out)[0]).read_text()
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings == [
+        "## Abstract",
+        "## 1 Introduction",
+        "## 2 Data",
+        "## 3 Method",
+        "## 4 Results",
+        "## 5 Discussion",
+        "## 6 Limitations",
+        "## 7 Conclusion",
+        "## Appendix: reproducing the numbers",
+    ]
+    # data 1, statistics 2, crop 3, final config 4, decisions 5, test 6; figures: crop 1, its curves 2
+    assert "Prose of abstract, see Table 6." in text and "*Table 6: split test" in text
+    assert "Cropping: Table 3, Figure 1, Figure 2." in text
+    assert (
+        "*Table 3: `crop`, val Recall@K per variant and its difference with the baseline (columns defined in Section 3).*"
+        in text
+        and "*Figure 1: `crop`, the differences of Table 3" in text
+    )
+    assert text.index("Cropping: Table 3") < text.index(EXPECTED_CROP)  # the findings open their stage
+    assert "{tab:" not in text and "{fig:" not in text and "{def:" not in text
+    assert report.untraceable_numbers(text, results) == []  # Table N / Section N are no results
+
+
+def test_unknown_label_names_the_prose_file(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "report"
+    write_tree(results)
+    write_prose(out / "prose", "See {fig:crop_curve}.")
+    with pytest.raises(InputError, match=r"findings_02_1\.md: unknown label \{fig:crop_curve\}"):
+        report.build(results, out)
+
+
+def test_missing_prose_file_is_named(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "report"
+    write_tree(results)
+    write_prose(out / "prose")
+    (out / "prose" / "limitations.md").unlink()
+    with pytest.raises(InputError, match=r"limitations\.md: missing"):
+        report.build(results, out)
+
+
+def test_every_prose_file_exists_and_its_numbers_are_in_results():
+    assert sorted(p.name for p in PROSE.glob("*.md")) == sorted(report.prose_names())
+    for path in sorted(PROSE.glob("*.md")):
+        assert path.read_text().strip(), path
+        assert report.untraceable_numbers(path.read_text(), REPO_ROOT / "results") == [], path
+
+
+def test_committed_prose_agrees_with_the_verdicts():
+    table = report.verdicts(REPO_ROOT / "results" / "demo")
+    assert table["resolution"]["img_size=64"]["recall@5"] == "worse"
+    for path in sorted(PROSE.glob("*.md")):
+        assert report.contradictions(path.read_text(), table) == [], path
+
+
+VERDICTS = {
+    "resolution": {
+        "img_size=64": {"recall@1": "worse", "recall@5": "worse", "recall@10": "worse"},
+        "img_size=128": {"recall@1": "better", "recall@5": "within noise", "recall@10": "within noise"},
+    },
+    "augment": {"augment=medium": {"recall@1": "within noise", "recall@5": "within noise", "recall@10": "worse"}},
+}
+
+
+@pytest.mark.parametrize(
+    "sentence",
+    [
+        "`img_size=64` is worse by -0.300.",
+        "The smallest side (img_size=64) hurts Recall@5.",
+        "`img_size=128` is within noise on Recall@5.",
+        "On Recall@1, `img_size=128` is better.",
+        "The `resolution` experiment has a variant that drops Recall@5.",
+        "Augmentation helps in general.",  # names no variant and no experiment
+        "`augment=medium` drops Recall@10.",
+    ],
+)
+def test_checker_passes_sentences_that_agree(sentence):
+    assert report.contradictions(sentence, VERDICTS) == []
+
+
+@pytest.mark.parametrize(
+    "sentence",
+    [
+        "`img_size=64` is better than the baseline.",
+        "`img_size=128` improves Recall@5.",  # within noise: never a gain
+        "`img_size=128` is a gain.",
+        "`img_size=128` hurts.",  # within noise: never a loss either
+        "`img_size=64` outperforms the baseline on Recall@1.",
+        "`img_size=128` is better on Recall@1 and Recall@5.",  # better on @1 only
+        "Both `img_size=64` and img_size=128 are worse.",
+        "The `augment` experiment gains.",
+        "`augment=medium` helps Recall@10.",
+    ],
+)
+def test_checker_fails_sentences_that_contradict(sentence):
+    assert report.contradictions(f"A first sentence. {sentence} A last one.", VERDICTS) == [sentence]
+
+
+def test_committed_report_is_what_a_rebuild_writes(tmp_path):
+    """`make report` rebuilds report/ with no diff: a build from the committed results and prose into
+    a fresh folder gives the committed files byte for byte."""
+    committed = REPO_ROOT / "report"
+    if not (committed / "report.md").is_file():
+        pytest.skip("no committed report/report.md yet")
+    out = tmp_path / "report"
+    (out / "prose").mkdir(parents=True)
+    for path in PROSE.glob("*.md"):
+        (out / "prose" / path.name).write_bytes(path.read_bytes())
+    written = report.build(REPO_ROOT / "results", out)
+    for path in written:
+        assert path.read_bytes() == (committed / path.relative_to(out)).read_bytes(), path.name
+    text = (out / "report.md").read_text()
+    assert "| learning rate | 0.001 |" in text and "| batch: P items × K images | 8 × 4 |" in text
+    assert "| seeds | 0, 1 |" in text and "| n_boot | 2000 |" in text

@@ -1,6 +1,12 @@
-"""``report/`` from ``results/`` only: ``report.md``, its HTML rendering, a markdown slide deck
-(``slides.md``, one ``---`` per slide) and the figures, so the written story and the talk can
-never disagree with the runs.
+"""``report/`` from ``results/`` and the prose of ``report/prose/``: ``report.md``, its HTML rendering,
+a markdown slide deck (``slides.md``, one ``---`` per slide) and the figures, so the written story
+and the talk can never disagree with the runs.
+
+``report.md`` reads as a paper: the sections a person writes (``report/prose/*.md``, :func:`prose_names`)
+around the generated data table, training settings, per-experiment tables and figures, each numbered
+(prose refers to them as ``{tab:crop}`` / ``{fig:crop_curves}``: :func:`resolve_labels`). The prose is
+held to the results twice: its numbers must occur in them (:func:`untraceable_numbers`) and its words
+of direction must agree with the verdicts (:func:`contradictions`).
 
 Every number printed comes from a file under ``results/<profile>/`` (``data_summary.json``,
 each experiment's ``comparison.csv`` / ``decision.json`` written by :mod:`helpers.experiments.study`,
@@ -18,6 +24,7 @@ import re
 from pathlib import Path
 
 import pandas as pd
+from matplotlib import pyplot
 
 from helpers.core.config import REPO_ROOT
 from helpers.core.errors import InputError
@@ -166,8 +173,8 @@ def holm_caption(decision: dict, data_source: str, comparison: pd.DataFrame | No
         f"*{VAL_PROTOCOL}; split val; data: {data_source}; profile `{decision['profile']}`; seeds {seeds}. "
         "Mean ± sample std over seeds; Δ = variant − baseline, paired by seed and query; bootstrap "
         f"(n_boot {decision['n_boot']}) resampling seeds, then items with all their queries; two-sided bootstrap "
-        f"p-values. Recall@5 decides, Holm-corrected at decision time over {family['m']} Recall@5 tests: those "
-        f"finished and the planned ones not run yet ({family['pending']}, counted as p = 1, which only makes the "
+        "p-values. Recall@5 decides, Holm-corrected at decision time over m Recall@5 tests (each table's caption "
+        "gives m): those finished and the planned ones not run yet (counted as p = 1, which only makes the "
         "correction stricter): "
         "the Holm CI is the percentile interval at the level Holm's step gives the test, the verdict `better` / "
         f"`worse` when it excludes 0 and Holm p < {family['alpha']}; MDE: the difference detected with power "
@@ -229,39 +236,204 @@ def final_rows(final: dict, data_source: str, profile: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# --------------------------------------------------------------------------- prose and numbering
+
+PROSE_SECTIONS = ("abstract", "introduction", "method", "discussion", "limitations", "conclusion")
+# {tab:crop} / {fig:crop_curves} in prose: a reference; {def:tab:crop} in generated text: where Table N is.
+_LABEL = re.compile(r"\{(tab|fig):(\w+)\}")
+_DEFINITION = re.compile(r"\{def:(tab|fig):(\w+)\}")
+_KIND = {"tab": "Table", "fig": "Figure"}
+
+
+def prose_names() -> list[str]:
+    """The markdown files ``report/prose/`` holds: one per written section, one findings file per stage."""
+    return [f"{s}.md" for s in PROSE_SECTIONS] + [f"findings_{stage}.md" for stage in study.STAGES]
+
+
+def read_prose(folder: Path) -> dict[str, tuple[Path, str]]:
+    """``{section: (file, text)}`` from ``folder``; no folder: no prose (a report of generated parts only)."""
+    if not folder.is_dir():
+        return {}
+    texts = {}
+    for name in prose_names():
+        path = folder / name
+        if not path.is_file():
+            raise InputError(f"{path}: missing; {folder} needs {', '.join(prose_names())}")
+        texts[name.removesuffix(".md")] = (path, path.read_text().strip())
+    return texts
+
+
+def prose_lines(texts: dict[str, tuple[Path, str]], section: str) -> list[str]:
+    return [texts[section][1], ""] if section in texts else []
+
+
+def resolve_labels(text: str, texts: dict[str, tuple[Path, str]]) -> str:
+    """Number every ``{def:tab:x}`` / ``{def:fig:x}`` in order of appearance (Table 1, Figure 1, ...) and
+    replace it and every ``{tab:x}`` / ``{fig:x}`` reference by its number; a prose file referring to a
+    label no table or figure defines is an InputError naming that file."""
+    numbers: dict[tuple[str, str], str] = {}
+    for kind, name in _DEFINITION.findall(text):
+        numbers[(kind, name)] = f"{_KIND[kind]} {sum(k == kind for k, _ in numbers) + 1}"
+    for path, body in texts.values():
+        for kind, name in _LABEL.findall(body):
+            if (kind, name) not in numbers:
+                known = ", ".join(f"{{{k}:{n}}}" for k, n in numbers)
+                raise InputError(f"{path}: unknown label {{{kind}:{name}}}; known: {known}")
+    text = _DEFINITION.sub(lambda m: numbers[(m[1], m[2])], text)
+    return _LABEL.sub(lambda m: numbers[(m[1], m[2])], text)
+
+
 # --------------------------------------------------------------------------- one profile
 
 
-def profile_section(root: Path, figures: Path, level: str = "##") -> tuple[list[str], list[list[str]]]:
-    """``(report lines, slides)`` for one ``results/<profile>`` folder."""
+def load_profile(root: Path) -> dict:
+    """A ``results/<profile>`` folder's summary, with the whole family's Holm values added once every
+    experiment has finished."""
     summary_path = root / "data_summary.json"
     if not summary_path.is_file():
         raise InputError(f"{summary_path}: missing; run `python -m helpers study` first")
     summary = json.loads(summary_path.read_text())
-    profile = summary["profile"]
-    source = summary["data_source"]
-    study.finalise_family(profile, root)  # the whole family's Holm values, once every experiment has finished
-    lines = [
-        f"{level} Profile `{profile}`: {source}",
-        "",
-        f"{level}# Data",
-        "",
-        f"*Image table `images.csv` (sha256 `{summary['table_sha256'][:12]}…`); data: {source}; profile `{profile}`.*",
+    study.finalise_family(summary["profile"], root)
+    finished = [
+        (e, study.load_experiment(root, e.name))
+        for e in study.experiments(summary["profile"])
+        if (root / e.name / "decision.json").is_file()
+    ]
+    return {
+        "root": root,
+        "summary": summary,
+        "profile": summary["profile"],
+        "source": summary["data_source"],
+        "finished": finished,
+    }
+
+
+def data_lines(loaded: dict, tag: str) -> list[str]:
+    summary, profile, source = loaded["summary"], loaded["profile"], loaded["source"]
+    return [
+        f"*{{def:tab:{tag}data}}: the image table `images.csv` (sha256 `{summary['table_sha256'][:12]}…`) per split; "
+        f"data: {source}; profile `{profile}`.*",
         "",
         md_table(data_table(summary)),
         "",
     ]
-    slides = [[f"# Profile `{profile}`", "", f"Data: {source}", "", md_table(data_table(summary))]]
+
+
+def final_run_configs(root: Path) -> list[dict]:
+    """The recorded ``config.json`` of every run of the final configuration (a study run whose config
+    matches ``final_config.json``); before a final configuration exists, the baseline runs."""
+    runs = [(p, json.loads(p.read_text())) for p in sorted(root.glob("*/*/config.json"))]
+    record = root / "final_config.json"
+    if record.is_file():
+        chosen = json.loads(record.read_text())["config"]
+        return [run for _, run in runs if all(run["config"].get(k) == v for k, v in chosen.items())]
+    return [run for path, run in runs if path.parent.name.startswith("baseline_")]
+
+
+def hyperparameter_table(configs: list[dict]) -> pd.DataFrame:
+    """Every training setting of the final configuration's runs, as their ``config.json`` recorded it."""
+    c = configs[0]["config"]
+    loss = f"{c['loss']}, " + (f"temperature {c['temperature']}" if c["loss"] == "infonce" else f"margin {c['margin']}")
+    schedule = c["schedule"] + (f", {c['warmup_epochs']} warm-up epochs" if c.get("warmup_epochs") else "")
+    rows = {
+        "backbone": c["backbone"],
+        "weights": c["weights"],
+        "input size": f"{c['img_size']} px square",
+        "resize": c["resize"],
+        "crop to the garment box": f"{c['crop']}, box margin {c['box_margin']}",
+        "augment": c["augment"],
+        "photometric": c["photometric"],
+        "batch: P items × K images": f"{c['p_items']} × {c['k_images']}",
+        "loss": loss,
+        "optimizer": c["optimizer"],
+        "learning rate": c["lr"],
+        "backbone lr multiplier": c["backbone_lr_mult"],
+        "weight decay": c["weight_decay"],
+        "schedule": schedule,
+        "gradient clip (norm)": c["grad_clip"],
+        "epochs (at most)": c["epochs"],
+        "early-stopping patience (epochs)": c["patience"],
+        "embedding dim": c["embed_dim"],
+        "head": f"{c['head']}, {c['pooling']} pooling, L2-normalised",
+        "seeds": ", ".join(str(s) for s in sorted({run["config"]["seed"] for run in configs})),
+        "deterministic kernels": c["deterministic"],
+    }
+    return pd.DataFrame([{"setting": k, "value": v} for k, v in rows.items()])
+
+
+def statistics_table(decisions: list[dict]) -> pd.DataFrame:
+    """The evaluation protocol and statistical method the decisions recorded."""
+
+    def values(read) -> str:
+        return ", ".join(dict.fromkeys(str(read(d)) for d in decisions))
+
+    holm = [d["family"] for d in decisions if "family" in d]
+    rows = {
+        "selection protocol": values(lambda d: f"{d['protocol']} on {d['split']}"),
+        "deciding metric": values(lambda d: d["primary"]),
+        "interval": values(lambda d: f"{d['ci_percent']} % percentile bootstrap of the paired difference"),
+        "n_boot": values(lambda d: d["n_boot"]),
+        "resampling": (
+            "seeds, then items with all their queries"
+            if holm
+            else "seeds and queries together, paired by seed and query"
+        ),
+        "multiple comparisons": (
+            ", ".join(
+                dict.fromkeys(
+                    f"Holm over the Recall@5 tests (m: each table), alpha {f['alpha']}, power {f['power']}"
+                    for f in holm
+                )
+            )
+            if holm
+            else "none: each verdict reads its own raw interval"
+        ),
+        "adoption rule": values(lambda d: d["rule"]),
+    }
+    return pd.DataFrame([{"item": k, "value": v} for k, v in rows.items()])
+
+
+def method_lines(loaded: dict, tag: str) -> list[str]:
+    lines = []
+    configs = final_run_configs(loaded["root"])
+    if configs:
+        lines += [
+            f"*{{def:tab:{tag}hyperparameters}}: training settings of the final configuration, read from the "
+            f"`config.json` of its {len(configs)} recorded runs; profile `{loaded['profile']}`.*",
+            "",
+            md_table(hyperparameter_table(configs)),
+            "",
+        ]
+    if loaded["finished"]:
+        experiment, first = loaded["finished"][0]
+        decisions = [result["decision"] for _, result in loaded["finished"]]
+        lines += [
+            f"*{{def:tab:{tag}statistics}}: evaluation protocol and statistical method, read from each "
+            f"experiment's `decision.json`; profile `{loaded['profile']}`.*",
+            "",
+            md_table(statistics_table(decisions)),
+            "",
+            "**The experiment tables** of Section 4 share one definition: "
+            + caption(first["decision"], loaded["source"], first["comparison"]).strip("*"),
+            "",
+            "**The learning-curve figures** of Section 4 share one definition: " + curves_caption(first["decision"]),
+            "",
+        ]
+    return lines
+
+
+def results_lines(loaded: dict, tag: str, figures: Path, texts: dict, slides: list, level: str = "###") -> list[str]:
+    lines = []
+    results = dict((e.name, r) for e, r in loaded["finished"])
     for stage in study.STAGES:
-        lines += [f"{level}# Stage `{stage}`", ""]  # in backticks: a name, not a number
-        for experiment in (e for e in study.experiments(profile) if e.stage == stage):
-            lines += experiment_lines(root, profile, experiment, source, figures, level, slides)
-    lines += final_lines(root, source, profile, level, slides)
-    lines += reproduction_lines(root, level)
-    return lines, slides
+        lines += [f"{level} Stage `{stage}`", ""]  # in backticks: a name, not a number
+        lines += prose_lines(texts, f"findings_{stage}")
+        for experiment in (e for e in study.experiments(loaded["profile"]) if e.stage == stage):
+            lines += experiment_lines(loaded, experiment, results.get(experiment.name), tag, figures, slides, level)
+    return lines + final_lines(loaded["root"], loaded["source"], loaded["profile"], tag, level, slides)
 
 
-def reproduction_lines(root: Path, level: str = "##") -> list[str]:
+def reproduction_lines(root: Path) -> list[str]:
     """What a rerun of the study must give, from the machines and switches the runs recorded
     (each run's ``config.json``: its config and ``env``)."""
     runs = [json.loads(p.read_text()) for p in sorted(root.glob("*/*/config.json"))]
@@ -275,9 +447,8 @@ def reproduction_lines(root: Path, level: str = "##") -> list[str]:
             for e in (run.get("env", {}) for run in runs)
         }
     )
-    lines = [f"{level}# Reproducing these numbers", ""]
     if deterministic:
-        lines.append(
+        line = (
             "Every run above was trained with deterministic kernels (`deterministic: true`) and seeded model "
             "initialisation, batches and per-sample augmentation; its `config.json` records the machine and "
             f"library versions: {'; '.join(machines)}. On the same machine kind with the same versions, `make "
@@ -287,30 +458,35 @@ def reproduction_lines(root: Path, level: str = "##") -> list[str]:
             "expect differences of the order of the seed-to-seed std shown in each table, not beyond."
         )
     else:
-        lines.append(
+        line = (
             "Some runs above were trained without deterministic kernels, so reruns differ by float rounding "
             "even on the same machine: expect differences of the order of the seed-to-seed std in each table. "
             f"Machines and versions recorded: {'; '.join(machines)}."
         )
-    return lines + [""]
+    return [line, ""]
 
 
 def experiment_lines(
-    root: Path, profile: str, experiment: study.Experiment, source: str, figures: Path, level: str, slides: list
+    loaded: dict, experiment: study.Experiment, result: dict | None, tag: str, figures: Path, slides: list, level: str
 ) -> list[str]:
-    head = [f"{level}## {experiment.name}: {experiment.question}", ""]
-    if not (root / experiment.name / "decision.json").is_file():
+    head = [f"{level}# {experiment.name}: {experiment.question}", ""]
+    if result is None:
         return head + ["Not run yet (no `decision.json`).", ""]
-    result = study.load_experiment(root, experiment.name)
+    profile = loaded["profile"]
     comparison, decision = result["comparison"], result["decision"]
     figure = figures / f"{profile}_{experiment.name}.png"
-    plots.plot_experiment(comparison, f"{experiment.name} ({profile})").savefig(
-        figure, dpi=80, metadata={"Software": None}
-    )  # no version stamp: a rebuild is byte-identical
     curves = figures / f"{profile}_{experiment.name}_curves.png"
-    plots.plot_learning_curves(
-        study.experiment_history(root, experiment.name), f"{experiment.name} ({profile})"
-    ).savefig(curves, dpi=80, metadata={"Software": None})
+    for path, drawn in (
+        (figure, plots.plot_experiment(comparison, f"{experiment.name} ({profile})")),
+        (
+            curves,
+            plots.plot_learning_curves(
+                study.experiment_history(loaded["root"], experiment.name), f"{experiment.name} ({profile})"
+            ),
+        ),
+    ):
+        drawn.savefig(path, dpi=80, metadata={"Software": None})  # no version stamp: a rebuild is byte-identical
+        pyplot.close(drawn)
     table = md_table(experiment_table(comparison, decision))
     adopted = f"**Adopted: {decision['winner']}.** {decision['why']}."
     slides.append(
@@ -326,8 +502,16 @@ def experiment_lines(
             f"![{experiment.name}](figures/{figure.name})",
         ]
     )
+    name = f"{tag}{experiment.name}"
     return head + [
-        caption(decision, source, comparison),
+        f"*{{def:tab:{name}}}: `{experiment.name}`, val Recall@K per variant and its difference with the baseline "
+        "(columns defined in Section 3)"
+        + (
+            f"; Holm-corrected at decision time over {decision['family']['m']} Recall@5 tests, "
+            f"{decision['family']['pending']} of them planned and not run yet.*"
+            if "family" in decision
+            else ".*"
+        ),
         "",
         table,
         "",
@@ -335,28 +519,27 @@ def experiment_lines(
         "",
         f"![{experiment.name}](figures/{figure.name})",
         "",
-        f"How the runs got there, epoch by epoch: the learning curves of `{experiment.name}` (figure below).",
+        f"*{{def:fig:{name}}}: `{experiment.name}`, the differences of {{tab:{name}}} with their intervals.*",
         "",
         f"![{experiment.name}: learning curves](figures/{curves.name})",
         "",
-        curves_caption(decision),
+        f"*{{def:fig:{name}_curves}}: learning curves of `{experiment.name}` (definition: Section 3).*",
         "",
     ]
 
 
 def curves_caption(decision: dict) -> str:
-    """The learning-curve figure's one-line caption."""
+    """The definition shared by every learning-curve figure."""
     seeds = ", ".join(map(str, decision["seeds"]))
     return (
-        f"*Learning curves of `{decision['experiment']}`, read from each run's `history.csv`: train loss (left; none "
-        f"at epoch 0, the untrained model) and val Recall@5 (right) per epoch. Line: mean over seeds {seeds} (after "
-        "a seed stopped early, over the seeds still training); band: lowest to highest seed; dot: the epoch of each "
-        "run's `best.pt`.*"
+        "read from each run's `history.csv`: train loss (left; none at epoch 0, the untrained model) and val "
+        f"Recall@5 (right) per epoch. Line: mean over seeds {seeds} (after a seed stopped early, over the seeds "
+        "still training); band: lowest to highest seed; dot: the epoch of each run's `best.pt`."
     )
 
 
-def final_lines(root: Path, source: str, profile: str, level: str, slides: list) -> list[str]:
-    lines = [f"{level}# Final configuration", ""]
+def final_lines(root: Path, source: str, profile: str, tag: str, level: str, slides: list) -> list[str]:
+    lines = [f"{level} Final configuration", ""]
     final_config = root / "final_config.json"
     if not final_config.is_file():
         return lines + ["Not decided yet: `final_config.json` is written when every experiment has finished.", ""]
@@ -364,7 +547,18 @@ def final_lines(root: Path, source: str, profile: str, level: str, slides: list)
     config = pd.DataFrame([{"field": k, "value": v} for k, v in record["config"].items()])
     decisions = pd.DataFrame(record["decisions"])[["stage", "experiment", "winner"]]
     decisions["stage"] = "`" + decisions.stage + "`"
-    lines += [f"Rule: {record['rule']}.", "", md_table(config), "", md_table(decisions), ""]
+    lines += [
+        f"Rule: {record['rule']}.",
+        "",
+        f"*{{def:tab:{tag}final_config}}: the final configuration, from `final_config.json`.*",
+        "",
+        md_table(config),
+        "",
+        f"*{{def:tab:{tag}decisions}}: the winner of each experiment.*",
+        "",
+        md_table(decisions),
+        "",
+    ]
     slides.append([f"## Final configuration ({profile})", "", md_table(config)])
     metrics_path = root / "final" / "metrics.json"
     if not metrics_path.is_file():
@@ -372,11 +566,11 @@ def final_lines(root: Path, source: str, profile: str, level: str, slides: list)
     final = json.loads(metrics_path.read_text())
     table = md_table(final_rows(final, source, profile))
     lines += [
-        f"{level}# Test: the final configuration, evaluated once",
+        f"{level} Test: the final configuration, evaluated once",
         "",
-        f"*Split test; data: {source}; profile `{profile}`; one training run of the final configuration; "
-        "95 % percentile bootstrap intervals over queries. The original study's row is its published number under its "
-        "own pair-row protocol on DeepFashion.*",
+        f"*{{def:tab:{tag}test}}: split test; data: {source}; profile `{profile}`; one training run of the final "
+        "configuration; 95 % percentile bootstrap intervals over queries. The original study's row is its published "
+        "number under its own pair-row protocol on DeepFashion.*",
         "",
         table,
         "",
@@ -425,40 +619,82 @@ def render_html(markdown_text: str, title: str) -> str:
     )
 
 
+def paper(loaded: list[dict], texts: dict, figures: Path) -> list[str]:
+    """The report's lines: prose sections around the generated data, method and results. The first
+    profile is the one the prose describes (its labels are bare: ``{tab:crop}``); a further profile's
+    labels carry its name (``{tab:full_crop}``) and its findings are not repeated."""
+    tags = ["" if i == 0 else f"{p['profile']}_" for i, p in enumerate(loaded)]
+
+    def per_profile(render) -> list[str]:
+        lines = []
+        for p, tag in zip(loaded, tags):
+            if len(loaded) > 1:
+                lines += [f"### Profile `{p['profile']}`: {p['source']}", ""]
+            lines += render(p, tag)
+        return lines
+
+    lines = [
+        TITLE,
+        "",
+        "Generated by `python -m helpers report` from `results/` and the prose in `report/prose/`; do not edit by "
+        "hand. Every number below is read from a file under `results/`. Selection used val only: no test number of "
+        "an ablation run is read (training writes one to each run's metrics.json; the study ignores it), only the "
+        "final configuration's.",
+        "",
+    ]
+    if texts:
+        lines += ["## Abstract", "", *prose_lines(texts, "abstract"), "## 1 Introduction", ""]
+        lines += prose_lines(texts, "introduction")
+    lines += ["## 2 Data", "", *per_profile(data_lines)]
+    lines += ["## 3 Method", "", *prose_lines(texts, "method"), *per_profile(method_lines)]
+    lines += ["## 4 Results", ""]
+    lines += per_profile(
+        lambda p, tag: results_lines(
+            p, tag, figures, texts if tag == "" else {}, p["slides"], "####" if tags[1:] else "###"
+        )
+    )
+    for number, section in ((5, "discussion"), (6, "limitations"), (7, "conclusion")):
+        if texts:
+            lines += [f"## {number} {section.capitalize()}", "", *prose_lines(texts, section)]
+    return lines + [
+        "## Appendix: reproducing the numbers",
+        "",
+        *per_profile(lambda p, _: reproduction_lines(p["root"])),
+    ]
+
+
+TITLE = "# Consumer-to-shop clothing retrieval: re-examining a course study's recipe"
+
+
 def build(results: Path | None = None, out: Path | None = None, profile_dirs: list[Path] | None = None) -> list[Path]:
-    """Write ``report.md``, ``report.html``, ``slides.md`` and ``figures/`` under ``out``."""
+    """Write ``report.md``, ``report.html``, ``slides.md`` and ``figures/`` under ``out``, with the
+    prose of ``out/prose/`` when that folder exists (:func:`prose_names`)."""
     results, out = Path(results or REPO_ROOT / "results"), Path(out or REPO_ROOT / "report")
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    lines = [
-        "# C2S retrieval: the study",
-        "",
-        "Generated by `python -m helpers report` from `results/` only; do not edit by hand. Every number below "
-        "is read from a file there. Selection used val only: no test number of an ablation run is read "
-        "(training writes one to each run's metrics.json; the study ignores it), only the final "
-        "configuration's.",
-        "",
-    ]
+    texts = read_prose(out / "prose")
+    loaded = [load_profile(root) for root in profile_dirs or profiles(results)]
+    for p in loaded:  # one slide list per profile, its data first
+        p["slides"] = [
+            [f"# Profile `{p['profile']}`", "", f"Data: {p['source']}", "", md_table(data_table(p["summary"]))]
+        ]
+    text = resolve_labels("\n".join(paper(loaded, texts, figures)).rstrip() + "\n", texts)
     deck = [
         "---",
         "marp: true",
         "paginate: true",
         "---",
         "",
-        "# C2S retrieval: the study",
+        TITLE,
         "",
         "Generated from `results/` by `python -m helpers report`",
     ]
-    for root in profile_dirs or profiles(results):
-        section, slides = profile_section(root, figures)
-        lines += section
-        for slide in slides:
-            deck += ["", "---", "", *slide]
-    text = "\n".join(lines).rstrip() + "\n"
+    for slide in (slide for p in loaded for slide in p["slides"]):
+        deck += ["", "---", "", *slide]
     written = [
         write_text_atomic(out / "report.md", text),
-        write_text_atomic(out / "report.html", render_html(text, "C2S retrieval: the study")),
-        write_text_atomic(out / "slides.md", "\n".join(deck).rstrip() + "\n"),
+        write_text_atomic(out / "report.html", render_html(text, TITLE.lstrip("# "))),
+        write_text_atomic(out / "slides.md", resolve_labels("\n".join(deck).rstrip() + "\n", {})),
     ]
     return written + sorted(figures.glob("*.png"))
 
@@ -490,7 +726,65 @@ def result_numbers(results: Path) -> set[str]:
     return found
 
 
+# A reference's number (Table 3, Figure 12, the heading "## 4 Results") counts tables, not results.
+_REFERENCE = re.compile(r"\b(?:Table|Figure|Section) \d+\b|^#+ \d+(?= )", re.MULTILINE)
+
+
 def untraceable_numbers(text: str, results: Path) -> list[str]:
-    """The numbers in ``text`` that occur in no file under ``results`` at the precision printed."""
+    """The numbers in ``text`` that occur in no file under ``results`` at the precision printed
+    (references to tables, figures and sections aside)."""
     known = result_numbers(results)
-    return [token for token in _NUMBER.findall(text) if token not in known and token.lstrip("+") not in known]
+    tokens = _NUMBER.findall(_REFERENCE.sub("", text))
+    return [token for token in tokens if token not in known and token.lstrip("+") not in known]
+
+
+# --------------------------------------------------------------------------- prose against verdicts
+
+POSITIVE = re.compile(r"\b(?:better|gains?|improve[sd]?|improvements?|helps?|helped|outperform(?:s|ed)?)\b", re.I)
+NEGATIVE = re.compile(r"\b(?:worse|hurts?|drops?|dropped|degrade[sd]?)\b", re.I)
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
+_METRIC = re.compile(r"\b(?:R|Recall)@(\d+)\b")
+
+
+def verdicts(root: Path) -> dict[str, dict[str, dict[str, str]]]:
+    """``{experiment: {variant: {metric: verdict}}}`` of every finished experiment under ``root``."""
+    found = {}
+    for path in sorted(root.glob("*/decision.json")):
+        comparison = study.load_experiment(root, path.parent.name)["comparison"]
+        columns = [c for c in comparison.columns if c.startswith("verdict_recall@")]
+        found[path.parent.name] = {
+            variant: {c.removeprefix("verdict_"): row[c] for c in columns}
+            for variant, row in comparison.iterrows()
+            if variant != "baseline"
+        }
+    return found
+
+
+def contradictions(text: str, table: dict[str, dict[str, dict[str, str]]]) -> list[str]:
+    """The sentences of ``text`` whose direction words contradict a verdict. A sentence naming a
+    variant (``img_size=128``) or an experiment in backticks (`` `resolution` ``) and a direction word
+    (better, gain, improves, helps, outperforms / worse, hurts, drops, degrades) must agree with the
+    verdict on every Recall@K the sentence names (Recall@5, the deciding metric, when it names none):
+    every named variant must have that verdict, and a named experiment at least one variant with it.
+    A `within noise` variant is thus never a gain or a loss, and one sentence holds one direction.
+    Strict on purpose: a negation ("not better") counts as the word."""
+    wrong = []
+    for sentence in (s.strip() for s in _SENTENCE.split(text) if s.strip()):
+        up, down = bool(POSITIVE.search(sentence)), bool(NEGATIVE.search(sentence))
+        if not (up or down):
+            continue
+        metrics = [f"recall@{k}" for k in dict.fromkeys(_METRIC.findall(sentence))] or [study.PRIMARY]
+
+        def agrees(verdict: dict[str, str]) -> bool:
+            found = {verdict.get(m) for m in metrics}
+            return found == {"better"} if up and not down else found == {"worse"} if down and not up else False
+
+        for experiment, variants in table.items():
+            named = [v for v in variants if re.search(rf"(?<![\w.=]){re.escape(v)}(?![\w.])", sentence)]
+            if named and not all(agrees(variants[v]) for v in named):
+                wrong.append(sentence)
+                break
+            if not named and f"`{experiment}`" in sentence and not any(map(agrees, variants.values())):
+                wrong.append(sentence)
+                break
+    return wrong

@@ -266,6 +266,10 @@ def test_report_shows_the_holm_columns(tmp_path):
     summary = {"profile": "fixture", "data_source": "synthetic, not DeepFashion", "table_sha256": "ab12cd34ef56"}
     splits = {"val": {"items": 30, "consumer_images": 60, "shop_images": 30, "pairs": 60}}
     (tmp_path / "data_summary.json").write_text(json.dumps({**summary, "splits": splits}))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("comparison.csv")}
+    report.build(tmp_path, tmp_path / "report")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("comparison.csv")} == before  # the report only reads
+    study.finalise_family("fixture", tmp_path)  # what the study does when its last experiment finishes
     report.build(tmp_path, tmp_path / "report")
     text = (tmp_path / "report" / "report.md").read_text()
     assert "ΔR@5 [Holm CI] | p / Holm p | MDE R@5 | Holm p, whole family" in text

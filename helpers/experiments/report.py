@@ -12,9 +12,9 @@ Every number printed comes from a file under ``results/<profile>/`` (``data_summ
 each experiment's ``comparison.csv`` / ``decision.json`` written by :mod:`helpers.experiments.study`,
 ``final_config.json`` and ``final/metrics.json`` written by ``04_demo``), formatted, never
 computed anew; :func:`untraceable_numbers` checks that. Every table says its protocol, split,
-data source, profile and seeds. The one write into ``results/``: once every experiment of a
-profile has finished, :func:`helpers.experiments.study.finalise_family` adds the whole family's
-Holm values to the comparisons (a no-op before, and for tables written without the correction).
+data source, profile and seeds. Nothing under ``results/`` is written here: the whole family's
+Holm values are added by the study when its last experiment finishes
+(:func:`helpers.experiments.study.finalise_family`), and shown when present.
 """
 
 from __future__ import annotations
@@ -287,13 +287,11 @@ def resolve_labels(text: str, texts: dict[str, tuple[Path, str]]) -> str:
 
 
 def load_profile(root: Path) -> dict:
-    """A ``results/<profile>`` folder's summary, with the whole family's Holm values added once every
-    experiment has finished."""
+    """A ``results/<profile>`` folder's summary and its finished experiments."""
     summary_path = root / "data_summary.json"
     if not summary_path.is_file():
         raise InputError(f"{summary_path}: missing; run `python -m helpers study` first")
     summary = json.loads(summary_path.read_text())
-    study.finalise_family(summary["profile"], root)
     finished = [
         (e, study.load_experiment(root, e.name))
         for e in study.experiments(summary["profile"])

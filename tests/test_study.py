@@ -294,28 +294,32 @@ def test_experiments_of_a_stage_change_disjoint_fields(profile):
 
 def test_every_variant_is_a_valid_config():
     for profile in ("fixture", "demo"):
-        base = config.get_config(profile, **study.BUDGET[profile])
+        base = config.get_config(profile)
         for experiment in study.experiments(profile):
             study.resolve_variants(experiment, base)  # check() raises on a bad value
 
 
 def test_variant_equal_to_the_baseline_is_dropped():
     experiment = study.get_experiment("demo", "augment")
-    base = config.get_config("demo", **study.BUDGET["demo"])
-    assert base.augment == "flip"  # the default recipe's: every preset of the ladder is a variant
-    assert list(study.resolve_variants(experiment, base)) == ["baseline", *experiment.variants]
+    base = config.get_config("demo")
+    assert base.augment == "flip"  # the default recipe's: the preset asked about is a variant
+    assert list(study.resolve_variants(experiment, base)) == ["baseline", "augment=medium"]
     medium = replace(base, augment="medium")
-    configs = study.resolve_variants(experiment, medium)
-    assert list(configs) == ["baseline", "augment=weak", "augment=strong", "augment=super_strong"]
+    assert list(study.resolve_variants(experiment, medium)) == ["baseline"]
+    ladder = study.get_experiment("fixture", "augment")  # weak (the fixture's own) and strong
+    configs = study.resolve_variants(ladder, config.get_config("fixture"))
+    assert list(configs) == ["baseline", "augment=strong"]
     assert study.changed_fields(configs) == ["augment"]
 
 
 def test_demo_budget_and_backbones():
-    """The demo study's size as stated in helpers.experiments.study, and backbones with packaged weights."""
+    """The demo study as stated in helpers.experiments.study: 3 seeds, the resolution bracketing
+    the default recipe's from both sides, and backbones with packaged weights."""
     from helpers.modeling import models
 
-    cfg = config.get_config("demo", **study.BUDGET["demo"])
-    assert study.DEFAULT_SEEDS["demo"] >= 2 and cfg.img_size < config.PROFILES["demo"].img_size
+    assert study.DEFAULT_SEEDS["demo"] >= 3
+    sides = [o["img_size"] for o in study.get_experiment("demo", "resolution").variants.values()]
+    assert min(sides) < config.PROFILES["demo"].img_size < max(sides)
     backbones = study.get_experiment("demo", "backbone").variants
     for overrides in backbones.values():
         assert overrides["backbone"] in models.PACKAGED_WEIGHTS and overrides["weights"] == "packaged"
@@ -336,7 +340,7 @@ def test_run_key():
 def test_later_stages_need_the_earlier_decisions(tmp_path):
     with pytest.raises(InputError, match="run `python -m helpers study crop"):
         study.stage_overrides("fixture", "02_2", tmp_path)
-    assert study.stage_overrides("fixture", "02_1", tmp_path) == study.BUDGET["fixture"]
+    assert study.stage_overrides("fixture", "02_1", tmp_path) == {}
     winners = {"crop": {}, "resize": {"resize": "squash"}, "resolution": {"img_size": 48}}
     for name, overrides in winners.items():
         (tmp_path / name).mkdir()

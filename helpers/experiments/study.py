@@ -3,7 +3,7 @@ configuration carried forward from stage to stage by a written rule.
 
 An **experiment** is a named baseline configuration plus variants (each a few config
 overrides), run for N seeds. The baseline of an experiment is its **stage baseline**: the
-profile's study budget (:data:`BUDGET`) plus the winners of every earlier stage, so stage 2
+profile's own config (its default recipe) plus the winners of every earlier stage, so stage 2
 builds on what stage 1 adopted and ``03`` on both. Stages and their experiments:
 
 ========  =====================================================================
@@ -80,35 +80,33 @@ RULE = (
     "with the largest mean difference; otherwise keep the baseline"
 )
 
-# The study's size per profile: a budget applied on top of the profile's config to every run.
+# The study's size per profile. Every run starts from the profile's own config, unchanged.
 #
-# demo: `make study` must run every experiment of 02 and 03 with >= 2 seeds in <= 2 hours on a
-# 2-core CPU. Distinct configurations per seed, at most: stage 02_1 5 (baseline, whole photo,
-# squash, 2 resolutions), 02_2 11 (a new baseline if 02_1 adopted something, 4 augmentation
-# presets against the default recipe's `flip`, 2 margins, 3 photometric modes, bnneck), 03 6 (a
-# new baseline, 2 losses, 2 dimensions, Lite1): 22, so 44 runs for 2 seeds, and 7200 s / 44 =
-# 163 s per run. The measured `make demo` (docs/benchmarks.md) (Lite0, 160 px, P×K 8×4, 8 epochs: 273 s in
-# all with its zero-shot and index steps) took about 23 s per epoch with its val pass; 96 px has
-# 0.36× the pixels, so `SECONDS_PER_EPOCH` states 17 s (margin for a shared machine): 6 epochs
-# ≈ 100 s + the val-rank and test passes ≈ 120 s per run, ~90 min for 44 runs, leaving room
-# for the slower variants (128 px, Lite1). Early stopping (patience 3) only shortens it. The
-# study prints its projection from the runs it has measured before each experiment.
+# demo: the stage-1 baseline is the demo profile's default recipe exactly (160 px, 10
+# epochs, early stopping after 3), so the final configuration is trained under the recipe
+# `make demo` ships, and when nothing is adopted the final configuration *is* that recipe.
+# `make study` must run every question of 02 and 03 with 3 seeds in <= 3 hours on a 2-core CPU:
+# at ~225 s per run (10 epochs of ~21 s with their val pass, plus the val-rank and test passes)
+# that is ~48 runs, 16 configurations. The grid is cut to fit by variants, never by seeds
+# (:func:`experiments`): one variant per yes/no question, the resolution bracketing the default
+# from both sides (128 / 192, 0.64x and 1.44x the pixels), two losses, two dimensions, one
+# backbone: 14 variants + the shared baseline ≈ 14.5 baseline-run equivalents × 3 seeds ≈ 2.7 h
+# when no stage adopts anything (a stage that adopts 192 px makes the later ones ~1.4x dearer;
+# the study prints its projection from the runs it has measured before each experiment).
 # fixture: CI, every code path in seconds: the fixture profile's 1 epoch at 64 px.
 # full: the original study's sizes on a Colab GPU: the full profile as it is (EfficientNet-B3 at
 # its native resolution, 40 epochs, patience 5), 3 seeds.
-BUDGET: dict[str, dict] = {
-    "fixture": {},
-    "demo": {"epochs": 6, "img_size": 96, "patience": 3},
-    "full": {},
-}
 # fixture: one seed keeps each notebook's grid of tiny runs within seconds in CI; the
 # multi-seed paths (std, pairing by seed) are covered by tests/test_study.py.
-DEFAULT_SEEDS = {"fixture": 1, "demo": 2, "full": 3}
+# The training budget of the profile's recipe, recorded in final_config.json beside the decisions.
+RECIPE_FIELDS = ("img_size", "epochs", "patience", "p_items", "k_images", "optimizer", "lr", "schedule")
+DEFAULT_SEEDS = {"fixture": 1, "demo": 3, "full": 3}
 # Stated per-epoch estimates (train + val pass, seconds) for the projected-time print, used
 # until runs of the study have been measured: fixture from 5–17 s per 1-epoch run measured on
 # the shared 2-core machine (most of it evaluation); demo from the measured `make demo`
-# (above); full a guess for EfficientNet-B3 on a Colab T4 with the 10 % TOPS+DRESSES sample.
-SECONDS_PER_EPOCH = {"fixture": 10.0, "demo": 17.0, "full": 60.0}
+# (docs/benchmarks.md: 8 epochs of the default recipe in 167 s); full a guess for
+# EfficientNet-B3 on a Colab T4 with the 10 % TOPS+DRESSES sample.
+SECONDS_PER_EPOCH = {"fixture": 10.0, "demo": 21.0, "full": 60.0}
 
 
 @dataclass(frozen=True)
@@ -140,7 +138,7 @@ def experiments(profile: str) -> list[Experiment]:
     vs EfficientNet-B3 at its native resolution (hub weights), under ``fixture`` two tiny
     random-init timm test networks.
     """
-    resolution = {"fixture": (48, 64), "demo": (64, 96, 128), "full": (224, None)}[profile]
+    resolution = {"fixture": (48, 64), "demo": (128, 192), "full": (224, None)}[profile]
     backbone = {
         "fixture": {"backbone=test_resnet": {"backbone": "test_resnet"}},
         "demo": {"backbone=tf_efficientnet_lite1": {"backbone": "tf_efficientnet_lite1", "weights": "packaged"}},
@@ -150,14 +148,21 @@ def experiments(profile: str) -> list[Experiment]:
             "backbone=efficientnet_b3": {"backbone": "efficientnet_b3", "weights": "hub", "img_size": None},
         },
     }[profile]
-    # The fixture profile (CI) runs every code path with one variant per experiment, so that a
-    # notebook's grid of tiny runs stays within seconds; demo and full run the whole ladder.
-    tiny = profile == "fixture"
-    augment = ("weak", "strong") if tiny else ("weak", "medium", "strong", "super_strong")
-    margin = (0.0, 0.1) if tiny else (0.0, 0.1, 0.2)
-    photometric = ("none", "grayworld") if tiny else ("none", "clahe", "grayworld", "both")
-    loss = ("batch_hard", "infonce") if tiny else ("batch_hard", "semi_hard", "infonce")
-    embed_dim = (32, 64) if tiny else (128, 256, 512)
+    # Variants per profile. full (a GPU) runs the whole ladder. demo keeps every question within
+    # its 3-hour CPU budget with 3 seeds by asking each yes/no question once: the project's
+    # former default augmentation (medium) against the recipe's flip, one box margin (10 % of the
+    # box side on each edge), both photometric corrections together.
+    # fixture (CI) runs every code path with one variant per experiment, within seconds; its
+    # levels include the baseline's value, which is dropped, so its planned family is larger than
+    # the family that runs (a path the statistics must handle).
+    augment = {"fixture": ("weak", "strong"), "demo": ("medium",), "full": ("weak", "medium", "strong", "super_strong")}
+    margin = {"fixture": (0.0, 0.1), "demo": (0.1,), "full": (0.1, 0.2)}
+    photometric = {"fixture": ("none", "grayworld"), "demo": ("both",), "full": ("clahe", "grayworld", "both")}
+    loss = {"fixture": ("batch_hard", "infonce"), "demo": ("semi_hard", "infonce"), "full": ("semi_hard", "infonce")}
+    embed_dim = {"fixture": (32, 64), "demo": (128, 512), "full": (128, 512)}
+    augment, margin, photometric, loss, embed_dim = (
+        levels[profile] for levels in (augment, margin, photometric, loss, embed_dim)
+    )
     return [
         Experiment(
             "crop", "02_1", "Does cropping to the garment box beat the whole photo?", {"crop=False": {"crop": False}}
@@ -623,11 +628,11 @@ def finalise_family(profile: str, root: Path | None = None) -> pd.DataFrame | No
 
 
 def stage_overrides(profile: str, stage: str, root: Path, strict: bool = True) -> dict:
-    """The overrides every run of ``stage`` starts from: the budget plus the adopted variants
+    """The overrides every run of ``stage`` starts from on the profile's config: the adopted variants
     of every earlier stage (from their ``decision.json``). An earlier experiment not finished
     yet is an error (its winner is not known), or, with ``strict=False`` (projections only),
     assumed to keep its baseline."""
-    overrides = dict(BUDGET[profile])
+    overrides: dict = {}
     for experiment in experiments(profile):
         if STAGES.index(experiment.stage) >= STAGES.index(stage):
             continue
@@ -725,7 +730,7 @@ def plan(
     )
     table["to_train"] = table.to_train.astype(int)
     total = int(table.to_train.sum()) + undecided * n_seeds
-    epochs = check(replace(profile_cfg, **BUDGET[profile])).epochs
+    epochs = profile_cfg.epochs
     seconds, source = projected_seconds(root, profile, total, epochs)
     print(
         f"study on profile {profile}, {n_seeds} seeds: ≤ {total} runs to train (incl. {undecided * n_seeds} "
@@ -880,7 +885,7 @@ def write_final_config(profile: str, root: Path | None = None) -> dict:
         "profile": profile,
         "config": {k: getattr(carried, k) for k in decided_fields(profile)},
         "rule": RULE,
-        "budget": BUDGET[profile],
+        "baseline_recipe": {k: getattr(PROFILES[profile], k) for k in RECIPE_FIELDS},
         "decisions": [{k: d[k] for k in ("experiment", "stage", "winner", "why")} for d in decisions],
     }
     write_text_atomic(root / "final_config.json", json.dumps(record, indent=2, default=str) + "\n")
@@ -1068,12 +1073,12 @@ POSTPROCESS_RULE = (
 
 
 def final_config(profile: str, root: Path) -> Config:
-    """The final configuration: ``final_config.json``'s decided fields on the profile and its budget."""
+    """The final configuration: ``final_config.json``'s decided fields on the profile's config."""
     path = Path(root) / "final_config.json"
     if not path.is_file():
         raise InputError(f"{path}: missing; finish the study first (`python -m helpers study all --profile {profile}`)")
     chosen = json.loads(path.read_text())["config"]
-    return check(replace(base_config(profile), **{**BUDGET[profile], **chosen}))
+    return check(replace(base_config(profile), **chosen))
 
 
 def final_runs(profile: str, root: Path, table_path: Path) -> dict[int, Path]:

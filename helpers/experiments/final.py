@@ -6,9 +6,12 @@ Steps (each a function the notebook calls):
 
 1. :func:`final_choice`: ``results/<profile>/final_config.json`` when the study has written
    it, else the original study's final choice (batch-hard triplet, 256-d), saying which.
-2. :func:`ensure_checkpoint`: a trained checkpoint whose run used that choice: the demo
-   pipeline's ``outputs/<profile>/run`` if it matches, else ``outputs/<profile>/final_run_<hash>``,
-   trained (resumably) only when the caller allows it.
+2. :func:`study_runs`: the study's runs of that configuration, every seed (checkpoints missing
+   here retrained under the recorded configuration, :func:`reproduction` checking they match);
+   without a finished study, :func:`ensure_checkpoint`: one run of the choice (the demo
+   pipeline's ``outputs/<profile>/run`` if it matches, else ``outputs/<profile>/final_run_<hash>``),
+   trained (resumably) only when the caller allows it. :func:`seed_table` gives every seed's test
+   numbers; :func:`demo_seed` (best val Recall@5) serves the index, the figure and the live demo.
 3. :func:`helpers.experiments.artifacts.ensure_index` + :func:`evaluate_final`: the test gallery
    embedded once (the same index the live demo serves); each consumer photo embedded as a
    query; Recall@K, mAP, bootstrap intervals and the per-category breakdown under
@@ -38,7 +41,7 @@ from helpers.core.files import portable_path, sha256_bytes, write_text_atomic
 from helpers.core.progress import progress_bar
 from helpers.evaluation import inference, metrics
 from helpers.evaluation.metrics import METRICS
-from helpers.experiments import artifacts
+from helpers.experiments import artifacts, study
 from helpers.modeling import checkpoints
 
 PROTOCOL_ORDER = ("official", "split", "original_pairs")
@@ -132,6 +135,98 @@ def ensure_checkpoint(
         run_dir / "best.pt",
         f"trained now: {portable_path(run_dir)} ({', '.join(f'{k}={v}' for k, v in choice.items())})",
     )
+
+
+def study_runs(
+    cfg: Config, choice: dict, table: Path, data_root: Path, train_if_missing: bool, progress: bool = True
+) -> tuple[dict[int, Path], dict[int, Path], str]:
+    """``(runs, recorded, how)``: seed → run directory with ``best.pt`` of the final configuration,
+    seed → the study's own run directory (its history and metrics, committed), and a sentence.
+
+    When the study has finished, the final model *is* its runs of the final configuration,
+    every seed, under the exact budget the study selected it with. Their checkpoints are local,
+    not committed: a seed whose ``best.pt`` is missing here is retrained from the run's recorded
+    configuration into ``outputs/<profile>/final_runs/`` (deterministic kernels reproduce it on
+    the same machine kind; :func:`reproduction` compares the two histories). Without a finished
+    study there is one run of ``choice`` (:func:`ensure_checkpoint`), and ``recorded`` is empty.
+    """
+    root = artifacts.results_root(cfg.profile)
+    if not (root / "final_config.json").is_file():
+        checkpoint, how = ensure_checkpoint(cfg, choice, table, data_root, train_if_missing, progress)
+        return {cfg.seed: checkpoint.parent}, {}, how
+    recorded = study.final_runs(cfg, root, table, need_checkpoints=False)
+    final_cfg, runs, retrained = study.final_config(cfg, root), {}, []
+    for seed, run_dir in recorded.items():
+        local = cfg.work_dir / "final_runs" / run_dir.name
+        if (run_dir / "best.pt").is_file():
+            runs[seed] = run_dir
+            continue
+        if not (local / "best.pt").is_file() and not train_if_missing:
+            raise InputError(
+                f"{run_dir / 'best.pt'}: missing (checkpoints are not committed); set TRAIN_IF_MISSING = True to "
+                f"retrain seed {seed} under its recorded configuration"
+            )
+        artifacts.ensure_trained(replace(final_cfg, seed=seed), table, data_root, local, progress=progress)
+        runs[seed], retrained = local, [*retrained, seed]
+    how = f"the study's runs of the final configuration, seeds {', '.join(map(str, recorded))}" + (
+        f" (seeds {', '.join(map(str, retrained))} retrained here under the recorded configuration)"
+        if retrained
+        else ""
+    )
+    return runs, recorded, how
+
+
+def reproduction(runs: dict[int, Path], recorded: dict[int, Path]) -> pd.DataFrame:
+    """Per seed: the largest difference over epochs between the run used here and the study's
+    recorded run, in training loss and val Recall@5 (0 where the study's own run is used)."""
+    rows = {}
+    for seed, run_dir in runs.items():
+        here = pd.read_csv(run_dir / "history.csv")
+        there = pd.read_csv(recorded[seed] / "history.csv")
+        same_length = len(here) == len(there)
+        rows[seed] = {
+            "run": "the study's own" if run_dir == recorded[seed] else "retrained here",
+            "epochs (here / study)": f"{len(here)} / {len(there)}",
+            "max |Δ loss|": float((here.loss - there.loss).abs().max()) if same_length else float("nan"),
+            "max |Δ val R@5|": float((here["val_recall@5"] - there["val_recall@5"]).abs().max())
+            if same_length
+            else float("nan"),
+        }
+    return pd.DataFrame(rows).T.rename_axis("seed")
+
+
+def recipe_runs(cfg: Config, table: Path) -> dict[int, Path]:
+    """seed → the study's finished runs of the profile's own config (the default recipe, the
+    study's stage-1 baseline); empty before the study has run it."""
+    root = artifacts.results_root(cfg.profile)
+    return study.runs_of(cfg, root, table) if root.is_dir() else {}
+
+
+def seed_table(runs: dict[int, Path]) -> pd.DataFrame:
+    """One row per seed: best epoch, val Recall@5 at it, and test Recall@1/5/10 (official
+    protocol, as ``fit`` evaluated ``best.pt``) with each seed's 95 % bootstrap interval; then
+    the mean and the sample std over seeds."""
+    rows = {}
+    for seed, run_dir in runs.items():
+        result = json.loads((run_dir / "metrics.json").read_text())
+        row = {"best_epoch": result["best_epoch"], "val_recall@5": result["val"]["recall@5"]}
+        for k in (1, 5, 10):
+            low, high = result[f"recall@{k}_ci"]
+            row[f"test_recall@{k}"] = result[f"recall@{k}"]
+            row[f"test_recall@{k}_ci"] = f"[{low:.3f}, {high:.3f}]"
+        rows[seed] = row
+    table = pd.DataFrame(rows).T.rename_axis("seed")
+    numeric = [c for c in table.columns if not c.endswith("_ci")]
+    table[numeric] = table[numeric].astype(float)
+    summary = pd.DataFrame({"mean": table[numeric].mean(), "std": table[numeric].std(ddof=1)}).T
+    return pd.concat([table, summary])
+
+
+def demo_seed(runs: dict[int, Path]) -> int:
+    """The seed whose run serves the index, the figure and the live demo: the best val Recall@5
+    (model selection on val, as ``fit`` selects its epoch; the lowest seed on a tie)."""
+    val = {seed: json.loads((d / "metrics.json").read_text())["val"]["recall@5"] for seed, d in runs.items()}
+    return max(sorted(val), key=lambda seed: val[seed])
 
 
 def consumer_queries(table: pd.DataFrame, split: str = "test") -> pd.DataFrame:
@@ -287,17 +382,19 @@ def model_config(checkpoint: Path) -> dict:
 
 
 def ensure_final_index(cfg: Config, train_if_missing: bool, progress: bool = True) -> tuple[Path, dict]:
-    """Data, choice, checkpoint and test index of a profile in one call (``05_live_demo`` uses
-    it; ``04_demo`` runs the same steps one cell at a time). Returns the index folder and a
+    """Data, choice, the final runs and the demo seed's test index in one call (``05_live_demo``
+    uses it; ``04_demo`` runs the same steps one cell at a time). Returns the index folder and a
     record of where each piece came from."""
     data_root, table = artifacts.ensure_prepared(cfg, progress)
     choice, source = final_choice(cfg.profile)
-    checkpoint, how = ensure_checkpoint(cfg, choice, table, data_root, train_if_missing, progress)
+    runs, _, how = study_runs(cfg, choice, table, data_root, train_if_missing, progress)
+    seed = demo_seed(runs)
+    checkpoint = runs[seed] / "best.pt"
     index_dir = artifacts.ensure_index(checkpoint, table, data_root, cfg.work_dir / "final_index", progress=progress)
     return index_dir, {
         "choice": choice,
         "choice_source": source,
         "checkpoint": portable_path(checkpoint),
-        "checkpoint_source": how,
+        "checkpoint_source": f"{how}; seed {seed} serves (best val Recall@5)",
         "index": portable_path(index_dir),
     }

@@ -85,28 +85,28 @@ RULE = (
 # demo: the stage-1 baseline is the demo profile's default recipe exactly (160 px, 10
 # epochs, early stopping after 3), so the final configuration is trained under the recipe
 # `make demo` ships, and when nothing is adopted the final configuration *is* that recipe.
-# `make study` must run every question of 02 and 03 with 3 seeds in <= 3 hours on a 2-core CPU:
-# at ~225 s per run (10 epochs of ~21 s with their val pass, plus the val-rank and test passes)
-# that is ~48 runs, 16 configurations. The grid is cut to fit by variants, never by seeds
-# (:func:`experiments`): one variant per yes/no question, the resolution bracketing the default
-# from both sides (128 / 192, 0.64x and 1.44x the pixels), two losses, two dimensions, one
-# backbone: 14 variants + the shared baseline ≈ 14.5 baseline-run equivalents × 3 seeds ≈ 2.7 h
+# `make study` must run every question of 02 and 03 with 3 seeds in <= 3 hours on a 2-core CPU.
+# A run of the recipe measured ~270 s here (10 epochs of ~23 s of training and ~3 s of val pass,
+# then the val-rank and test passes), so 3 h hold ~40 runs, 13 configurations. The grid is cut
+# to fit by variants, never by seeds (:func:`experiments`): one variant per question, the
+# resolution bracketing the default from both sides (128 / 192, 0.64x and 1.44x the pixels):
+# 11 variants + the shared baseline = 36 runs ≈ 2.7 h, ~2.9 h with the dearer 192 px and Lite1,
 # when no stage adopts anything (a stage that adopts 192 px makes the later ones ~1.4x dearer;
 # the study prints its projection from the runs it has measured before each experiment).
 # fixture: CI, every code path in seconds: the fixture profile's 1 epoch at 64 px.
 # full: the original study's sizes on a Colab GPU: the full profile as it is (EfficientNet-B3 at
 # its native resolution, 40 epochs, patience 5), 3 seeds.
-# fixture: one seed keeps each notebook's grid of tiny runs within seconds in CI; the
-# multi-seed paths (std, pairing by seed) are covered by tests/test_study.py.
 # The training budget of the profile's recipe, recorded in final_config.json beside the decisions.
 RECIPE_FIELDS = ("img_size", "epochs", "patience", "p_items", "k_images", "optimizer", "lr", "schedule")
+# fixture: one seed keeps each notebook's grid of tiny runs within seconds in CI; the
+# multi-seed paths (std, pairing by seed) are covered by tests/test_study.py.
 DEFAULT_SEEDS = {"fixture": 1, "demo": 3, "full": 3}
 # Stated per-epoch estimates (train + val pass, seconds) for the projected-time print, used
 # until runs of the study have been measured: fixture from 5–17 s per 1-epoch run measured on
 # the shared 2-core machine (most of it evaluation); demo from the measured `make demo`
-# (docs/benchmarks.md: 8 epochs of the default recipe in 167 s); full a guess for
-# EfficientNet-B3 on a Colab T4 with the 10 % TOPS+DRESSES sample.
-SECONDS_PER_EPOCH = {"fixture": 10.0, "demo": 21.0, "full": 60.0}
+# (docs/benchmarks.md: 8 epochs of the default recipe in 167 s) and this study's first run;
+# full a guess for EfficientNet-B3 on a Colab T4 with the 10 % TOPS+DRESSES sample.
+SECONDS_PER_EPOCH = {"fixture": 10.0, "demo": 27.0, "full": 60.0}
 
 
 @dataclass(frozen=True)
@@ -151,15 +151,17 @@ def experiments(profile: str) -> list[Experiment]:
     # Variants per profile. full (a GPU) runs the whole ladder. demo keeps every question within
     # its 3-hour CPU budget with 3 seeds by asking each yes/no question once: the project's
     # former default augmentation (medium) against the recipe's flip, one box margin (10 % of the
-    # box side on each edge), both photometric corrections together.
+    # box side on each edge), both photometric corrections together, the original study's loss
+    # question (semi-hard against batch-hard; InfoNCE only under full) and the smaller dimension
+    # (128 against 256; 512 only under full).
     # fixture (CI) runs every code path with one variant per experiment, within seconds; its
     # levels include the baseline's value, which is dropped, so its planned family is larger than
     # the family that runs (a path the statistics must handle).
     augment = {"fixture": ("weak", "strong"), "demo": ("medium",), "full": ("weak", "medium", "strong", "super_strong")}
     margin = {"fixture": (0.0, 0.1), "demo": (0.1,), "full": (0.1, 0.2)}
     photometric = {"fixture": ("none", "grayworld"), "demo": ("both",), "full": ("clahe", "grayworld", "both")}
-    loss = {"fixture": ("batch_hard", "infonce"), "demo": ("semi_hard", "infonce"), "full": ("semi_hard", "infonce")}
-    embed_dim = {"fixture": (32, 64), "demo": (128, 512), "full": (128, 512)}
+    loss = {"fixture": ("batch_hard", "infonce"), "demo": ("semi_hard",), "full": ("semi_hard", "infonce")}
+    embed_dim = {"fixture": (32, 64), "demo": (128,), "full": (128, 512)}
     augment, margin, photometric, loss, embed_dim = (
         levels[profile] for levels in (augment, margin, photometric, loss, embed_dim)
     )
@@ -1072,30 +1074,40 @@ POSTPROCESS_RULE = (
 )
 
 
-def final_config(profile: str, root: Path) -> Config:
-    """The final configuration: ``final_config.json``'s decided fields on the profile's config."""
+def final_config(base: Config, root: Path) -> Config:
+    """The final configuration: ``final_config.json``'s decided fields on ``base`` (the profile's
+    config, :func:`base_config`)."""
     path = Path(root) / "final_config.json"
     if not path.is_file():
-        raise InputError(f"{path}: missing; finish the study first (`python -m helpers study all --profile {profile}`)")
+        raise InputError(
+            f"{path}: missing; finish the study first (`python -m helpers study all --profile {base.profile}`)"
+        )
     chosen = json.loads(path.read_text())["config"]
-    return check(replace(base_config(profile), **chosen))
+    return check(replace(base, **chosen))
 
 
-def final_runs(profile: str, root: Path, table_path: Path) -> dict[int, Path]:
-    """seed → finished run directory of the final configuration, found by run key among every
-    run of the study (wherever an experiment put it)."""
-    cfg, table_sha = final_config(profile, root), sha256_file(table_path)
+def runs_of(cfg: Config, root: Path, table_path: Path) -> dict[int, Path]:
+    """seed → finished run directory of ``cfg`` (any seed) among every run of the study, found by
+    run key wherever an experiment put it."""
+    table_sha = sha256_file(table_path)
     found = {}
     for key, run_dir in find_runs(root).items():
         seed = json.loads((run_dir / "study_run.json").read_text())["seed"]
         if is_finished(run_dir) and key == run_key(replace(cfg, seed=seed), table_sha):
             found[seed] = run_dir
+    return dict(sorted(found.items()))
+
+
+def final_runs(base: Config, root: Path, table_path: Path, need_checkpoints: bool = True) -> dict[int, Path]:
+    """seed → finished run directory of the final configuration (:func:`runs_of`). Checkpoints
+    are local, not committed: ``need_checkpoints`` makes a missing ``best.pt`` an error."""
+    found = runs_of(final_config(base, root), root, table_path)
     if not found:
         raise InputError(f"{root / 'final_config.json'}: no finished run of this configuration under {root}")
     missing = [str(run_dir / "best.pt") for run_dir in found.values() if not (run_dir / "best.pt").is_file()]
-    if missing:
+    if missing and need_checkpoints:
         raise InputError(f"{missing[0]}: missing (checkpoints are local, not committed); rerun its experiment here")
-    return dict(sorted(found.items()))
+    return found
 
 
 def postprocess_scores(method: str, plain: tuple, flipped: tuple) -> np.ndarray:
@@ -1145,7 +1157,7 @@ def run_postprocess(profile: str, root: Path | None = None, progress: bool = Tru
     table = read_table(table_path)
     runs, ranks = [], {}
     for seed, run_dir in progress_bar(
-        final_runs(profile, root, table_path).items(), desc="post-processing", disable=not progress
+        final_runs(base_config(profile), root, table_path).items(), desc="post-processing", disable=not progress
     ):
         result = json.loads((run_dir / "metrics.json").read_text())
         for method, (frame, seconds) in postprocess_ranks(run_dir, table, data_root, progress).items():

@@ -25,10 +25,12 @@ test: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest --nbval -q
 
-# The whole study of 02 + 03 on the demo profile (<= 2 h on a 2-core CPU, resumable: run it again
-# after an interruption). `make report` then rebuilds report/ from results/ only.
+# The whole study of 02 + 03 on the demo profile, 3 seeds (<= 3 h on a 2-core CPU, resumable: run it
+# again after an interruption), then the post-processing experiment on the final configuration's
+# runs (no training). `make report` then rebuilds report/ from results/ and report/prose/ only.
 study: $(STAMP)
 	$(PY) -m helpers study all --profile demo
+	$(PY) -m helpers study postprocess --profile demo
 
 report: $(STAMP)
 	$(PY) -m helpers report

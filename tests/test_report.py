@@ -193,10 +193,11 @@ def test_report_tables_match_the_hand_written_expectation(built):
     assert "**Adopted: baseline.**" in text
     assert "## resize: " in text and "Not run yet" in text  # experiments without results are named, not hidden
     assert "not comparable with `official`" in text
-    assert {p.name for p in written} == {
+    assert {p.name for p in written} == {  # no prose, no talk: the slides are written, not generated
         "report.md",
         "report.html",
-        "slides.md",
+        "pipeline.png",
+        "demo_overview.png",
         "demo_crop.png",
         "demo_crop_curves.png",
     }
@@ -207,21 +208,75 @@ def test_learning_curves_sit_under_their_experiments_table(built):
     text = (out / "report.md").read_text()
     table, curves = text.index(EXPECTED_CROP), text.index("![crop: learning curves](figures/demo_crop_curves.png)")
     assert table < curves < text.index("## resize: ")
-    assert text[curves:].splitlines()[2] == "*Figure 2: learning curves of `crop` (definition: Section 3).*"
+    assert text[curves:].splitlines()[2] == "*Figure 4: learning curves of `crop` (definition: Section 3).*"
     # the long definition sits once in the Method section, before the results
     definition = text.index("**The learning-curve figures** of Section 4 share one definition")
     assert text.index("## 3 Method") < definition < text.index("## 4 Results")
     assert "mean over seeds 0, 1" in text[definition:curves] and text.count("band: lowest to highest seed") == 1
 
 
-def test_html_and_slides(built):
+def test_html(built):
     _, out, _ = built
     html = (out / "report.html").read_text()
     assert html.startswith("<!DOCTYPE html>") and html.count("<table>") == 6 and "demo_crop.png" in html
     assert '<img src="figures/demo_crop_curves.png" alt="crop: learning curves"' in html
+    assert '<img src="figures/pipeline.png"' in html and '<img src="figures/demo_overview.png"' in html
+    assert not (out / "slides.md").exists()
+
+
+TALK = """# A talk
+
+---
+
+## Cropping to the box matters
+
+[[figure crop]]
+
+---
+
+## The data
+
+[[table data]]
+"""
+
+
+def test_the_talk_fills_in_its_figures_and_tables(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "report"
+    write_tree(results)
+    write_prose(out / "prose")
+    (out / "prose" / "talk.md").write_text(TALK)
+    report.build(results, out)
     slides = (out / "slides.md").read_text()
-    assert slides.startswith("---\nmarp: true") and slides.count("\n---\n") >= 5
-    assert EXPECTED_CROP in slides
+    assert slides.startswith("---\nmarp: true") and slides.count("\n---\n") == 3  # front matter + 2 breaks
+    assert "![crop](figures/demo_crop.png)" in slides and "| train | 150 | 551 | 182 |" in slides
+    html = (out / "slides.html").read_text()
+    assert html.count("<section>") == 3 and "@page{size:1280px 720px" in html
+
+
+def test_an_unknown_figure_of_the_talk_names_its_line(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "report"
+    write_tree(results)
+    write_prose(out / "prose")
+    (out / "prose" / "talk.md").write_text(TALK.replace("[[table data]]", "[[table nothing]]"))
+    with pytest.raises(InputError, match=r"talk\.md:13: unknown table 'nothing'; known: data, design, final"):
+        report.build(results, out)
+
+
+@pytest.mark.skipif(not report.CHROMIUM.is_file(), reason="Chromium not installed (CI installs it)")
+def test_pdfs_have_one_page_per_slide_and_are_not_reprinted(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "report"
+    write_tree(results)
+    write_prose(out / "prose")
+    (out / "prose" / "talk.md").write_text(TALK)
+    report.build(results, out)
+    paper, slides = report.render_pdfs(out)
+    assert report.pdf_pages(slides) == 3 and report.pdf_pages(paper) >= 2
+    before = slides.read_bytes()
+    assert report.render_pdf(out / "slides.html", slides) is False and slides.read_bytes() == before
+    # a slide too long for its page runs over: the page count shows it
+    (out / "prose" / "talk.md").write_text(TALK + "\n".join(f"- point {i}" for i in range(40)) + "\n")
+    report.build(results, out)
+    assert report.render_pdf(out / "slides.html", slides) is True and report.pdf_pages(slides) > 3
 
 
 def test_rebuild_is_byte_identical(built):
@@ -233,7 +288,7 @@ def test_rebuild_is_byte_identical(built):
 
 def test_every_number_of_the_report_is_in_results(built):
     results, out, _ = built
-    for name in ("report.md", "slides.md"):
+    for name in ("report.md",):
         assert report.untraceable_numbers((out / name).read_text(), results) == []
     planted = (out / "report.md").read_text() + "\nA typed number: 0.987 and +0.456.\n"
     assert report.untraceable_numbers(planted, results) == ["0.987", "+0.456"]
@@ -294,6 +349,7 @@ def write_prose(folder: Path, findings_02_1: str = "Cropping: {tab:crop}, {fig:c
     folder.mkdir(parents=True, exist_ok=True)
     for name in report.prose_names():
         (folder / name).write_text(f"Prose of {name.removesuffix('.md')}, see {{tab:test}}.\n")
+    (folder / report.TALK).write_text("# The talk\n")  # slides show figures, they cite no paper labels
     (folder / "findings_02_1.md").write_text(findings_02_1 + "\n")
 
 
@@ -314,13 +370,14 @@ def test_prose_sections_in_order_and_labels_numbered(tmp_path):
         "## 7 Conclusion",
         "## Appendix: reproducing the numbers",
     ]
-    # data 1, statistics 2, crop 3, final config 4, decisions 5, test 6; figures: crop 1, its curves 2
+    # data 1, statistics 2, crop 3, final config 4, decisions 5, test 6; figures: the pipeline 1, the
+    # study's overview 2, crop 3, its curves 4
     assert "Prose of abstract, see Table 6." in text and "*Table 6: split test" in text
-    assert "Cropping: Table 3, Figure 1, Figure 2." in text
+    assert "Cropping: Table 3, Figure 3, Figure 4." in text
     assert (
         "*Table 3: `crop`, val Recall@K per variant and its difference with the baseline (columns defined in Section 3).*"
         in text
-        and "*Figure 1: `crop`, the differences of Table 3" in text
+        and "*Figure 3: `crop`, the differences of Table 3" in text
     )
     assert text.index("Cropping: Table 3") < text.index(EXPECTED_CROP)  # the findings open their stage
     assert "{tab:" not in text and "{fig:" not in text and "{def:" not in text

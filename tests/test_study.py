@@ -199,13 +199,17 @@ def _write_study(root, names=None):
                     "val_recall@5": [0.25, metrics["val_recall@5"]],
                 }
                 pd.DataFrame(history).to_csv(root / run_dir / "history.csv", index=False)
+                (root / run_dir / "config.json").write_text(json.dumps({"config": {"epochs": 2}}))
                 rows.append(
                     {
+                        "experiment": experiment.name,
                         "variant": variant,
                         "seed": seed,
                         "action": "trained",
                         "run_dir": run_dir,
                         "best_epoch": 1,
+                        "epochs_run": 1,  # of 2: every run stopped early, at its best epoch
+                        "wall_s": 90.0,
                         **metrics,
                     }
                 )
@@ -362,8 +366,23 @@ def test_final_config_by_the_rule(tmp_path):
             "winner_overrides": winners.get(experiment.name, {}),
         }
         (tmp_path / experiment.name / "decision.json").write_text(json.dumps(decision))
+        # one run each, the first also listed by the second experiment (a shared baseline: counted once)
+        runs = [{"experiment": experiment.name, "run_dir": f"{experiment.name}/r", "best_epoch": 3, "epochs_run": 3}]
+        if experiment.name == "resize":
+            runs.append({"experiment": "resize", "run_dir": "crop/r", "best_epoch": 2, "epochs_run": 5})
+        (tmp_path / experiment.name / "r").mkdir()
+        (tmp_path / experiment.name / "r" / "config.json").write_text(json.dumps({"config": {"epochs": 5}}))
+        pd.DataFrame(runs).assign(wall_s=360.0).to_csv(tmp_path / experiment.name / "runs.csv", index=False)
     record = study.write_final_config("fixture", tmp_path)
     assert json.loads((tmp_path / "final_config.json").read_text()) == record
+    # 10 distinct runs of 3 epochs (best at the last, none at the budget of 5), 1 h summed
+    assert record["runs"] == {
+        "distinct_runs": 10,
+        "best_at_last_epoch": 10,
+        "best_at_last_epoch_percent": 100.0,
+        "stopped_early": 10,
+        "wall_hours": 1.0,
+    }
     assert record["config"]["resize"] == "squash" and record["config"]["loss"] == "infonce"
     assert record["config"]["head"] == "bnneck" and record["config"]["augment"] == "weak"  # fixture's own
     assert set(record["config"]) == set(study.decided_fields("fixture"))

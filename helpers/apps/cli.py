@@ -266,10 +266,15 @@ def cmd_study(args) -> None:
 
 
 def cmd_report(args) -> None:
+    from helpers.core.files import portable_path
     from helpers.experiments import report
 
     written = report.build(args.results, args.out)
-    print("wrote " + " ".join(str(p) for p in written))
+    print("wrote " + " ".join(portable_path(p) for p in written))
+    if report.CHROMIUM.is_file():
+        print("PDFs: " + " ".join(portable_path(p) for p in report.render_pdfs(written[0].parent)))
+    else:
+        print(f"PDFs not printed: {report.CHROMIUM} not found (apt-get install chromium)", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- flags

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import random
+import subprocess
 import sys
 
 import numpy as np
@@ -71,4 +72,23 @@ def env_info() -> dict:
     from helpers import __version__
 
     info["helpers"] = __version__
+    info["commit"] = git_commit()
     return info
+
+
+def git_commit() -> str | None:
+    """The repository's HEAD commit, with ``+changes`` when tracked files differ from it; None
+    outside a git checkout (an installed copy, an archive)."""
+    from helpers.core.files import REPO_ROOT
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+changes" if changed else "")

@@ -240,3 +240,72 @@ def plot_learning_curves(history: pd.DataFrame, title: str) -> plt.Figure:
     rows = -(-len(variants) // columns)  # legend rows below the panels
     fig.tight_layout(rect=(0, 0.02 + 0.06 * rows, 1, 1))
     return fig
+
+
+VERDICT_COLOURS = {"better": "tab:green", "worse": "tab:red", "within noise": "tab:grey"}
+
+
+def plot_study_overview(rows: pd.DataFrame, metric: str = "recall@5") -> plt.Figure:
+    """The whole study in one forest plot: one row per variant (``rows`` indexed by
+    ``experiment: variant``, columns ``diff``, ``low``, ``high``, ``verdict``) with its paired
+    difference in val ``metric`` from its experiment's baseline and the interval that decided it,
+    coloured by the verdict, a dashed line at 0."""
+    y = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(8, 0.34 * len(rows) + 1.2))
+    for verdict, colour in VERDICT_COLOURS.items():
+        chosen = (rows.verdict == verdict).to_numpy()
+        if chosen.any():
+            part = rows[chosen]
+            ax.errorbar(
+                part["diff"],
+                y[chosen],
+                xerr=[part["diff"] - part["low"], part["high"] - part["diff"]],
+                fmt="o",
+                capsize=3,
+                color=colour,
+                label=verdict,
+            )
+    ax.axvline(0, color="grey", linestyle="--", linewidth=1)
+    ax.set(yticks=y, yticklabels=list(rows.index), xlabel=f"val {metric}: variant − baseline (deciding interval)")
+    ax.invert_yaxis()
+    ax.legend(loc="lower left", fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+PIPELINE_STEPS = (
+    "consumer photo\n+ garment box",
+    "crop to the box\n(+ margin)",
+    "letterbox to\nthe input side",
+    "backbone\n(timm, pretrained)",
+    "head: Linear-BN\n→ L2, 256-d",
+    "cosine search\nin the shop gallery",
+    "top-K shop photos\nof the same item",
+)
+
+
+def plot_pipeline() -> plt.Figure:
+    """The retrieval pipeline as a row of boxes, with training's P×K batches and metric loss
+    drawn under the embedding they shape."""
+    steps = PIPELINE_STEPS
+    fig, ax = plt.subplots(figsize=(13, 2.0))
+    ax.set(xlim=(-0.6, len(steps) - 0.4), ylim=(-1.2, 0.4))
+    ax.axis("off")
+    style = {"boxstyle": "round,pad=0.4", "facecolor": "#eef3fb", "edgecolor": "tab:blue"}
+    for x, text in enumerate(steps):
+        ax.text(x, 0, text, ha="center", va="center", fontsize=9, bbox=style)
+        if x:
+            ax.annotate("", xy=(x - 0.42, 0), xytext=(x - 0.58, 0), arrowprops={"arrowstyle": "->"})
+    head = 4  # the embedding the loss shapes
+    ax.text(
+        head - 0.5,
+        -0.95,
+        "training: P items × K images per batch (consumer and shop), metric loss (batch-hard triplet)",
+        ha="center",
+        va="center",
+        fontsize=9,
+        bbox={**style, "facecolor": "#fdf1e6", "edgecolor": "tab:orange"},
+    )
+    ax.annotate("", xy=(head, -0.3), xytext=(head - 0.2, -0.75), arrowprops={"arrowstyle": "->", "color": "tab:orange"})
+    fig.tight_layout()
+    return fig

@@ -1,6 +1,7 @@
 """``report/`` from ``results/`` and the prose of ``report/prose/``: ``report.md``, its HTML rendering,
-a markdown slide deck (``slides.md``, one ``---`` per slide) and the figures, so the written story
-and the talk can never disagree with the runs.
+the talk (``slides.md`` / ``slides.html``: the written ``prose/talk.md`` with its figures and tables
+filled in, one ``---`` per slide), the figures and, printed by Chromium, ``report.pdf`` and
+``slides.pdf``, so the written story and the talk can never disagree with the runs.
 
 ``report.md`` reads as a paper: the sections a person writes (``report/prose/*.md``, :func:`prose_names`)
 around the generated data table, training settings, per-experiment tables and figures, each numbered
@@ -20,7 +21,9 @@ Holm values are added by the study when its last experiment finishes
 from __future__ import annotations
 
 import json
+import logging
 import re
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -28,7 +31,7 @@ from matplotlib import pyplot
 
 from helpers.core.config import REPO_ROOT
 from helpers.core.errors import InputError
-from helpers.core.files import write_text_atomic
+from helpers.core.files import sha256_file, write_text_atomic
 from helpers.evaluation import plots
 from helpers.experiments import study
 
@@ -239,6 +242,7 @@ def final_rows(final: dict, data_source: str, profile: str) -> pd.DataFrame:
 # --------------------------------------------------------------------------- prose and numbering
 
 PROSE_SECTIONS = ("abstract", "introduction", "method", "discussion", "limitations", "conclusion")
+TALK = "talk.md"  # the slides: written, one message per slide, merged with generated figures and tables
 # {tab:crop} / {fig:crop_curves} in prose: a reference; {def:tab:crop} in generated text: where Table N is.
 _LABEL = re.compile(r"\{(tab|fig):(\w+)\}")
 _DEFINITION = re.compile(r"\{def:(tab|fig):(\w+)\}")
@@ -246,8 +250,9 @@ _KIND = {"tab": "Table", "fig": "Figure"}
 
 
 def prose_names() -> list[str]:
-    """The markdown files ``report/prose/`` holds: one per written section, one findings file per stage."""
-    return [f"{s}.md" for s in PROSE_SECTIONS] + [f"findings_{stage}.md" for stage in study.STAGES]
+    """The markdown files ``report/prose/`` holds: one per written section, one findings file per
+    stage, and the talk (:data:`TALK`)."""
+    return [f"{s}.md" for s in PROSE_SECTIONS] + [f"findings_{stage}.md" for stage in study.STAGES] + [TALK]
 
 
 def read_prose(folder: Path) -> dict[str, tuple[Path, str]]:
@@ -306,15 +311,35 @@ def load_profile(root: Path) -> dict:
     }
 
 
-def data_lines(loaded: dict, tag: str) -> list[str]:
+# The figures 01_data saves under results/<profile>/data/, with their captions.
+DATA_FIGURES = {
+    "pairs": "consumer photos (their garment box drawn) beside the shop photos of the same item, items drawn at random",
+    "box_geometry": "garment boxes by domain: the share of the photo the box covers and its aspect ratio (width / "
+    "height); the gap between the domains is what the crop and the box margin address",
+}
+
+
+def data_lines(loaded: dict, tag: str, figures: Path) -> list[str]:
     summary, profile, source = loaded["summary"], loaded["profile"], loaded["source"]
-    return [
+    lines = [
         f"*{{def:tab:{tag}data}}: the image table `images.csv` (sha256 `{summary['table_sha256'][:12]}…`) per split; "
         f"data: {source}; profile `{profile}`.*",
         "",
         md_table(data_table(summary)),
         "",
     ]
+    for name, text in DATA_FIGURES.items():
+        saved = loaded["root"] / "data" / f"{name}.png"
+        if saved.is_file():
+            target = figures / f"{profile}_{name}.png"
+            target.write_bytes(saved.read_bytes())
+            lines += [
+                f"![{name}](figures/{target.name})",
+                "",
+                f"*{{def:fig:{tag}{name}}}: {text}; data: {source}.*",
+                "",
+            ]
+    return lines
 
 
 def final_run_configs(root: Path) -> list[dict]:
@@ -420,23 +445,71 @@ def method_lines(loaded: dict, tag: str) -> list[str]:
     return lines
 
 
-def results_lines(loaded: dict, tag: str, figures: Path, texts: dict, slides: list, level: str = "###") -> list[str]:
+def overview_rows(loaded: dict) -> pd.DataFrame:
+    """Every tested variant of the study: its val Recall@5 difference from its experiment's
+    baseline with the interval that decided it (Holm-adjusted where the table has it) and verdict."""
+    primary, rows = study.PRIMARY, {}
+    for experiment, result in loaded["finished"]:
+        table = result["comparison"].drop(index="baseline").dropna(subset=[f"diff_{primary}"])
+        low, high = (f"low_adj_{primary}", f"high_adj_{primary}")
+        if low not in table.columns:
+            low, high = f"low_{primary}", f"high_{primary}"
+        for variant, row in table.iterrows():
+            rows[f"{experiment.name}: {variant}"] = {
+                "diff": row[f"diff_{primary}"],
+                "low": row[low],
+                "high": row[high],
+                "verdict": row[f"verdict_{primary}"],
+            }
+    return pd.DataFrame(rows).T
+
+
+def overview_lines(loaded: dict, tag: str, figures: Path) -> list[str]:
+    """The whole study in one figure, and what its runs say about the budget."""
     lines = []
+    rows = overview_rows(loaded) if loaded["finished"] else pd.DataFrame()
+    if len(rows):
+        target = save_figure(plots.plot_study_overview(rows), figures / f"{loaded['profile']}_overview.png")
+        lines += [
+            f"![the study at a glance](figures/{target.name})",
+            "",
+            f"*{{def:fig:{tag}overview}}: every variant of the study against its experiment's baseline: the "
+            "difference in val Recall@5 with the interval that decided its verdict (Holm-adjusted; colour: verdict).*",
+            "",
+        ]
+    record = loaded["root"] / "final_config.json"
+    summary = json.loads(record.read_text()).get("runs") if record.is_file() else None
+    if summary:
+        lines += [
+            f"**Budget.** Of the study's {summary['distinct_runs']} distinct runs, {summary['best_at_last_epoch']} "
+            f"({summary['best_at_last_epoch_percent']} %) had their best val Recall@5 at their last epoch, i.e. were "
+            f"still improving when the epochs ran out; {summary['stopped_early']} stopped early. Their summed wall "
+            f"time was {summary['wall_hours']} h.",
+            "",
+        ]
+    return lines
+
+
+def results_lines(loaded: dict, tag: str, figures: Path, texts: dict, level: str = "###") -> list[str]:
+    lines = overview_lines(loaded, tag, figures)
     results = dict((e.name, r) for e, r in loaded["finished"])
     for stage in study.STAGES:
         lines += [f"{level} Stage `{stage}`", ""]  # in backticks: a name, not a number
         lines += prose_lines(texts, f"findings_{stage}")
         for experiment in (e for e in study.experiments(loaded["profile"]) if e.stage == stage):
-            lines += experiment_lines(loaded, experiment, results.get(experiment.name), tag, figures, slides, level)
-    return lines + final_lines(loaded["root"], loaded["source"], loaded["profile"], tag, level, slides)
+            lines += experiment_lines(loaded, experiment, results.get(experiment.name), tag, figures, level)
+    return lines + final_lines(loaded, tag, figures, level)
 
 
 def reproduction_lines(root: Path) -> list[str]:
     """What a rerun of the study must give, from the machines and switches the runs recorded
-    (each run's ``config.json``: its config and ``env``)."""
+    (each run's ``config.json``: its config and ``env``), and the commit whose code wrote the results."""
     runs = [json.loads(p.read_text()) for p in sorted(root.glob("*/*/config.json"))]
     if not runs:
         return []
+    record = root / "final_config.json"
+    commit = json.loads(record.read_text()).get("code_commit") if record.is_file() else None
+    head = [f"The study's tables and decisions were written by the code at commit `{commit}`.", ""] if commit else []
     deterministic = all(run["config"].get("deterministic") for run in runs)
     machines = sorted(
         {
@@ -461,11 +534,11 @@ def reproduction_lines(root: Path) -> list[str]:
             "even on the same machine: expect differences of the order of the seed-to-seed std in each table. "
             f"Machines and versions recorded: {'; '.join(machines)}."
         )
-    return [line, ""]
+    return [*head, line, ""]
 
 
 def experiment_lines(
-    loaded: dict, experiment: study.Experiment, result: dict | None, tag: str, figures: Path, slides: list, level: str
+    loaded: dict, experiment: study.Experiment, result: dict | None, tag: str, figures: Path, level: str
 ) -> list[str]:
     head = [f"{level}# {experiment.name}: {experiment.question}", ""]
     if result is None:
@@ -474,32 +547,11 @@ def experiment_lines(
     comparison, decision = result["comparison"], result["decision"]
     figure = figures / f"{profile}_{experiment.name}.png"
     curves = figures / f"{profile}_{experiment.name}_curves.png"
-    for path, drawn in (
-        (figure, plots.plot_experiment(comparison, f"{experiment.name} ({profile})")),
-        (
-            curves,
-            plots.plot_learning_curves(
-                study.experiment_history(loaded["root"], experiment.name), f"{experiment.name} ({profile})"
-            ),
-        ),
-    ):
-        drawn.savefig(path, dpi=80, metadata={"Software": None})  # no version stamp: a rebuild is byte-identical
-        pyplot.close(drawn)
+    save_figure(plots.plot_experiment(comparison, f"{experiment.name} ({profile})"), figure)
+    history = study.experiment_history(loaded["root"], experiment.name)
+    save_figure(plots.plot_learning_curves(history, f"{experiment.name} ({profile})"), curves)
     table = md_table(experiment_table(comparison, decision))
     adopted = f"**Adopted: {decision['winner']}.** {decision['why']}."
-    slides.append(
-        [
-            f"## {experiment.name} ({profile})",
-            "",
-            experiment.question,
-            "",
-            table,
-            "",
-            adopted,
-            "",
-            f"![{experiment.name}](figures/{figure.name})",
-        ]
-    )
     name = f"{tag}{experiment.name}"
     return head + [
         f"*{{def:tab:{name}}}: `{experiment.name}`, val Recall@K per variant and its difference with the baseline "
@@ -536,7 +588,8 @@ def curves_caption(decision: dict) -> str:
     )
 
 
-def final_lines(root: Path, source: str, profile: str, tag: str, level: str, slides: list) -> list[str]:
+def final_lines(loaded: dict, tag: str, figures: Path, level: str) -> list[str]:
+    root, source, profile = loaded["root"], loaded["source"], loaded["profile"]
     lines = [f"{level} Final configuration", ""]
     final_config = root / "final_config.json"
     if not final_config.is_file():
@@ -557,20 +610,38 @@ def final_lines(root: Path, source: str, profile: str, tag: str, level: str, sli
         md_table(decisions),
         "",
     ]
-    slides.append([f"## Final configuration ({profile})", "", md_table(config)])
     metrics_path = root / "final" / "metrics.json"
     if not metrics_path.is_file():
         return lines + ["Test: not evaluated yet (`04_demo` writes `final/metrics.json`).", ""]
     final = json.loads(metrics_path.read_text())
-    table = md_table(final_rows(final, source, profile))
+    lines += [f"{level} Test: the final configuration, evaluated once", ""]
+    if final.get("seeds"):
+        lines += [
+            f"*{{def:tab:{tag}test_seeds}}: split test, official protocol; data: {source}; profile `{profile}`; "
+            "each seed's run of the final configuration (its `best.pt`, chosen on val), with that seed's 95 % "
+            "percentile bootstrap interval over queries; then mean and sample std over seeds"
+            + (
+                "; below, the same for the default recipe (the study's baseline)"
+                if final.get("default_recipe_seeds")
+                else ""
+            )
+            + ".*",
+            "",
+            md_table(seed_rows(final)),
+            "",
+        ]
     lines += [
-        f"{level} Test: the final configuration, evaluated once",
+        f"*{{def:tab:{tag}test}}: split test; data: {source}; profile `{profile}`; "
+        + (
+            f"the run of seed {final['demo_seed']} (the best on val), "
+            if "demo_seed" in final
+            else "one training run, "
+        )
+        + "under every protocol, beside the same backbone untrained (zero-shot); 95 % percentile bootstrap intervals "
+        "over queries. The original study's row is its published number under its own pair-row protocol on "
+        "DeepFashion.*",
         "",
-        f"*{{def:tab:{tag}test}}: split test; data: {source}; profile `{profile}`; one training run of the final "
-        "configuration; 95 % percentile bootstrap intervals over queries. The original study's row is its published "
-        "number under its own pair-row protocol on DeepFashion.*",
-        "",
-        table,
+        md_table(final_rows(final, source, profile)),
         "",
         "Protocols: "
         + "; ".join(
@@ -588,8 +659,69 @@ def final_lines(root: Path, source: str, profile: str, tag: str, level: str, sli
         ),
         "",
     ]
-    slides.append([f"## Test ({profile})", "", table])
+    categories = final["protocols"].get("official", {}).get("per_category")
+    if categories:
+        lines += [
+            f"*{{def:tab:{tag}categories}}: official protocol on test, per category of the query's item "
+            f"(the run of {table_subject(final)}).*",
+            "",
+            md_table(
+                pd.DataFrame(
+                    [
+                        {
+                            "category": c,
+                            "queries": v["n_queries"],
+                            **{f"R@{k}": f"{v[f'recall@{k}']:.3f}" for k in study.KS},
+                        }
+                        for c, v in categories.items()
+                    ]
+                )
+            ),
+            "",
+        ]
+    examples = root / "final" / "success_failure.png"
+    if examples.is_file():
+        target = figures / f"{profile}_success_failure.png"
+        target.write_bytes(examples.read_bytes())
+        lines += [
+            f"![successes and failures](figures/{target.name})",
+            "",
+            f"*{{def:fig:{tag}examples}}: test queries with the best and the worst rank of first hit (chosen by "
+            f"rank, not by hand; {table_subject(final)}): the garment crop, then its top-5 shop images; green: "
+            "the query's own item.*",
+            "",
+        ]
     return lines
+
+
+def table_subject(final: dict) -> str:
+    return f"seed {final['demo_seed']}" if "demo_seed" in final else "the final model"
+
+
+def seed_rows(final: dict) -> pd.DataFrame:
+    """Per seed (then mean and std) the test Recall@1/5/10 of the final configuration, and the same
+    for the default recipe when ``04_demo`` recorded it."""
+    rows = []
+    for model, seeds in (
+        ("final configuration", final["seeds"]),
+        ("default recipe", final.get("default_recipe_seeds")),
+    ):
+        for seed, row in (seeds or {}).items():
+            spread = seed in ("mean", "std")
+            rows.append(
+                {
+                    "model": model,
+                    "seed": seed,
+                    "best epoch": "—" if spread else int(row["best_epoch"]),
+                    "val R@5": "—" if pd.isna(row["val_recall@5"]) else f"{row['val_recall@5']:.3f}",
+                    **{
+                        f"test R@{k}": ("—" if pd.isna(row[f"test_recall@{k}"]) else f"{row[f'test_recall@{k}']:.3f}")
+                        + ("" if spread else f" {row[f'test_recall@{k}_ci']}")
+                        for k in study.KS
+                    },
+                }
+            )
+    return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------- the whole report
@@ -643,13 +775,22 @@ def paper(loaded: list[dict], texts: dict, figures: Path) -> list[str]:
     if texts:
         lines += ["## Abstract", "", *prose_lines(texts, "abstract"), "## 1 Introduction", ""]
         lines += prose_lines(texts, "introduction")
-    lines += ["## 2 Data", "", *per_profile(data_lines)]
-    lines += ["## 3 Method", "", *prose_lines(texts, "method"), *per_profile(method_lines)]
+    lines += ["## 2 Data", "", *per_profile(lambda p, tag: data_lines(p, tag, figures))]
+    lines += [
+        "## 3 Method",
+        "",
+        "![the retrieval pipeline](figures/pipeline.png)",
+        "",
+        "*{def:fig:pipeline}: the pipeline: a consumer photo's garment box is cropped, letterboxed to the input side, "
+        "embedded and searched by cosine similarity among the shop photos, embedded the same way; training shapes "
+        "the embedding with P×K batches and a metric loss.*",
+        "",
+        *prose_lines(texts, "method"),
+        *per_profile(method_lines),
+    ]
     lines += ["## 4 Results", ""]
     lines += per_profile(
-        lambda p, tag: results_lines(
-            p, tag, figures, texts if tag == "" else {}, p["slides"], "####" if tags[1:] else "###"
-        )
+        lambda p, tag: results_lines(p, tag, figures, texts if tag == "" else {}, "####" if tags[1:] else "###")
     )
     for number, section in ((5, "discussion"), (6, "limitations"), (7, "conclusion")):
         if texts:
@@ -665,36 +806,199 @@ TITLE = "# Consumer-to-shop clothing retrieval: re-examining a course study's re
 
 
 def build(results: Path | None = None, out: Path | None = None, profile_dirs: list[Path] | None = None) -> list[Path]:
-    """Write ``report.md``, ``report.html``, ``slides.md`` and ``figures/`` under ``out``, with the
-    prose of ``out/prose/`` when that folder exists (:func:`prose_names`)."""
+    """Write ``report.md``, ``report.html`` and ``figures/`` under ``out``, with the prose of
+    ``out/prose/`` when that folder exists (:func:`prose_names`), and then the talk
+    (``slides.md``, ``slides.html``: :func:`talk_slides`). PDFs: :func:`render_pdfs`."""
     results, out = Path(results or REPO_ROOT / "results"), Path(out or REPO_ROOT / "report")
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     texts = read_prose(out / "prose")
     loaded = [load_profile(root) for root in profile_dirs or profiles(results)]
-    for p in loaded:  # one slide list per profile, its data first
-        p["slides"] = [
-            [f"# Profile `{p['profile']}`", "", f"Data: {p['source']}", "", md_table(data_table(p["summary"]))]
-        ]
+    save_figure(plots.plot_pipeline(), figures / "pipeline.png")
     text = resolve_labels("\n".join(paper(loaded, texts, figures)).rstrip() + "\n", texts)
-    deck = [
-        "---",
-        "marp: true",
-        "paginate: true",
-        "---",
-        "",
-        TITLE,
-        "",
-        "Generated from `results/` by `python -m helpers report`",
-    ]
-    for slide in (slide for p in loaded for slide in p["slides"]):
-        deck += ["", "---", "", *slide]
     written = [
         write_text_atomic(out / "report.md", text),
         write_text_atomic(out / "report.html", render_html(text, TITLE.lstrip("# "))),
-        write_text_atomic(out / "slides.md", resolve_labels("\n".join(deck).rstrip() + "\n", {})),
     ]
-    return written + sorted(figures.glob("*.png"))
+    if TALK.removesuffix(".md") in texts:
+        deck = talk_slides(texts[TALK.removesuffix(".md")], loaded[0], figures)
+        written += [
+            write_text_atomic(
+                out / "slides.md", "---\nmarp: true\npaginate: true\n---\n\n" + "\n\n---\n\n".join(deck) + "\n"
+            ),
+            write_text_atomic(out / "slides.html", render_slides_html(deck, TITLE.lstrip("# "))),
+        ]
+    return written + sorted(figures.glob("*.png")) + sorted(figures.glob("*.jpg"))
+
+
+def save_figure(figure, path: Path) -> Path:
+    """A PNG without a version stamp, so that a rebuild is byte-identical."""
+    figure.savefig(path, dpi=80, metadata={"Software": None})
+    pyplot.close(figure)
+    return path
+
+
+# --------------------------------------------------------------------------- the talk
+
+# A line of the talk that is only `[[figure NAME]]` or `[[table NAME]]`: replaced by what it names.
+_DIRECTIVE = re.compile(r"^\[\[(figure|table) (\w+)\]\]$", re.MULTILINE)
+SCREENSHOT = REPO_ROOT / "05_live_demo" / "screenshot.jpg"
+
+
+def talk_tables(loaded: dict) -> dict[str, pd.DataFrame]:
+    """The small tables a slide may show, from the first profile's results."""
+    tables = {"data": data_table(loaded["summary"])[["split", "items", "consumer images", "shop images"]]}
+    tables["design"] = pd.DataFrame(  # what was run: each finished experiment's variants
+        [
+            {
+                "stage": f"`{e.stage}`",
+                "question": e.question.split("?")[0] + "?",
+                "variants (vs the baseline)": ", ".join(v for v in result["comparison"].index if v != "baseline"),
+                "seeds": len(result["decision"]["seeds"]),
+            }
+            for e, result in loaded["finished"]
+        ]
+    )
+    metrics_path = loaded["root"] / "final" / "metrics.json"
+    if metrics_path.is_file():
+        final = json.loads(metrics_path.read_text())
+        rows = []
+        for model, seeds in (("final", final.get("seeds")), ("default recipe", final.get("default_recipe_seeds"))):
+            if seeds:
+                mean, std, n = seeds["mean"], seeds["std"], len(seeds) - 2
+                rows.append(
+                    {
+                        "model": f"{model} ({n} seeds)",
+                        **{
+                            f"test R@{k}": mean_std(mean[f"test_recall@{k}"], std[f"test_recall@{k}"]) for k in study.KS
+                        },
+                    }
+                )
+        if not rows:
+            official = final["protocols"]["official"]
+            rows.append(
+                {"model": "final (one run)", **{f"test R@{k}": with_ci(official, f"recall@{k}") for k in study.KS}}
+            )
+        zero = final.get("zero_shot")
+        if zero:
+            rows.append(
+                {"model": "zero-shot backbone", **{f"test R@{k}": f"{zero[f'recall@{k}']:.3f}" for k in study.KS}}
+            )
+        tables["final"] = pd.DataFrame(rows)
+    return tables
+
+
+def talk_figures(loaded: dict, figures: Path) -> dict[str, str]:
+    """Figure name → its file under ``figures/`` (written by the report before the talk)."""
+    found = {"pipeline": "pipeline.png"}
+    prefix = f"{loaded['profile']}_"
+    for path in sorted(figures.glob(f"{prefix}*.png")):
+        found[path.stem.removeprefix(prefix)] = path.name
+    if SCREENSHOT.is_file():
+        (figures / SCREENSHOT.name).write_bytes(SCREENSHOT.read_bytes())
+        found["screenshot"] = SCREENSHOT.name
+    return found
+
+
+def talk_slides(talk: tuple[Path, str], loaded: dict, figures: Path) -> list[str]:
+    """The slides of the written talk (``---`` between slides), each ``[[figure NAME]]`` /
+    ``[[table NAME]]`` line replaced by that figure or table; a name not known is an
+    InputError naming the talk's file and line."""
+    path, text = talk
+    label = _LABEL.search(text)
+    if label:
+        raise InputError(f"{path}: {label[0]} is a label of the paper; a slide shows its own: [[figure NAME]]")
+    tables, images = talk_tables(loaded), talk_figures(loaded, figures)
+
+    def replace(match: re.Match) -> str:
+        kind, name = match[1], match[2]
+        known = images if kind == "figure" else tables
+        if name not in known:
+            line = text[: match.start()].count("\n") + 1
+            raise InputError(f"{path}:{line}: unknown {kind} {name!r}; known: {', '.join(sorted(known))}")
+        return f"![{name}](figures/{known[name]})" if kind == "figure" else md_table(known[name])
+
+    return [slide.strip() for slide in re.split(r"\n---\n", _DIRECTIVE.sub(replace, text))]
+
+
+SLIDE_CSS = (
+    "@page{size:1280px 720px;margin:0} body{margin:0;font-family:sans-serif} "
+    "section{box-sizing:border-box;width:1280px;min-height:720px;padding:36px 60px;break-after:page;"
+    "font-size:23px;line-height:1.3} section:last-child{break-after:auto} h1{font-size:46px;margin-top:150px} "
+    "h2{font-size:32px;margin:0 0 16px;color:#1f3b73} ul{margin:8px 0} table{border-collapse:collapse;"
+    "font-size:16px;margin:8px auto} td,th{border:1px solid #bbb;padding:3px 8px} img{max-width:100%;"
+    "max-height:400px;display:block;margin:8px auto} code{font-size:90%}"
+)
+
+
+def render_slides_html(deck: list[str], title: str) -> str:
+    """One ``<section>`` per slide on a 1280×720 page; a slide too long for its page runs onto a
+    second one, which :func:`pdf_pages` then counts."""
+    import mistune
+
+    markdown = mistune.create_markdown(plugins=["table"], escape=False)
+    sections = "\n".join(f"<section>\n{markdown(slide)}</section>" for slide in deck)
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title>\n'
+        f"<style>{SLIDE_CSS}</style></head><body>\n{sections}\n</body></html>\n"
+    )
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def render_pdf(html: Path, pdf: Path) -> bool:
+    """``pdf`` printed from ``html`` by headless Chromium, unless ``pdf`` already records the same
+    source (its ``/SourceSHA256``): a rebuild leaves an unchanged PDF byte for byte. Returns
+    whether it printed."""
+    from pypdf import PdfReader, PdfWriter
+
+    # Chromium's PDFs make pypdf warn of a short cross-reference trailer it repairs; not the user's concern
+    logging.getLogger("pypdf").setLevel(logging.ERROR)
+    digest = sha256_file(html)
+    if pdf.is_file() and PdfReader(pdf).metadata.get("/SourceSHA256") == digest:
+        return False
+    printed = pdf.with_suffix(".printing.pdf")
+    subprocess.run(
+        [
+            str(CHROMIUM),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--no-pdf-header-footer",
+            f"--print-to-pdf={printed}",
+            html.resolve().as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    writer = PdfWriter(clone_from=PdfReader(printed))
+    writer.metadata = {"/Title": TITLE.lstrip("# "), "/SourceSHA256": digest}  # no dates: stable bytes
+    with open(printed, "wb") as handle:
+        writer.write(handle)
+    printed.replace(pdf)
+    return True
+
+
+def pdf_pages(pdf: Path) -> int:
+    from pypdf import PdfReader
+
+    return len(PdfReader(pdf).pages)
+
+
+def render_pdfs(out: Path) -> list[Path]:
+    """``report.pdf`` and ``slides.pdf`` beside their HTML (headless Chromium; :func:`render_pdf`)."""
+    if not CHROMIUM.is_file():
+        raise InputError(f"{CHROMIUM}: not found; install Chromium (apt-get install chromium) to print the PDFs")
+    pdfs = []
+    for name in ("report", "slides"):
+        if (out / f"{name}.html").is_file():
+            render_pdf(out / f"{name}.html", out / f"{name}.pdf")
+            pdfs.append(out / f"{name}.pdf")
+    return pdfs
 
 
 # --------------------------------------------------------------------------- traceability

@@ -57,7 +57,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from helpers.core import runtime
+from helpers.core import repro, runtime
 from helpers.core.config import PROFILES, RUNTIME_FIELDS, Config, check, get_config
 from helpers.core.errors import InputError
 from helpers.core.files import sha256_bytes, sha256_file, write_text_atomic
@@ -873,6 +873,23 @@ def decided_fields(profile: str) -> list[str]:
     return sorted({f for e in experiments(profile) for f in e.fields})
 
 
+def runs_summary(root: Path) -> dict:
+    """Over the study's distinct runs (a run shared by several experiments counted once): how many
+    had their best val Recall@5 at their last epoch (still rising: the budget may be short), how
+    many stopped early, and the summed wall time."""
+    runs = pd.concat([pd.read_csv(p) for p in sorted(Path(root).glob("*/runs.csv"))]).drop_duplicates("run_dir")
+    runs = runs[runs.experiment != POSTPROCESS]
+    at_last = int((runs.best_epoch == runs.epochs_run).sum())
+    budget = [json.loads((Path(root) / d / "config.json").read_text())["config"]["epochs"] for d in runs.run_dir]
+    return {
+        "distinct_runs": len(runs),
+        "best_at_last_epoch": at_last,
+        "best_at_last_epoch_percent": round(100 * at_last / len(runs), 1),
+        "stopped_early": int((runs.epochs_run.to_numpy() < np.array(budget)).sum()),
+        "wall_hours": round(float(runs.wall_s.sum()) / 3600, 2),
+    }
+
+
 def write_final_config(profile: str, root: Path | None = None) -> dict:
     """``final_config.json``: every decided field's value after the last stage, by the rule
     (never typed by hand); ``04_demo`` trains and tests it (``helpers.experiments.final``)."""
@@ -888,6 +905,8 @@ def write_final_config(profile: str, root: Path | None = None) -> dict:
         "config": {k: getattr(carried, k) for k in decided_fields(profile)},
         "rule": RULE,
         "baseline_recipe": {k: getattr(PROFILES[profile], k) for k in RECIPE_FIELDS},
+        "runs": runs_summary(root),
+        "code_commit": repro.git_commit(),
         "decisions": [{k: d[k] for k in ("experiment", "stage", "winner", "why")} for d in decisions],
     }
     write_text_atomic(root / "final_config.json", json.dumps(record, indent=2, default=str) + "\n")

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test notebooks bench study report clean-outputs
+.PHONY: venv demo test notebooks screenshot bench study report clean-outputs
 
 venv: $(STAMP)
 
@@ -38,6 +38,10 @@ report: $(STAMP)
 # Re-execute the notebooks in place on the demo profile (the outputs that are committed).
 notebooks: $(STAMP)
 	for nb in 0*/*.ipynb; do C2S_PROFILE=demo $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace "$$nb" || exit 1; done
+
+# 05_live_demo/screenshot.jpg: the live demo serving the demo model (after `make notebooks`), in Chromium.
+screenshot: $(STAMP)
+	$(PY) 05_live_demo/take_screenshot.py --profile demo
 
 # Speed ratios against a reference measured in the same run (see docs/benchmarks.md).
 bench: $(STAMP)

@@ -111,3 +111,16 @@ def test_a_missing_checkpoint_is_retrained_under_the_recorded_configuration(tmp_
     assert runs[0] == tmp_path / "outputs" / "fixture" / "final_runs" / recorded.name
     assert "seeds 0 retrained here" in how
     assert final.reproduction(runs, found).loc[0, "max |Δ loss|"] == 0
+
+
+def test_examples_are_chosen_by_rank_from_distinct_items():
+    per_query = pd.DataFrame(
+        {
+            "path": ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg"],
+            "item_id": ["i1", "i1", "i2", "i3", "i3", "i4"],
+            "rank_of_first_hit": [1, 1, 2, 9, 7, 3],
+        }
+    )
+    best, worst = final.pick_examples(per_query, n=2)
+    assert list(best.path) == ["a.jpg", "c.jpg"]  # b.jpg is i1 again
+    assert list(worst.path) == ["d.jpg", "f.jpg"]  # e.jpg is i3 again; nothing of i1 or i2

@@ -345,11 +345,12 @@ def per_category(result: dict) -> pd.DataFrame:
 
 def pick_examples(per_query: pd.DataFrame, n: int = 3) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(successes, failures)``: the ``n`` queries with the best and the worst rank of first
-    hit (ties broken by path), so the figure is chosen by the metric, not by hand."""
-    ordered = per_query.sort_values(["rank_of_first_hit", "path"], kind="stable")
+    hit (ties broken by path), one per item and no item in both, so the figure is chosen by the
+    metric, not by hand, and shows ``2 n`` different garments."""
+    ordered = per_query.sort_values(["rank_of_first_hit", "path"], kind="stable").drop_duplicates("item_id")
     worst = per_query.sort_values(["rank_of_first_hit", "path"], ascending=[False, True], kind="stable")
     best = ordered.head(n)
-    return best, worst[~worst.path.isin(best.path)].head(n)
+    return best, worst[~worst.item_id.isin(best.item_id)].drop_duplicates("item_id").head(n)
 
 
 def example_hits(index, rows: pd.DataFrame, data_root: Path, k: int = 5) -> list[list[dict]]:

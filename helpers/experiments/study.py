@@ -94,8 +94,9 @@ RULE = (
 # when no stage adopts anything (a stage that adopts 192 px makes the later ones ~1.4x dearer;
 # the study prints its projection from the runs it has measured before each experiment).
 # fixture: CI, every code path in seconds: the fixture profile's 1 epoch at 64 px.
-# full: the original study's sizes on a Colab GPU: the full profile as it is (EfficientNet-B3 at
-# its native resolution, 40 epochs, patience 5), 3 seeds.
+# full: the original study's sizes on a GPU: the full profile as it is (EfficientNet-B3 at its
+# native resolution, 40 epochs, patience 5), 3 seeds: at most ~7.6 GPU-hours at the rate the GPU
+# card measured on an H200 (02_1 ≤ 1.5 h, 02_2 ≤ 3.8 h, 03 ≤ 2.3 h; docs/scaling.md).
 # The training budget of the profile's recipe, recorded in final_config.json beside the decisions.
 RECIPE_FIELDS = ("img_size", "epochs", "patience", "p_items", "k_images", "optimizer", "lr", "schedule")
 # fixture: one seed keeps each notebook's grid of tiny runs within seconds in CI; the

@@ -240,11 +240,17 @@ TALK = """# A talk
 """
 
 
-def test_the_talk_fills_in_its_figures_and_tables(tmp_path):
+def _with_talk(tmp_path: Path, talk: str) -> tuple[Path, Path]:
+    """A results tree and prose with ``talk`` as the talk; returns (results, report folder)."""
     results, out = tmp_path / "results", tmp_path / "report"
     write_tree(results)
     write_prose(out / "prose")
-    (out / "prose" / "talk.md").write_text(TALK)
+    (out / "prose" / "talk.md").write_text(talk)
+    return results, out
+
+
+def test_the_talk_fills_in_its_figures_and_tables(tmp_path):
+    results, out = _with_talk(tmp_path, TALK)
     report.build(results, out)
     slides = (out / "slides.md").read_text()
     assert slides.startswith("---\nmarp: true") and slides.count("\n---\n") == 3  # front matter + 2 breaks
@@ -254,20 +260,14 @@ def test_the_talk_fills_in_its_figures_and_tables(tmp_path):
 
 
 def test_an_unknown_figure_of_the_talk_names_its_line(tmp_path):
-    results, out = tmp_path / "results", tmp_path / "report"
-    write_tree(results)
-    write_prose(out / "prose")
-    (out / "prose" / "talk.md").write_text(TALK.replace("[[table data]]", "[[table nothing]]"))
+    results, out = _with_talk(tmp_path, TALK.replace("[[table data]]", "[[table nothing]]"))
     with pytest.raises(InputError, match=r"talk\.md:13: unknown table 'nothing'; known: data, design, final"):
         report.build(results, out)
 
 
 @pytest.mark.skipif(not report.CHROMIUM.is_file(), reason="Chromium not installed (CI installs it)")
 def test_pdfs_have_one_page_per_slide_and_are_not_reprinted(tmp_path):
-    results, out = tmp_path / "results", tmp_path / "report"
-    write_tree(results)
-    write_prose(out / "prose")
-    (out / "prose" / "talk.md").write_text(TALK)
+    results, out = _with_talk(tmp_path, TALK)
     report.build(results, out)
     paper, slides = report.render_pdfs(out)
     assert report.pdf_pages(slides) == 3 and report.pdf_pages(paper) >= 2

@@ -329,17 +329,22 @@ def data_lines(loaded: dict, tag: str, figures: Path) -> list[str]:
         "",
     ]
     for name, text in DATA_FIGURES.items():
-        saved = loaded["root"] / "data" / f"{name}.png"
-        if saved.is_file():
-            target = figures / f"{profile}_{name}.png"
-            target.write_bytes(saved.read_bytes())
-            lines += [
-                f"![{name}](figures/{target.name})",
-                "",
-                f"*{{def:fig:{tag}{name}}}: {text}; data: {source}.*",
-                "",
-            ]
+        lines += copied_figure(
+            loaded["root"] / "data" / f"{name}.png",
+            figures / f"{profile}_{name}.png",
+            name,
+            f"*{{def:fig:{tag}{name}}}: {text}; data: {source}.*",
+        )
     return lines
+
+
+def copied_figure(saved: Path, target: Path, alt: str, caption: str) -> list[str]:
+    """A figure a notebook saved under results/, copied beside the report and shown with its
+    caption; nothing when the notebook has not saved it."""
+    if not saved.is_file():
+        return []
+    target.write_bytes(saved.read_bytes())
+    return [f"![{alt}](figures/{target.name})", "", caption, ""]
 
 
 def final_run_configs(root: Path) -> list[dict]:
@@ -679,19 +684,14 @@ def final_lines(loaded: dict, tag: str, figures: Path, level: str) -> list[str]:
             ),
             "",
         ]
-    examples = root / "final" / "success_failure.png"
-    if examples.is_file():
-        target = figures / f"{profile}_success_failure.png"
-        target.write_bytes(examples.read_bytes())
-        lines += [
-            f"![successes and failures](figures/{target.name})",
-            "",
-            f"*{{def:fig:{tag}examples}}: test queries with the best and the worst rank of first hit (chosen by "
-            f"rank, not by hand; {table_subject(final)}): the garment crop, then its top-5 shop images; green: "
-            "the query's own item.*",
-            "",
-        ]
-    return lines
+    return lines + copied_figure(
+        root / "final" / "success_failure.png",
+        figures / f"{profile}_success_failure.png",
+        "successes and failures",
+        f"*{{def:fig:{tag}examples}}: test queries with the best and the worst rank of first hit (chosen by rank, "
+        f"not by hand; {table_subject(final)}): the garment crop, then its top-5 shop images; green: the query's "
+        "own item.*",
+    )
 
 
 def table_subject(final: dict) -> str:

@@ -474,3 +474,62 @@ def test_committed_report_is_what_a_rebuild_writes(tmp_path):
     text = (out / "report.md").read_text()
     assert "| learning rate | 0.001 |" in text and "| batch: P items × K images | 8 × 4 |" in text
     assert "| seeds | 0, 1 |" in text and "| n_boot | 2000 |" in text
+
+
+def test_final_over_seeds_beside_the_recipe_and_the_runs_summary(tmp_path):
+    """04_demo's per-seed table and the study's summary of its runs, as the report prints them."""
+    results = tmp_path / "results"
+    root = write_tree(results)
+    final = json.loads((root / "final" / "metrics.json").read_text())
+
+    def seeds(values):
+        rows = {
+            str(s): {
+                "best_epoch": 9,
+                "val_recall@5": 0.85,
+                **{f"test_recall@{k}": v for k, v in zip((1, 5, 10), row)},
+                **{f"test_recall@{k}_ci": f"[{v - 0.05:.3f}, {v + 0.05:.3f}]" for k, v in zip((1, 5, 10), row)},
+            }
+            for s, row in enumerate(values)
+        }
+        mean = [sum(column) / len(values) for column in zip(*values)]
+        std = [
+            math.sqrt(sum((x - m) ** 2 for x in column) / (len(values) - 1)) for column, m in zip(zip(*values), mean)
+        ]
+        for name, numbers in (("mean", mean), ("std", std)):
+            rows[name] = {
+                "best_epoch": None,
+                "val_recall@5": 0.85,
+                **{f"test_recall@{k}": v for k, v in zip((1, 5, 10), numbers)},
+            }
+        return rows
+
+    final.update(
+        seeds=seeds([(0.40, 0.70, 0.80), (0.50, 0.80, 0.90)]),
+        default_recipe_seeds=seeds([(0.40, 0.70, 0.80), (0.50, 0.80, 0.90)]),
+        demo_seed=1,
+    )
+    (root / "final" / "metrics.json").write_text(json.dumps(final))
+    record = json.loads((root / "final_config.json").read_text())
+    record["runs"] = {
+        "distinct_runs": 36,
+        "best_at_last_epoch": 18,
+        "best_at_last_epoch_percent": 50.0,
+        "stopped_early": 4,
+        "wall_hours": 2.75,
+    }
+    record["code_commit"] = "abc123"
+    (root / "final_config.json").write_text(json.dumps(record))
+    report.build(results, tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert (
+        "| final configuration | 1 | 9 | 0.850 | 0.500 [0.450, 0.550] | 0.800 [0.750, 0.850] | 0.900 [0.850, 0.950] |"
+        in text
+    )
+    assert "| final configuration | mean | — | 0.850 | 0.450 | 0.750 | 0.850 |" in text
+    assert "| default recipe | std | — | 0.850 | 0.071 | 0.071 | 0.071 |" in text
+    assert "the run of seed 1 (the best on val)" in text
+    assert "Of the study's 36 distinct runs, 18 (50.0 %) had their best val Recall@5 at their last epoch" in text
+    assert "4 stopped early. Their summed wall time was 2.75 h." in text
+    assert "written by the code at commit `abc123`" in text
+    assert report.untraceable_numbers(text, results) == []

@@ -509,12 +509,12 @@ def results_lines(loaded: dict, tag: str, figures: Path, texts: dict, level: str
 def reproduction_lines(root: Path) -> list[str]:
     """What a rerun of the study must give, from the machines and switches the runs recorded
     (each run's ``config.json``: its config and ``env``), and the commit whose code wrote the results."""
-    runs = [json.loads(p.read_text()) for p in sorted(root.glob("*/*/config.json"))]
-    if not runs:
-        return []
     record = root / "final_config.json"
     commit = json.loads(record.read_text()).get("code_commit") if record.is_file() else None
     head = [f"The study's tables and decisions were written by the code at commit `{commit}`.", ""] if commit else []
+    runs = [json.loads(p.read_text()) for p in sorted(root.glob("*/*/config.json"))]
+    if not runs:
+        return head
     deterministic = all(run["config"].get("deterministic") for run in runs)
     machines = sorted(
         {

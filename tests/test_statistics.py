@@ -117,6 +117,29 @@ def test_vectorised_bootstrap_agrees_with_the_loops():
     assert fast.mean() == pytest.approx(diff.mean(), abs=0.25 * sd)
 
 
+def test_query_sd_is_each_seeds_item_bootstrap_sd_by_enumeration():
+    """Per seed, the exact SD over every ordered draw of items (the seed held fixed), then the root
+    mean square over the seeds."""
+    diff = np.array([[1.0, 0.0, -1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, -1.0, 0.0, 1.0]])
+    items = ["a", "b", "b", "c", "c", "c"]
+    variances = []
+    for row in diff:
+        values, probabilities = _exact(row[None, :], items)
+        mean = float(values @ probabilities)
+        variances.append(float((values - mean) ** 2 @ probabilities))
+    expected = math.sqrt(sum(variances) / 2)
+    found = statistics.query_sd(np.zeros_like(diff), diff, items, np.random.default_rng(5), 200_000)
+    assert found == pytest.approx(expected, rel=0.01)
+    # one query per item: the plain bootstrap of a mean, SD sqrt(population variance / n)
+    values = np.random.default_rng(9).normal(0, 1, (1, 400))
+    found = statistics.query_sd(np.zeros_like(values), values, list(range(400)), np.random.default_rng(6), 40_000)
+    assert found == pytest.approx(values.std() / math.sqrt(400), rel=0.02)
+    # no seed spread enters it: two seeds with the same differences shifted by a constant
+    shifted = np.vstack([values, values + 0.3])
+    again = statistics.query_sd(np.zeros_like(shifted), shifted, list(range(400)), np.random.default_rng(6), 40_000)
+    assert again == pytest.approx(found, rel=0.02)
+
+
 @pytest.mark.parametrize("delta, expected", [(1, "better"), (-1, "worse"), (0, "within noise")])
 def test_constant_differences_have_degenerate_intervals(delta, expected):
     test = _bootstrap(np.full((2, 5), float(delta)), list("aabbc"), n_boot=100)

@@ -284,6 +284,44 @@ def test_report_shows_the_holm_columns(tmp_path):
     assert report.untraceable_numbers(text, tmp_path) == []
 
 
+def test_noise_table_splits_seed_and_query_noise(tmp_path):
+    """noise.csv's two columns for crop=False, recomputed here: the sample SD of the two per-seed
+    Recall@5 differences, and an item bootstrap per seed written as a loop; the report's paragraph
+    states which of the two is smaller."""
+    from helpers.experiments import report
+
+    assert study.noise_table("fixture", tmp_path) is None  # nothing finished
+    _write_study(tmp_path)
+    noise = study.noise_table("fixture", tmp_path).set_index("variant")
+    assert len(noise) == 10  # every finished comparison (2 seeds each)
+    runs = pd.read_csv(tmp_path / "crop" / "runs.csv")
+    frames = {(r.variant, r.seed): pd.read_csv(tmp_path / r.run_dir / "val_ranks.csv") for r in runs.itertuples()}
+    items = frames[("baseline", 0)].item_id.tolist()
+    diffs = [
+        (frames[("crop=False", s)].first_hit_rank < 5).to_numpy(float)
+        - (frames[("baseline", s)].first_hit_rank < 5).to_numpy(float)
+        for s in (0, 1)
+    ]
+    row = noise.loc["crop=False"]
+    assert (row.n_seeds, row.n_items, row.n_queries) == (2, len(set(items)), len(items))
+    assert row["seed_sd_recall@5"] == pytest.approx(abs(diffs[0].mean() - diffs[1].mean()) / math.sqrt(2))
+    rng, labels = np.random.default_rng(4), sorted(set(items))
+    variances = []
+    for diff in diffs:
+        means = []
+        for _ in range(3_000):
+            drawn = [labels[int(rng.integers(len(labels)))] for _ in labels]
+            cells = [d for item in drawn for d, own in zip(diff, items) if own == item]
+            means.append(sum(cells) / len(cells))
+        variances.append(np.var(means, ddof=1))
+    assert row["query_sd_recall@5"] == pytest.approx(math.sqrt(np.mean(variances)), rel=0.06)
+    noise.reset_index().to_csv(tmp_path / study.NOISE, index=False)
+    text = " ".join(report.noise_lines(tmp_path))
+    below = int((noise["query_sd_recall@5"] < noise["seed_sd_recall@5"]).sum())
+    assert f"The query noise is below the seed noise in {below} of the 10 comparisons" in text
+    assert report.untraceable_numbers(text, tmp_path) == []
+
+
 # --------------------------------------------------------------------------- the grid
 
 

@@ -446,8 +446,32 @@ def method_lines(loaded: dict, tag: str) -> list[str]:
             "",
             "**The learning-curve figures** of Section 4 share one definition: " + curves_caption(first["decision"]),
             "",
+            *noise_lines(loaded["root"]),
         ]
     return lines
+
+
+def noise_lines(root: Path) -> list[str]:
+    """One paragraph from ``noise.csv``: seed noise against query noise over the study's Recall@5
+    comparisons, and which more of (seeds or val items) would narrow the intervals."""
+    path = Path(root) / study.NOISE
+    if not path.is_file():
+        return []
+    noise = pd.read_csv(path)
+    seed, query = noise[f"seed_sd_{study.PRIMARY}"], noise[f"query_sd_{study.PRIMARY}"]
+    below = int((query < seed).sum())
+    # the lower median: a value of the file, so the sentence's numbers trace to it
+    seed_median, query_median = seed.quantile(0.5, interpolation="lower"), query.quantile(0.5, interpolation="lower")
+    more = "seeds, not val items," if below > len(noise) / 2 else "val items, not seeds,"
+    return [
+        f"**Where the noise comes from** (`{path.parent.name}/{path.name}`). Over the study's {len(noise)} "
+        f"Recall@5 comparisons the per-seed differences spread between seeds with a standard deviation of "
+        f"{seed_median:.3f} (median; {seed.min():.3f} to {seed.max():.3f}); with the seed held fixed, "
+        f"resampling the val split's {noise.n_items.iloc[0]} items ({noise.n_queries.iloc[0]} queries) gives "
+        f"{query_median:.3f} ({query.min():.3f} to {query.max():.3f}). The query noise is below the seed "
+        f"noise in {below} of the {len(noise)} comparisons, so more {more} would narrow the intervals most.",
+        "",
+    ]
 
 
 def overview_rows(loaded: dict) -> pd.DataFrame:

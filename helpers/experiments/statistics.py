@@ -121,6 +121,25 @@ def paired_bootstrap(
     return PairedBootstrap(float(diff.mean()), tuple(float(d) for d in diff.mean(axis=1)), replicates)
 
 
+def query_sd(baseline: np.ndarray, variant: np.ndarray, items, rng: np.random.Generator, n_boot: int = N_BOOT) -> float:
+    """The query part of a paired difference's noise: per seed, the standard deviation of that
+    seed's mean difference when the items (with all their queries) are resampled and the seed is
+    held fixed; the root mean square over seeds. Beside the seeds' own spread
+    (``std(seed_diffs)``) it says which more of would narrow the intervals: val items or seeds."""
+    base, var = np.asarray(baseline, dtype=np.float64), np.asarray(variant, dtype=np.float64)
+    if base.shape != var.shape or base.ndim != 2 or 0 in base.shape or len(items) != base.shape[1]:
+        raise InputError(
+            f"paired values need one equal [seeds, queries] shape and one item per query, got {base.shape}"
+        )
+    if n_boot < 2:
+        raise InputError(f"n_boot must be at least 2, got {n_boot}")
+    sums, queries = item_sums(var - base, items)
+    n_items = len(queries)
+    drawn = rng.multinomial(n_items, np.full(n_items, 1 / n_items), size=n_boot)
+    replicates = (drawn @ sums.T) / (drawn @ queries)[:, None]  # [n_boot, seeds]
+    return float(np.sqrt(np.mean(np.var(replicates, axis=0, ddof=1))))
+
+
 def mde(se: float, alpha: float = ALPHA, power: float = POWER) -> float:
     """Minimum detectable effect of a two-sided test at level ``alpha`` with ``power``:
     ``(z_{1-alpha/2} + z_{power}) · se``."""

@@ -73,6 +73,8 @@ STAGES = ("02_1", "02_2", "03")
 KS = (1, 5, 10)
 PRIMARY_K = 5  # Recall@5, the model-selection metric of train.fit, so the study decides on it too
 PRIMARY = f"recall@{PRIMARY_K}"
+# results/<profile>/noise.csv: where each Recall@5 comparison's noise comes from (:func:`noise_table`).
+NOISE = "noise.csv"
 RULE = (
     "adopt a variant only if its paired verdict on val Recall@5 against the experiment's own baseline is "
     "`better` (Holm-corrected over the study's Recall@5 tests: adjusted p below 0.05 and the whole "
@@ -627,6 +629,40 @@ def finalise_family(profile: str, root: Path | None = None) -> pd.DataFrame | No
     )
 
 
+def noise_table(profile: str, root: Path) -> pd.DataFrame | None:
+    """Where each Recall@5 comparison's noise comes from, one row per variant with at least 2
+    seeds: the spread of its per-seed differences (``seed_sd``) and, a seed held fixed, of its
+    difference under resampled val items (``query_sd``, :func:`statistics.query_sd`), with the
+    val split's items and queries. None while an experiment has not finished."""
+    names = list(planned_tests(profile))
+    if any(finished_pvalues(root, name) is None for name in names):
+        return None
+    rows = []
+    for name in names:
+        runs = pd.read_csv(root / name / "runs.csv")
+        ranks = run_ranks(root, runs)
+        items = query_items(next(iter(ranks.values())))
+        base_seeds = set(runs.loc[runs.variant == "baseline", "seed"])
+        for variant in runs.variant.unique():
+            seeds = sorted(base_seeds & set(runs.loc[runs.variant == variant, "seed"]))
+            if variant == "baseline" or len(seeds) < 2:
+                continue
+            grids = [hit_grid({s: ranks[(v, s)] for s in seeds}, seeds, PRIMARY_K) for v in ("baseline", variant)]
+            rng = statistics.stream(name, variant, f"query_sd_{PRIMARY}")
+            rows.append(
+                {
+                    "experiment": name,
+                    "variant": variant,
+                    "n_seeds": len(seeds),
+                    "n_items": len(set(items)),
+                    "n_queries": len(items),
+                    f"seed_sd_{PRIMARY}": float(np.std((grids[1] - grids[0]).mean(axis=1), ddof=1)),
+                    f"query_sd_{PRIMARY}": statistics.query_sd(*grids, items, rng),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
 # --------------------------------------------------------------------------- stages and the carried config
 
 
@@ -912,6 +948,9 @@ def write_final_config(profile: str, root: Path | None = None) -> dict:
     }
     write_text_atomic(root / "final_config.json", json.dumps(record, indent=2, default=str) + "\n")
     finalise_family(profile, root)
+    noise = noise_table(profile, root)
+    if noise is not None:
+        write_text_atomic(root / NOISE, noise.to_csv(index=False, lineterminator="\n"))
     return record
 
 

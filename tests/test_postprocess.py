@@ -201,3 +201,17 @@ def test_run_postprocess_on_the_final_configurations_run(tmp_path):
     assert decision["winner"] in study.POSTPROCESS_METHODS and decision["seeds"] == [0]
     assert decision["final_config"] == chosen and decision["family"]["m"] == 4
     assert result["decision"] == decision
+
+    # the report's subsection: every method's row, the decision, the figure, numbers from the files
+    from helpers.experiments import report
+
+    (tmp_path / "figures").mkdir()
+    lines = report.postprocess_lines({"root": tmp_path, "profile": "fixture"}, "", tmp_path / "figures", "###")
+    text = "\n".join(lines)
+    assert lines[0] == f"### Post-processing: {study.POSTPROCESS_QUESTION}"
+    assert "| baseline (postprocess=none) | 1 |" in text
+    assert all(f"| {method} | 1 |" in text for method in study.POSTPROCESS_METHODS if method != "none")
+    assert (
+        f"**Adopted: {decision['winner']}.**" in text and (tmp_path / "figures" / "fixture_postprocess.png").is_file()
+    )
+    assert report.untraceable_numbers(text, tmp_path) == []

@@ -617,6 +617,36 @@ def curves_caption(decision: dict) -> str:
     )
 
 
+def postprocess_lines(loaded: dict, tag: str, figures: Path, level: str) -> list[str]:
+    """The post-processing experiment on the final configuration's runs (no training), when it has run."""
+    root, profile = loaded["root"], loaded["profile"]
+    if not (root / study.POSTPROCESS / "decision.json").is_file():
+        return []
+    result = study.load_experiment(root, study.POSTPROCESS)
+    comparison = result["comparison"].rename(index={"none": "baseline"})
+    decision = {**result["decision"], "baseline": {"postprocess": "none"}}
+    figure = figures / f"{profile}_{study.POSTPROCESS}.png"
+    save_figure(plots.plot_experiment(comparison, f"{study.POSTPROCESS} ({profile})"), figure)
+    name = f"{tag}{study.POSTPROCESS}"
+    return [
+        f"{level} Post-processing: {decision['question']}",
+        "",
+        f"*{{def:tab:{name}}}: `{study.POSTPROCESS}`, every seed's run of the final configuration ranked without "
+        "post-processing (baseline) and with each method, paired by seed and query as in the experiments; Holm "
+        f"over this experiment's {decision['family']['m']} Recall@5 tests (no training changed, so they are not "
+        "in the study's family).*",
+        "",
+        md_table(experiment_table(comparison, decision)),
+        "",
+        f"**Adopted: {decision['winner']}.** {decision['why']}.",
+        "",
+        f"![{study.POSTPROCESS}](figures/{figure.name})",
+        "",
+        f"*{{def:fig:{name}}}: `{study.POSTPROCESS}`, the differences of {{tab:{name}}} with their intervals.*",
+        "",
+    ]
+
+
 def final_lines(loaded: dict, tag: str, figures: Path, level: str) -> list[str]:
     root, source, profile = loaded["root"], loaded["source"], loaded["profile"]
     lines = [f"{level} Final configuration", ""]
@@ -639,6 +669,7 @@ def final_lines(loaded: dict, tag: str, figures: Path, level: str) -> list[str]:
         md_table(decisions),
         "",
     ]
+    lines += postprocess_lines(loaded, tag, figures, level)
     metrics_path = root / "final" / "metrics.json"
     if not metrics_path.is_file():
         return lines + ["Test: not evaluated yet (`04_demo` writes `final/metrics.json`).", ""]

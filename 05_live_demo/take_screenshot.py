@@ -24,10 +24,8 @@ import pandas as pd
 
 from helpers.core import config
 from helpers.core.files import REPO_ROOT, portable_path
+from helpers.core.runtime import CHROMIUM, CHROMIUM_ARGS
 from helpers.experiments import final
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 
 
 def free_port() -> int:

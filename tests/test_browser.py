@@ -23,20 +23,8 @@ from PIL import Image
 
 from helpers.apps import app
 from helpers.core import config
+from helpers.core.runtime import CHROMIUM, CHROMIUM_ARGS
 
-CHROMIUM = "/usr/bin/chromium"
-# Without these, Chromium tries to reach Google's services at start; on a closed network it
-# stalls on them (and a root user needs --no-sandbox).
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 SCREENSHOTS = config.OUTPUTS / "browser"
 K = 4
 

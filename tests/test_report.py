@@ -265,7 +265,7 @@ def test_an_unknown_figure_of_the_talk_names_its_line(tmp_path):
         report.build(results, out)
 
 
-@pytest.mark.skipif(not report.CHROMIUM.is_file(), reason="Chromium not installed (CI installs it)")
+@pytest.mark.skipif(not report.chromium_installed(), reason="Chromium not installed (CI installs it)")
 def test_pdfs_have_one_page_per_slide_and_are_not_reprinted(tmp_path):
     results, out = _with_talk(tmp_path, TALK)
     report.build(results, out)

@@ -266,15 +266,16 @@ def cmd_study(args) -> None:
 
 
 def cmd_report(args) -> None:
+    from helpers.core import runtime
     from helpers.core.files import portable_path
     from helpers.experiments import report
 
     written = report.build(args.results, args.out)
     print("wrote " + " ".join(portable_path(p) for p in written))
-    if report.CHROMIUM.is_file():
+    if report.chromium_installed():
         print("PDFs: " + " ".join(portable_path(p) for p in report.render_pdfs(written[0].parent)))
     else:
-        print(f"PDFs not printed: {report.CHROMIUM} not found (apt-get install chromium)", file=sys.stderr)
+        print(f"PDFs not printed: {runtime.CHROMIUM} not found (apt-get install chromium)", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- flags

@@ -20,6 +20,22 @@ CPU_EMBED_BATCH = 16
 GPU_EMBED_BATCH = 256
 
 
+# Headless Chromium (Debian's package), which prints the report's PDFs, takes the live demo's
+# screenshot and drives the browser test. Without these flags it tries to reach Google's services
+# at start and stalls on a closed network; a root user needs --no-sandbox.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+
+
 def resolve_device(name: str = "auto") -> str:
     """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``; other names pass through."""
     if name == "auto":

@@ -29,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib import pyplot
 
+from helpers.core import runtime
 from helpers.core.config import REPO_ROOT
 from helpers.core.errors import InputError
 from helpers.core.files import sha256_file, write_text_atomic
@@ -999,7 +1000,8 @@ def render_slides_html(deck: list[str], title: str) -> str:
     )
 
 
-CHROMIUM = Path("/usr/bin/chromium")
+def chromium_installed() -> bool:
+    return Path(runtime.CHROMIUM).is_file()
 
 
 def render_pdf(html: Path, pdf: Path) -> bool:
@@ -1016,12 +1018,8 @@ def render_pdf(html: Path, pdf: Path) -> bool:
     printed = pdf.with_suffix(".printing.pdf")
     subprocess.run(
         [
-            str(CHROMIUM),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-background-networking",
+            runtime.CHROMIUM,
+            *runtime.CHROMIUM_ARGS,
             "--no-pdf-header-footer",
             f"--print-to-pdf={printed}",
             html.resolve().as_uri(),
@@ -1046,8 +1044,10 @@ def pdf_pages(pdf: Path) -> int:
 
 def render_pdfs(out: Path) -> list[Path]:
     """``report.pdf`` and ``slides.pdf`` beside their HTML (headless Chromium; :func:`render_pdf`)."""
-    if not CHROMIUM.is_file():
-        raise InputError(f"{CHROMIUM}: not found; install Chromium (apt-get install chromium) to print the PDFs")
+    if not chromium_installed():
+        raise InputError(
+            f"{runtime.CHROMIUM}: not found; install Chromium (apt-get install chromium) to print the PDFs"
+        )
     pdfs = []
     for name in ("report", "slides"):
         if (out / f"{name}.html").is_file():

@@ -124,3 +124,18 @@ def test_examples_are_chosen_by_rank_from_distinct_items():
     best, worst = final.pick_examples(per_query, n=2)
     assert list(best.path) == ["a.jpg", "c.jpg"]  # b.jpg is i1 again
     assert list(worst.path) == ["d.jpg", "f.jpg"]  # e.jpg is i3 again; nothing of i1 or i2
+
+
+def test_postprocess_choice_reads_the_study_decision(tmp_path):
+    method, why = final.postprocess_choice("demo", tmp_path)
+    assert method == "none" and "does not exist yet" in why
+    folder = tmp_path / study.POSTPROCESS
+    folder.mkdir()
+    (folder / "decision.json").write_text(json.dumps({"winner": "flip_tta", "why": "flip_tta is `better`"}))
+    assert final.postprocess_choice("demo", tmp_path) == (
+        "flip_tta",
+        f"{folder / 'decision.json'}: flip_tta is `better`",
+    )
+    (folder / "decision.json").write_text("[1, 2]")
+    with pytest.raises(InputError, match=r"decision\.json: not a post-processing decision"):
+        final.postprocess_choice("demo", tmp_path)

@@ -86,6 +86,20 @@ def final_choice(profile: str, results_root: Path | None = None) -> tuple[dict, 
     return chosen, note
 
 
+def postprocess_choice(profile: str, results_root: Path | None = None) -> tuple[str, str]:
+    """``(the post-processing method the study adopted, why)``, from ``postprocess/decision.json``:
+    ``none`` (rank by plain cosine similarity, what this module and the app do) when that
+    experiment has not run or adopted nothing."""
+    path = (results_root or artifacts.results_root(profile)) / study.POSTPROCESS / "decision.json"
+    if not path.is_file():
+        return "none", f"{portable_path(path)} does not exist yet (`python -m helpers study postprocess`)"
+    try:
+        decision = json.loads(path.read_text())
+        return decision["winner"], f"{portable_path(path)}: {decision['why']}"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise InputError(f"{path}: not a post-processing decision ({error})") from None
+
+
 def out_dir(cfg: Config) -> Path:
     """``results/<profile>/final`` (committed); the fixture profile writes under git-ignored outputs/."""
     folder = artifacts.results_root(cfg.profile) / "final"

@@ -1112,7 +1112,7 @@ def verdicts(root: Path) -> dict[str, dict[str, dict[str, str]]]:
         found[path.parent.name] = {
             variant: {c.removeprefix("verdict_"): row[c] for c in columns}
             for variant, row in comparison.iterrows()
-            if variant != "baseline"
+            if row[f"verdict_{study.PRIMARY}"] != "baseline"  # the reference row, `none` in postprocess
         }
     return found
 

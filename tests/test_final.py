@@ -139,3 +139,27 @@ def test_postprocess_choice_reads_the_study_decision(tmp_path):
     (folder / "decision.json").write_text("[1, 2]")
     with pytest.raises(InputError, match=r"decision\.json: not a post-processing decision"):
         final.postprocess_choice("demo", tmp_path)
+
+
+def test_the_recorded_commit_ignores_rewritten_results(tmp_path, monkeypatch):
+    """The study records the commit whose code wrote its tables; rewriting results/ is not a change of code."""
+    import subprocess
+
+    from helpers.core import files, repro
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "table.csv").write_text("a\n1\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    head = git("rev-parse", "HEAD").strip()
+    monkeypatch.setattr(files, "REPO_ROOT", tmp_path)
+    assert repro.git_commit() == head
+    (tmp_path / "results" / "table.csv").write_text("a\n2\n")
+    assert repro.git_commit() == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert repro.git_commit() == head + "+changes"

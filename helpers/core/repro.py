@@ -77,8 +77,9 @@ def env_info() -> dict:
 
 
 def git_commit() -> str | None:
-    """The repository's HEAD commit, with ``+changes`` when tracked files differ from it; None
-    outside a git checkout (an installed copy, an archive)."""
+    """The repository's HEAD commit, with ``+changes`` when tracked files outside ``results/``
+    differ from it (the results are what the code writes, so rewriting them is no change of
+    code); None outside a git checkout (an installed copy, an archive)."""
     from helpers.core.files import REPO_ROOT
 
     def git(*args: str) -> str:
@@ -88,7 +89,7 @@ def git_commit() -> str | None:
 
     try:
         commit = git("rev-parse", "HEAD")
-        changed = git("status", "--porcelain", "--untracked-files=no")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("+changes" if changed else "")

@@ -415,6 +415,36 @@ def test_committed_prose_agrees_with_the_verdicts():
         assert report.contradictions(path.read_text(), table) == [], path
 
 
+# The notebooks that interpret study results, and the markdown cell each closes with.
+INTERPRETING_NOTEBOOKS = (
+    "02_preprocessing/02_1_crop_resize_resolution.ipynb",
+    "02_preprocessing/02_2_augment_margin_photometric_head.ipynb",
+    "03_model_experiments/03_models.ipynb",
+    "04_demo/04_demo.ipynb",
+)
+
+
+def learned_text(notebook: Path) -> str:
+    """The words of a notebook's "What we learned" markdown cells."""
+    cells = json.loads(notebook.read_text())["cells"]
+    return "\n\n".join(
+        "".join(c["source"])
+        for c in cells
+        if c["cell_type"] == "markdown" and "".join(c["source"]).startswith("## What we learned")
+    )
+
+
+@pytest.mark.parametrize("name", INTERPRETING_NOTEBOOKS)
+def test_notebooks_interpret_their_committed_results(name):
+    """A notebook's closing words are held to results/ like the report's prose: they say what was found
+    (more than the adoption rule), every number in them occurs in results/, and no sentence
+    contradicts a verdict."""
+    text = learned_text(REPO_ROOT / name)
+    assert len(text.split()) > 80, f"{name}: its 'What we learned' cell does not interpret the results"
+    assert report.untraceable_numbers(text, REPO_ROOT / "results") == []
+    assert report.contradictions(text, report.verdicts(REPO_ROOT / "results" / "demo")) == []
+
+
 VERDICTS = {
     "resolution": {
         "img_size=64": {"recall@1": "worse", "recall@5": "worse", "recall@10": "worse"},
@@ -473,7 +503,7 @@ def test_committed_report_is_what_a_rebuild_writes(tmp_path):
         assert path.read_bytes() == (committed / path.relative_to(out)).read_bytes(), path.name
     text = (out / "report.md").read_text()
     assert "| learning rate | 0.001 |" in text and "| batch: P items × K images | 8 × 4 |" in text
-    assert "| seeds | 0, 1 |" in text and "| n_boot | 2000 |" in text
+    assert "| seeds | 0, 1, 2 |" in text and "| n_boot | 10000 |" in text
 
 
 def test_final_over_seeds_beside_the_recipe_and_the_runs_summary(tmp_path):

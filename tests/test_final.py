@@ -160,6 +160,12 @@ def test_the_recorded_commit_ignores_rewritten_results(tmp_path, monkeypatch):
     monkeypatch.setattr(files, "REPO_ROOT", tmp_path)
     assert repro.git_commit() == head
     (tmp_path / "results" / "table.csv").write_text("a\n2\n")
+    (tmp_path / "nb").mkdir()
+    (tmp_path / "nb" / "story.ipynb").write_text("{}")
+    git("add", "nb")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "two")
+    head = git("rev-parse", "HEAD").strip()
+    (tmp_path / "nb" / "story.ipynb").write_text('{"executed": 1}')  # a notebook re-executed in place
     assert repro.git_commit() == head
     (tmp_path / "code.py").write_text("x = 2\n")
     assert repro.git_commit() == head + "+changes"

@@ -392,7 +392,7 @@ def test_later_stages_need_the_earlier_decisions(tmp_path):
         study.stage_overrides("fixture", "03", tmp_path)
 
 
-def test_final_config_by_the_rule(tmp_path):
+def test_final_config_by_the_rule(tmp_path, monkeypatch):
     winners = {"resize": {"resize": "squash"}, "head": {"head": "bnneck"}, "loss": {"loss": "infonce"}}
     for experiment in study.experiments("fixture"):
         (tmp_path / experiment.name).mkdir()
@@ -424,6 +424,16 @@ def test_final_config_by_the_rule(tmp_path):
     assert record["config"]["resize"] == "squash" and record["config"]["loss"] == "infonce"
     assert record["config"]["head"] == "bnneck" and record["config"]["augment"] == "weak"  # fixture's own
     assert set(record["config"]) == set(study.decided_fields("fixture"))
+    # the same decisions written again by a later commit keep the first stamp; new decisions take the new one
+    from helpers.core import repro
+
+    first = record["code_commit"]
+    monkeypatch.setattr(repro, "git_commit", lambda: "later")
+    assert study.write_final_config("fixture", tmp_path)["code_commit"] == first
+    (tmp_path / "loss" / "decision.json").write_text(
+        json.dumps({"experiment": "loss", "stage": "03", "winner": "baseline", "why": "b", "winner_overrides": {}})
+    )
+    assert study.write_final_config("fixture", tmp_path)["code_commit"] == "later"
 
 
 # --------------------------------------------------------------------------- the runner, on real fixture runs

@@ -76,10 +76,15 @@ def env_info() -> dict:
     return info
 
 
+# What the project writes, not code: changes here do not make a commit stamp read +changes.
+GENERATED = ("results", "report", "*.ipynb")
+
+
 def git_commit() -> str | None:
-    """The repository's HEAD commit, with ``+changes`` when tracked files outside ``results/``
-    differ from it (the results are what the code writes, so rewriting them is no change of
-    code); None outside a git checkout (an installed copy, an archive)."""
+    """The repository's HEAD commit, with ``+changes`` when tracked files differ from it, apart
+    from what the project writes: ``results/``, ``report/`` and the notebooks (re-executed in
+    place, their outputs change under the very run that stamps them); None outside a git
+    checkout (an installed copy, an archive)."""
     from helpers.core.files import REPO_ROOT
 
     def git(*args: str) -> str:
@@ -89,7 +94,9 @@ def git_commit() -> str | None:
 
     try:
         commit = git("rev-parse", "HEAD")
-        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
+        changed = git(
+            "status", "--porcelain", "--untracked-files=no", "--", ".", *(f":(exclude){p}" for p in GENERATED)
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("+changes" if changed else "")

@@ -946,7 +946,16 @@ def write_final_config(profile: str, root: Path | None = None) -> dict:
         "code_commit": repro.git_commit(),
         "decisions": [{k: d[k] for k in ("experiment", "stage", "winner", "why")} for d in decisions],
     }
-    write_text_atomic(root / "final_config.json", json.dumps(record, indent=2, default=str) + "\n")
+    path = root / "final_config.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+
+    # The same decisions from a later commit keep the stamp of the code that first wrote them.
+    def decided(entry: dict) -> dict:
+        return {k: v for k, v in json.loads(json.dumps(entry, default=str)).items() if k != "code_commit"}
+
+    if previous.get("code_commit") and decided(previous) == decided(record):
+        record["code_commit"] = previous["code_commit"]
+    write_text_atomic(path, json.dumps(record, indent=2, default=str) + "\n")
     finalise_family(profile, root)
     noise = noise_table(profile, root)
     if noise is not None:

@@ -582,6 +582,12 @@ def run_ranks(root: Path, runs: pd.DataFrame) -> dict[tuple[str, int], pd.DataFr
     return ranks
 
 
+def finished_study(profile: str, root: Path) -> list[str] | None:
+    """Every experiment of ``profile``, once each has finished with these statistics; else None."""
+    names = list(planned_tests(profile))
+    return None if any(finished_pvalues(root, name) is None for name in names) else names
+
+
 def finalise_family(profile: str, root: Path | None = None) -> pd.DataFrame | None:
     """Holm over every finished Recall@5 comparison once every experiment of ``profile`` has
     finished: each ``comparison.csv`` gains the ``_final`` Holm columns (rewritten only when they
@@ -590,8 +596,8 @@ def finalise_family(profile: str, root: Path | None = None) -> pd.DataFrame | No
     the decision's. Returns the family, one row per test, or None while an experiment has not
     finished with these statistics (then nothing is written)."""
     root = Path(root or artifacts.results_root(profile))
-    names = list(planned_tests(profile))
-    if any(finished_pvalues(root, name) is None for name in names):
+    names = finished_study(profile, root)
+    if names is None:
         return None
     found = []
     for name in names:
@@ -634,8 +640,8 @@ def noise_table(profile: str, root: Path) -> pd.DataFrame | None:
     seeds: the spread of its per-seed differences (``seed_sd``) and, a seed held fixed, of its
     difference under resampled val items (``query_sd``, :func:`statistics.query_sd`), with the
     val split's items and queries. None while an experiment has not finished."""
-    names = list(planned_tests(profile))
-    if any(finished_pvalues(root, name) is None for name in names):
+    names = finished_study(profile, root)
+    if names is None:
         return None
     rows = []
     for name in names:

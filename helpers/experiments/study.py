@@ -395,21 +395,28 @@ def paired_tests(
     """``(variant, K) → bootstrap of its Recall@K difference from baseline`` on the seeds both
     have (None: no common seed), each from the comparison's own stream."""
     check_same_queries(ranks)
-    base_seeds = set(runs.loc[runs.variant == "baseline", "seed"])
     items = query_items(next(iter(ranks.values())))
     tests = {}
     for variant in runs.variant.unique():
         if variant == "baseline":
             continue
-        seeds = sorted(base_seeds & set(runs.loc[runs.variant == variant, "seed"]))
         for k in ks:
-            if not seeds:
-                tests[(variant, k)] = None
-                continue
-            grids = [hit_grid({s: ranks[(v, s)] for s in seeds}, seeds, k) for v in ("baseline", variant)]
+            paired = paired_grids(runs, ranks, variant, k)
             rng = statistics.stream(experiment, variant, f"recall@{k}")
-            tests[(variant, k)] = statistics.paired_bootstrap(*grids, items, rng, n_boot)
+            tests[(variant, k)] = None if paired is None else statistics.paired_bootstrap(*paired, items, rng, n_boot)
     return tests
+
+
+def paired_grids(
+    runs: pd.DataFrame, ranks: dict[tuple[str, int], pd.DataFrame], variant: str, k: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The baseline's and ``variant``'s ``[seeds, queries]`` hit@K grids on the seeds both have
+    (:func:`hit_grid`); None when they share no seed."""
+    seeds = sorted(set(runs.loc[runs.variant == "baseline", "seed"]) & set(runs.loc[runs.variant == variant, "seed"]))
+    if not seeds:
+        return None
+    baseline, other = (hit_grid({s: ranks[(v, s)] for s in seeds}, seeds, k) for v in ("baseline", variant))
+    return baseline, other
 
 
 def holm_columns(test: statistics.PairedBootstrap, family: statistics.HolmFamily, i: int, final: bool) -> dict:
@@ -648,18 +655,16 @@ def noise_table(profile: str, root: Path) -> pd.DataFrame | None:
         runs = pd.read_csv(root / name / "runs.csv")
         ranks = run_ranks(root, runs)
         items = query_items(next(iter(ranks.values())))
-        base_seeds = set(runs.loc[runs.variant == "baseline", "seed"])
         for variant in runs.variant.unique():
-            seeds = sorted(base_seeds & set(runs.loc[runs.variant == variant, "seed"]))
-            if variant == "baseline" or len(seeds) < 2:
+            grids = None if variant == "baseline" else paired_grids(runs, ranks, variant, PRIMARY_K)
+            if grids is None or len(grids[0]) < 2:
                 continue
-            grids = [hit_grid({s: ranks[(v, s)] for s in seeds}, seeds, PRIMARY_K) for v in ("baseline", variant)]
             rng = statistics.stream(name, variant, f"query_sd_{PRIMARY}")
             rows.append(
                 {
                     "experiment": name,
                     "variant": variant,
-                    "n_seeds": len(seeds),
+                    "n_seeds": len(grids[0]),
                     "n_items": len(set(items)),
                     "n_queries": len(items),
                     f"seed_sd_{PRIMARY}": float(np.std((grids[1] - grids[0]).mean(axis=1), ddof=1)),
@@ -935,7 +940,8 @@ def runs_summary(root: Path) -> dict:
 
 def write_final_config(profile: str, root: Path | None = None) -> dict:
     """``final_config.json``: every decided field's value after the last stage, by the rule
-    (never typed by hand); ``04_demo`` trains and tests it (``helpers.experiments.final``)."""
+    (never typed by hand), the summary of the study's runs and the commit of the code that wrote
+    it; ``04_demo`` tests the study's runs of it (``helpers.experiments.final``)."""
     root = Path(root or artifacts.results_root(profile))
     # The profile's own config (no data root needed: nothing is trained here) + every stage's winners.
     carried = check(replace(PROFILES[profile], **stage_overrides(profile, "03", root)))

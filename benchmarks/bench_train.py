@@ -13,6 +13,11 @@ goal **>= 0.95 × the best bare step** (PASS / MISS). It asserts nothing: it is 
   ``set_epoch``, then ``train.train_one_epoch``. The allocator is tuned as ``fit()`` tunes it
   (``runtime.tune_allocator``; ``C2S_MALLOPT=0`` turns it off). Epoch 1 includes the loader's
   start-up; the goal applies to the later epochs (the steady state of a run).
+* **project: fit loop decoding JPEGs (no store)**: the same loop, model, sampler, seeds and
+  batches over the same rows, with a second persistent loader whose dataset has no store, so
+  every image is read, decoded, cropped and letterboxed again each epoch, as ``fit()`` did
+  before the store. Timed in this process, alternating with the project's loop, so the ratio
+  of the two is what the store buys on this machine (they give identical tensors).
 * **bare, project settings, this process**: the same ``train_one_epoch`` with the same model,
   loss, optimizer, schedule and batch (P × K), on batches already in memory (real images of
   the demo table through the same transform, prepared once): no decoding, no sampler, no
@@ -48,6 +53,7 @@ GOAL = 0.95  # the decoded-crop store leaves the loop only augmentation and coll
 PROJECT = "project: fit loop, later epochs"
 PROJECT_FIRST = "project: fit loop, epoch 1 (loader start-up)"
 OWN_BARE = "bare, project settings, this process"
+JPEG = "project: fit loop decoding JPEGs (no store)"
 
 
 def make_config(args: argparse.Namespace):
@@ -127,8 +133,18 @@ def _criterion(run, epoch: int):
     return getattr(run.criterion, "loss", run.criterion)
 
 
-def project_epoch(run, epoch: int):
-    """One epoch as ``train._train_epoch`` runs it, without validation and checkpointing."""
+def jpeg_loader(run):
+    """A loader like the run's, over the same rows and batches, that decodes every image again."""
+    from helpers.data import datasets
+
+    dataset = run.loader.dataset
+    plain = datasets.C2SDataset(dataset.table, dataset.data_root, dataset.transform)
+    return datasets.make_loader(plain, batch_sampler=run.batches, num_workers=run.loader.num_workers, seed=run.cfg.seed)
+
+
+def project_epoch(run, epoch: int, loader=None):
+    """One epoch as ``train._train_epoch`` runs it, without validation and checkpointing
+    (over ``loader`` instead of the run's own when given)."""
     import torch
 
     from helpers.modeling import losses
@@ -141,7 +157,7 @@ def project_epoch(run, epoch: int):
             run.criterion.reset()
         return train_one_epoch(
             run.embedder,
-            T.Recorded(run.loader, seen),
+            T.Recorded(run.loader if loader is None else loader, seen),
             _criterion(run, epoch),
             run.optimizer,
             run.scheduler,
@@ -230,11 +246,15 @@ def main() -> None:
     bare_pass(run, bare_batches[: max(2, args.warmup)], "warm-up")([])  # kernels, optimizer state
     first = T.timed(project_epoch(run, 0))  # the loader's start-up, as a run's first epoch
 
-    rows: dict[str, list[dict]] = {PROJECT: [], PROJECT_FIRST: [first], OWN_BARE: []}
+    jpegs = jpeg_loader(run)
+    T.timed(project_epoch(run, 0, jpegs))  # its own start-up, untimed as the project's epoch 1 is apart
+
+    rows: dict[str, list[dict]] = {PROJECT: [], PROJECT_FIRST: [first], JPEG: [], OWN_BARE: []}
     rows.update({"bare " + T.describe(v): [] for v in variants})
     for round_ in range(args.repeats):
         rows[OWN_BARE].append(T.timed(bare_pass(run, bare_batches)))
         rows[PROJECT].append(T.timed(project_epoch(run, 1 + round_)))
+        rows[JPEG].append(T.timed(project_epoch(run, 1 + round_, jpegs)))  # the same epoch's batches
         T.sweep_round(__file__, variants, rows)
 
     print()
@@ -265,6 +285,10 @@ def main() -> None:
         )
 
     print()
+    print(
+        f"ratio training loop with the store / the same loop decoding JPEGs: "
+        f"{best[PROJECT]['images/s'] / best[JPEG]['images/s']:.2f} (what the store buys here)"
+    )
     T.print_goal("training loop", best[PROJECT], best[OWN_BARE], best_bare, best[best_bare], GOAL)
     T.print_footer(started)
 

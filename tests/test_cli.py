@@ -169,6 +169,14 @@ def test_building_the_parser_imports_neither_torch_nor_pandas():
     assert out.strip() == "[]"
 
 
+def test_study_help_gives_each_profile_s_seed_count(capsys):
+    from helpers.experiments import study
+
+    text = _help("study", capsys=capsys)
+    for profile in config.PROFILES:
+        assert f"{profile} {study.n_seeds_for(profile, None)}" in text
+
+
 def test_study_runs_each_chosen_experiment_and_says_where_results_are(monkeypatch, capsys):
     from helpers.experiments import study
 

@@ -359,7 +359,7 @@ def test_demo_budget_and_backbones():
     the default recipe's from both sides, and backbones with packaged weights."""
     from helpers.modeling import models
 
-    assert study.DEFAULT_SEEDS["demo"] >= 3
+    assert study.STUDY_SEEDS["demo"] >= 3
     sides = [o["img_size"] for o in study.get_experiment("demo", "resolution").variants.values()]
     assert min(sides) < config.PROFILES["demo"].img_size < max(sides)
     backbones = study.get_experiment("demo", "backbone").variants

@@ -510,7 +510,8 @@ def _add_study(commands) -> None:
         "re-ranking on the final configuration's runs, after the study)",
     )
     _profile_arg(study)
-    study.add_argument("--seeds", type=int, help="seeds 0..N-1; default demo 2, full 3, fixture 1")
+    seeds = ", ".join(f"{profile} {n}" for profile, n in config.STUDY_SEEDS.items())
+    study.add_argument("--seeds", type=int, help=f"seeds 0..N-1; default {seeds}")
     study.add_argument("--data-root", help="the DeepFashion C2S root (profile full; or C2S_DATA_ROOT)")
     study.add_argument("--quiet", action="store_true", help="no progress bars")
     study.set_defaults(run=cmd_study)

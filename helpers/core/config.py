@@ -137,6 +137,11 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# Seeds per configuration of `python -m helpers study`, per profile. fixture: one seed keeps
+# each notebook's grid of tiny runs within seconds in CI; the multi-seed paths (std, pairing by
+# seed) are covered by tests/test_study.py.
+STUDY_SEEDS = {"fixture": 1, "demo": 3, "full": 3}
+
 PROFILES: dict[str, Config] = {
     "fixture": Config(
         profile="fixture",

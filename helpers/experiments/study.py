@@ -58,7 +58,7 @@ import numpy as np
 import pandas as pd
 
 from helpers.core import repro, runtime
-from helpers.core.config import PROFILES, RUNTIME_FIELDS, Config, check, get_config
+from helpers.core.config import PROFILES, RUNTIME_FIELDS, STUDY_SEEDS, Config, check, get_config
 from helpers.core.errors import InputError
 from helpers.core.files import sha256_bytes, sha256_file, write_text_atomic
 from helpers.core.progress import progress_bar
@@ -101,9 +101,6 @@ RULE = (
 # card measured on an H200 (02_1 ≤ 1.5 h, 02_2 ≤ 3.8 h, 03 ≤ 2.3 h; docs/scaling.md).
 # The training budget of the profile's recipe, recorded in final_config.json beside the decisions.
 RECIPE_FIELDS = ("img_size", "epochs", "patience", "p_items", "k_images", "optimizer", "lr", "schedule")
-# fixture: one seed keeps each notebook's grid of tiny runs within seconds in CI; the
-# multi-seed paths (std, pairing by seed) are covered by tests/test_study.py.
-DEFAULT_SEEDS = {"fixture": 1, "demo": 3, "full": 3}
 # Stated per-epoch estimates (train + val pass, seconds) for the projected-time print, used
 # until runs of the study have been measured: fixture from 5–17 s per 1-epoch run measured on
 # the shared 2-core machine (most of it evaluation); demo from the measured `make demo`
@@ -792,9 +789,9 @@ def plan(
 
 
 def n_seeds_for(profile: str, n_seeds: int | None) -> int:
-    """The number of seeds asked for, or the profile's default (:data:`DEFAULT_SEEDS`)."""
+    """The number of seeds asked for, or the profile's default (:data:`helpers.core.config.STUDY_SEEDS`)."""
     if n_seeds is None:
-        return DEFAULT_SEEDS[profile]
+        return STUDY_SEEDS[profile]
     if n_seeds < 1:
         raise InputError(f"--seeds must be at least 1, got {n_seeds}")
     return n_seeds

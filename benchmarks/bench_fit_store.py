@@ -37,8 +37,8 @@ def main() -> None:
     if args.no_store:
         with_store = datasets.C2SDataset.__init__
 
-        def without_store(self, table, data_root, transform, store=None, store_rows=None):
-            with_store(self, table, data_root, transform)  # the rows fit kept, read from the JPEGs
+        def without_store(self, *rows_root_transform, store=None, store_rows=None):
+            with_store(self, *rows_root_transform)  # the rows fit kept, read from their JPEGs
 
         datasets.C2SDataset.__init__ = without_store
     cfg = get_config("demo")

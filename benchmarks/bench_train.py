@@ -247,7 +247,7 @@ def main() -> None:
     first = T.timed(project_epoch(run, 0))  # the loader's start-up, as a run's first epoch
 
     jpegs = jpeg_loader(run)
-    T.timed(project_epoch(run, 0, jpegs))  # its own start-up, untimed as the project's epoch 1 is apart
+    T.timed(project_epoch(run, 0, jpegs))  # warms the second loader up; not kept (epoch 1 has its own row)
 
     rows: dict[str, list[dict]] = {PROJECT: [], PROJECT_FIRST: [first], JPEG: [], OWN_BARE: []}
     rows.update({"bare " + T.describe(v): [] for v in variants})

@@ -83,8 +83,8 @@ def tune_allocator() -> bool:
     step's largest activations (Lite0's expanded 80x80 maps at batch 32: ~79 MB) are above the
     largest mmap threshold glibc accepts (32 MiB), so they would otherwise be mapped and unmapped
     on every step, ~40,000 page faults and up to 250 ms of system time per step. Freed memory
-    stays with the process for its next batch (a demo fit's peak RSS measured within 2 % of
-    that with a 32 MiB mmap threshold). Process-wide and idempotent; returns whether it
+    stays with the process for its next batch (a demo fit's peak RSS measured no higher than
+    with a 32 MiB mmap threshold, docs/benchmarks.md). Process-wide and idempotent; returns whether it
     applied. ``C2S_MALLOPT=0`` turns it off; other C libraries are left alone.
     """
     if os.environ.get("C2S_MALLOPT", "1") == "0" or not sys.platform.startswith("linux"):

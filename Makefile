@@ -27,7 +27,9 @@ test: $(STAMP)
 
 # The whole study of 02 + 03 on the demo profile, 3 seeds (<= 3 h on a 2-core CPU, resumable: run it
 # again after an interruption), then the post-processing experiment on the final configuration's
-# runs (no training). `make report` then rebuilds report/ from results/ and report/prose/ only.
+# runs (no training; it needs their checkpoints). `python -m helpers study all --statistics-only`
+# recomputes every comparison from the committed runs without training. `make report` then
+# rebuilds report/ from results/ and report/prose/ only.
 study: $(STAMP)
 	$(PY) -m helpers study all --profile demo
 	$(PY) -m helpers study postprocess --profile demo

@@ -150,7 +150,8 @@ def run_recipe(name: str, seed: int, root: Path, table_path: Path, out: Path) ->
         return json.loads((run_dir / "row.json").read_text())
     cfg = config.get_config("demo", seed=seed, **RECIPES[name])
     started_cpu, started = time.process_time(), time.perf_counter()
-    result = train.fit(cfg, table_path, root, run_dir, resume=(run_dir / "last.pt").is_file(), progress=False)
+    fitted = train.fit(cfg, table_path, root, run_dir, resume=(run_dir / "last.pt").is_file(), progress=False)
+    result = {**fitted, **train.evaluate_run(run_dir, table_path, root, progress=False)}
     row = {
         "recipe": name,
         "seed": seed,

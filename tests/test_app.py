@@ -240,10 +240,24 @@ def test_a_test_query_reports_its_true_item(demo):
     answer = demo.answer(query=label, box=box, k=demo.n_gallery)
     assert answer.ok and answer.true_item == demo.queries[label].item_id
     # With K = the whole gallery the true item is always found, and marked on its own hits only.
-    assert any(hit["true"] for hit in answer.hits) and "found at rank" in answer.message
-    assert all(hit["true"] == (hit["item_id"] == answer.true_item) for hit in answer.hits)
-    assert "✓ true item" in app.caption(next(h for h in answer.hits if h["true"]))
+    assert any(hit["match"] for hit in answer.hits) and "found at rank" in answer.message
+    assert all(hit["match"] == (hit["item_id"] == answer.true_item) for hit in answer.hits)
+    assert "✓ true item" in app.caption(next(h for h in answer.hits if h["match"]))
+    table = app.hit_table(answer.hits)
+    assert list(table["true item"]) == ["yes" if hit["match"] else "no" for hit in answer.hits]
     assert not demo.answer(query="no such query").ok
+
+
+def test_an_upload_s_true_item_is_unknown_not_false(demo):
+    # The same test photo uploaded: nobody told the app its item, so no hit is called a match or not.
+    label = demo.query_choices()[0]
+    path, box = demo.query_example(label)
+    with open(path, "rb") as handle:
+        answer = demo.answer(handle.read(), box=box, k=demo.n_gallery)
+    assert answer.ok and answer.true_item is None and "true item" not in answer.message
+    assert all("match" not in hit for hit in answer.hits)
+    assert set(app.hit_table(answer.hits)["true item"]) == {"unknown"}
+    assert not any("✓" in app.caption(hit) for hit in answer.hits)
 
 
 def test_the_cli_search_and_the_app_return_the_same_top_k(index_dir, demo):
@@ -281,7 +295,7 @@ def test_a_phone_photo_gets_the_same_answer_from_the_cli_and_the_app(index_dir, 
     assert [h["item_id"] for h in answer.hits] == [h["item_id"] for h in cli]
     assert [h["score"] for h in answer.hits] == pytest.approx([h["score"] for h in cli], abs=1e-5)
     with Image.open(sideways) as stored:  # the stored pixels, as a decoder that ignores EXIF sees them
-        raw = demo.index.search_image(stored.convert("RGB"), k=k)
+        raw = demo.retriever.search(stored.convert("RGB"), k=k)
     assert [h["score"] for h in raw] != pytest.approx([h["score"] for h in cli], abs=1e-3)
 
 
@@ -303,11 +317,11 @@ def test_a_photo_the_cli_cannot_read_is_one_line_naming_it(index_dir, tmp_path, 
 
 
 def test_the_page_shows_no_absolute_path_of_the_server(demo, tmp_path):
-    outside = app.SearchApp(demo.index, tmp_path / "shop_images")
+    outside = app.SearchApp(demo.retriever, tmp_path / "shop_images")
     text = app.describe(outside)
     assert "`shop_images`" in text
     assert str(tmp_path) not in text and "`/" not in text
-    inside = app.SearchApp(demo.index, REPO_ROOT / "data" / "shop_images")
+    inside = app.SearchApp(demo.retriever, REPO_ROOT / "data" / "shop_images")
     assert "`data/shop_images`" in app.describe(inside) and str(REPO_ROOT) not in app.describe(inside)
     pytest.importorskip("gradio")
     blocks = app.build_blocks(outside)

@@ -181,7 +181,9 @@ def test_study_runs_each_chosen_experiment_and_says_where_results_are(monkeypatc
     from helpers.experiments import study
 
     ran = []
-    monkeypatch.setattr(study, "run_experiment", lambda experiment, *a, **k: ran.append(experiment.name) or {})
+    monkeypatch.setattr(
+        study.Study, "run_experiment", lambda self, experiment, train=True: ran.append(experiment.name) or {}
+    )
     monkeypatch.setattr(study, "learned", lambda result: "learned")
     assert main(["study", "crop", "--profile", "fixture", "--quiet"]) == 0
     assert ran == ["crop"]
@@ -195,30 +197,54 @@ def test_study_runs_each_chosen_experiment_and_says_where_results_are(monkeypatc
 def test_study_postprocess_runs_on_the_final_configuration(monkeypatch, capsys):
     import pandas as pd
 
-    from helpers.experiments import study
+    from helpers.experiments import postprocessing
 
     comparison = pd.DataFrame(
         {
             "n_seeds": [2, 2],
             "val_recall@5_mean": [0.5, 0.625],
             "diff_recall@5": [float("nan"), 0.125],
-            "low_recall@5": [float("nan"), -0.25],
-            "high_recall@5": [float("nan"), 0.5],
+            "low_adj_recall@5": [float("nan"), -0.25],
+            "high_adj_recall@5": [float("nan"), 0.5],
+            "p_holm_recall@5": [float("nan"), 0.5],
             "verdict_recall@5": ["baseline", "within noise"],
         },
-        index=["none", "alpha_qe"],
+        index=["none", "aqe"],
     )
     called = []
     monkeypatch.setattr(
-        study,
+        postprocessing,
         "run_postprocess",
-        lambda profile, **k: (
-            called.append(profile)
+        lambda study: (
+            called.append(study.profile)
             or {"comparison": comparison, "decision": {"experiment": "postprocess", "winner": "none"}}
         ),
     )
     assert main(["study", "postprocess", "--profile", "fixture", "--quiet"]) == 0
     assert called == ["fixture"]
     out = capsys.readouterr().out
-    assert out.startswith("postprocess (none val R@5 0.500, 2 seeds): alpha_qe: +0.125 val R@5 [-0.250, +0.500]")
+    assert out.startswith("postprocess (none val R@5 0.500, 2 seeds): aqe: +0.125 val R@5 [-0.250, +0.500] at Holm's")
     assert out.rstrip().endswith("Adopted: none.")
+
+
+def test_runtime_choices_are_the_gallery_runtimes_and_torch_is_the_default():
+    from helpers.evaluation import gallery
+
+    assert cli.RUNTIMES == gallery.RUNTIMES
+    index = ["index", "--table", "t.csv", "--data-root", "root", "--checkpoint", "best.pt", "--out", "index"]
+    for argv in (index, ["search", "--index", "ix", "photo.jpg"], ["serve", "--index", "ix"]):
+        assert build_parser().parse_args(argv).runtime == "torch"
+        assert build_parser().parse_args([*argv, "--runtime", "onnx"]).runtime == "onnx"
+
+
+def test_index_refuses_an_onnx_model_without_the_onnx_runtime(capsys):
+    common = ["index", "--table", "t.csv", "--data-root", "root", "--checkpoint", "best.pt", "--out", "index"]
+    assert main([*common, "--onnx", "model.onnx"]) == 2
+    assert capsys.readouterr().err == "error: --onnx is the model of --runtime onnx: add --runtime onnx\n"
+
+
+def test_export_needs_its_checkpoint_out_and_check_images(capsys):
+    assert main(["export", "--checkpoint", "best.pt", "--out", "model.onnx"]) == 2
+    assert "the following arguments are required: --table, --data-root" in capsys.readouterr().err
+    text = _help("export", capsys=capsys)
+    assert "--check-images CHECK_IMAGES" in text and "checked with onnxruntime" in _help(capsys=capsys)

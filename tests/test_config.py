@@ -47,6 +47,7 @@ BAD_VALUES = {
     "optimizer": "sgd",
     "lr": float("nan"),
     "backbone_lr_mult": -0.1,
+    "layer_decay": 0.0,
     "weight_decay": -1e-4,
     "schedule": "step",
     "warmup_epochs": -1,
@@ -60,6 +61,7 @@ BAD_VALUES = {
     "device": "gpu",
     "flip_tta": "no",
     "compile": None,
+    "grad_checkpointing": "yes",
 }
 
 
@@ -154,3 +156,18 @@ def test_config_from_dict_checks_what_it_reads():
         config.config_from_dict({k: v for k, v in values.items() if k != "profile"})
     # a dict written before a field existed: the field takes its default
     assert config.config_from_dict({k: v for k, v in values.items() if k != "compile"}).compile is False
+
+
+@pytest.mark.parametrize("value", [0.0, -0.5, 1.5, float("inf"), True, "0.75"])
+def test_layer_decay_is_a_fraction_up_to_one(value):
+    assert "layer_decay must be a number in (0, 1]" in _rejection(layer_decay=value)
+
+
+def test_new_fields_default_to_training_as_before():
+    """layer_decay 1.0 and grad_checkpointing False are the values every recorded run trained with."""
+    from helpers.core import identity
+
+    for profile in config.PROFILES.values():
+        assert (profile.layer_decay, profile.grad_checkpointing) == (1.0, False)
+        assert {k: getattr(profile, k) for k in identity.LATER_FIELDS} == identity.LATER_FIELDS
+    assert config.get_config("fixture", layer_decay=0.75, grad_checkpointing=True).layer_decay == 0.75

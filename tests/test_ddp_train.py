@@ -2,7 +2,7 @@
 
 The 2-process run is interrupted after epoch 1 and resumed (as `--resume` after a crash), so
 the comparison also covers resume under DDP. Compared: the loss of every training step, the
-val history and the test metrics written by rank 0.
+val history, fit's result and the test metrics :func:`train.evaluate_run` writes from rank 0.
 
 BatchNorm: SyncBatchNorm has no CPU kernel, so under gloo each rank's BatchNorm layers use the
 statistics of its own share (2 items × 2 images) instead of the global batch of 8. On the
@@ -98,8 +98,9 @@ def _worker(rank: int, world: int, port: int, root: str, table: str, out: str) -
     _record_losses(seen)
     try:
         first = train.fit(cfg(), table, root, out, progress=False, stop_after_epoch=1)
-        result = train.fit(cfg(), table, root, out, resume=True, progress=False)
-        torch.save({"first": first, "result": result, "seen": seen}, f"{out}/rank{rank}.pt")
+        fitted = train.fit(cfg(), table, root, out, resume=True, progress=False)
+        result = train.evaluate_run(out, table, root, progress=False)
+        torch.save({"first": first, "fitted": fitted, "result": result, "seen": seen}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -115,9 +116,10 @@ def test_two_process_ddp_matches_one_process(small_tree, tmp_path, free_port):
     _record_losses(seen)
     train._training_module = lambda c, embedder, ctx, device: GhostBatches(embedder, 2)
     try:
-        single = train.fit(cfg(), table, root, tmp_path / "single", progress=False)
+        fitted = train.fit(cfg(), table, root, tmp_path / "single", progress=False)
     finally:
         train.create_criterion, train._training_module = original, original_module
+    single = train.evaluate_run(tmp_path / "single", table, root, progress=False)
 
     # Both ranks saw the gathered global batch (8 rows) at every step, with the same loss.
     assert ranks[0]["seen"] == ranks[1]["seen"]
@@ -127,6 +129,7 @@ def test_two_process_ddp_matches_one_process(small_tree, tmp_path, free_port):
         assert got == pytest.approx(want, rel=LOSS_RTOL), (ranks[0]["seen"], seen)
     # The interrupted run stopped after epoch 1 on both ranks and the resumed one finished.
     assert ranks[0]["first"] is None and ranks[1]["first"] is None
+    assert ranks[0]["fitted"] == ranks[1]["fitted"] and ranks[0]["fitted"]["best_epoch"] == fitted["best_epoch"]
     assert ranks[0]["result"] == ranks[1]["result"]  # rank 0's test metrics, broadcast
     for key in ("recall@1", "recall@5", "recall@10", "map"):
         assert abs(ranks[0]["result"][key] - single[key]) <= METRIC_TOL, (key, ranks[0]["result"], single)
@@ -143,3 +146,6 @@ def test_two_process_ddp_matches_one_process(small_tree, tmp_path, free_port):
             reference[column][1:].to_numpy(), rel=LOSS_RTOL, abs=METRIC_TOL
         ), column
     assert json.loads((ddp_dir / "metrics.json").read_text()) == ranks[0]["result"]
+    assert json.loads((ddp_dir / "fit.json").read_text()) == ranks[0]["fitted"]
+    val_ranks = [pd.read_csv(d / "val_ranks.csv") for d in (ddp_dir, tmp_path / "single")]
+    assert val_ranks[0].path.tolist() == val_ranks[1].path.tolist()

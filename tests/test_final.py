@@ -8,15 +8,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers.core import config
+from helpers.core import config, identity
 from helpers.core.errors import InputError
-from helpers.experiments import final, study
+from helpers.core.files import sha256_file
+from helpers.evaluation.metrics import INTERVALS
+from helpers.experiments import final, final_runs
+from helpers.experiments.catalogue import POSTPROCESS
+from helpers.experiments.runs import runs_of
+from helpers.experiments.study import Study
 
 
 def _run(folder, seed, val_r5, test, best_epoch=3, loss=(0.3, 0.2, 0.1)):
     """A finished run folder as fit and the study leave it: metrics.json, history.csv, study_run.json."""
     folder.mkdir(parents=True)
-    metrics = {"best_epoch": best_epoch, "val": {"recall@5": val_r5}}
+    metrics = {"best_epoch": best_epoch, "val": {"recall@5": val_r5}, "ci": f"{INTERVALS['items']}, 95%"}
     for k, value in zip((1, 5, 10), test):
         metrics[f"recall@{k}"] = value
         metrics[f"recall@{k}_ci"] = [value - 0.05, value + 0.05]
@@ -32,33 +37,49 @@ def test_seed_table_has_every_seed_then_mean_and_std(tmp_path):
         1: _run(tmp_path / "b", 1, 0.74, (0.50, 0.72, 0.84)),
         2: _run(tmp_path / "c", 2, 0.72, (0.45, 0.74, 0.82)),
     }
-    table = final.seed_table(runs)
+    table = final_runs.seed_table(runs, tmp_path / "images.csv", tmp_path)
     assert list(table.index) == [0, 1, 2, "mean", "std"]
     assert table.loc["mean", "test_recall@1"] == pytest.approx(0.45)
     assert table.loc["std", "test_recall@1"] == pytest.approx(0.05)  # sample std of 0.40, 0.50, 0.45
     assert table.loc[1, "test_recall@1_ci"] == "[0.450, 0.550]"
-    assert final.demo_seed(runs) == 1  # the best val Recall@5, never the best test number
+    assert final_runs.demo_seed(runs) == 1  # the best val Recall@5, never the best test number
+
+
+def test_test_metrics_resample_items(tmp_path, monkeypatch):
+    """A run's recorded test metrics are used when their intervals resample items; per-query ones
+    are evaluated again with the run's checkpoint, or kept as recorded when it has none."""
+    ready = _run(tmp_path / "items", 0, 0.7, (0.4, 0.7, 0.8))
+    assert final_runs.test_metrics(ready, tmp_path / "t.csv", tmp_path)["recall@1"] == 0.4
+    old = _run(tmp_path / "queries", 0, 0.7, (0.4, 0.7, 0.8))
+    record = json.loads((old / "metrics.json").read_text()) | {"ci": "percentile bootstrap over queries, 95%"}
+    (old / "metrics.json").write_text(json.dumps(record))
+    assert final_runs.test_metrics(old, tmp_path / "t.csv", tmp_path) == record  # no checkpoint: as recorded
+    (old / "best.pt").write_bytes(b"weights")
+    monkeypatch.setattr(final_runs.train, "evaluate_run", lambda run_dir, *a, **k: {"evaluated": str(run_dir)})
+    assert final_runs.test_metrics(old, tmp_path / "t.csv", tmp_path) == {"evaluated": str(old)}
+    with pytest.raises(InputError, match="missing and no best.pt"):
+        final_runs.test_metrics(tmp_path, tmp_path / "t.csv", tmp_path)
 
 
 def test_demo_seed_breaks_a_tie_by_the_lowest_seed(tmp_path):
     runs = {s: _run(tmp_path / str(s), s, 0.7, (0.4, 0.7, 0.8)) for s in (2, 0, 1)}
-    assert final.demo_seed(runs) == 0
+    assert final_runs.demo_seed(runs) == 0
 
 
 def test_reproduction_measures_the_largest_difference_per_seed(tmp_path):
     recorded = {0: _run(tmp_path / "study", 0, 0.7, (0.4, 0.7, 0.8), loss=(0.3, 0.2, 0.1))}
-    same = final.reproduction(recorded, recorded)
+    same = final_runs.reproduction(recorded, recorded)
     assert same.loc[0, "run"] == "the study's own" and same.loc[0, "max |Δ loss|"] == 0
     here = {0: _run(tmp_path / "here", 0, 0.7, (0.4, 0.7, 0.8), loss=(0.3, 0.25, 0.1))}
-    table = final.reproduction(here, recorded)
+    table = final_runs.reproduction(here, recorded)
     assert table.loc[0, "run"] == "retrained here"
     assert table.loc[0, "max |Δ loss|"] == pytest.approx(0.05)
     shorter = {0: _run(tmp_path / "short", 0, 0.7, (0.4, 0.7, 0.8), loss=(0.3, 0.2))}
-    assert np.isnan(final.reproduction(shorter, recorded).loc[0, "max |Δ loss|"])  # different lengths: no pairing
+    assert np.isnan(final_runs.reproduction(shorter, recorded).loc[0, "max |Δ loss|"])  # different lengths: no pairing
 
 
 def _study_run(root, experiment, cfg, seed, table_sha, finished=True):
-    key = study.run_key(replace(cfg, seed=seed), table_sha)
+    key = identity.run_key(replace(cfg, seed=seed), table_sha)
     folder = _run(root / experiment / f"baseline_seed{seed}_{key}", seed, 0.7, (0.4, 0.7, 0.8))
     (folder / "study_run.json").write_text(json.dumps({"key": key, "seed": seed, "finished": finished}))
     return folder
@@ -67,7 +88,7 @@ def _study_run(root, experiment, cfg, seed, table_sha, finished=True):
 def test_the_final_runs_are_found_by_run_key_wherever_the_study_put_them(tmp_path):
     table = tmp_path / "images.csv"
     table.write_text("made-up table\n")
-    sha = study.sha256_file(table)
+    sha = sha256_file(table)
     root = tmp_path / "results"
     base = config.get_config("fixture")
     chosen = replace(base, embed_dim=64)
@@ -77,13 +98,14 @@ def test_the_final_runs_are_found_by_run_key_wherever_the_study_put_them(tmp_pat
     b = _study_run(root, "backbone", chosen, 1, sha)  # a later stage's baseline: the same run key
     _study_run(root, "crop", base, 0, sha)  # the recipe itself, not the final configuration
     _study_run(root, "embed_dim", chosen, 2, sha, finished=False)  # half-finished: not a result
-    assert study.runs_of(base, root, table) == {0: root / "crop" / next((root / "crop").iterdir()).name}
-    assert study.final_runs(base, root, table, need_checkpoints=False) == {0: a, 1: b}
+    assert runs_of(base, root, sha) == {0: root / "crop" / next((root / "crop").iterdir()).name}
+    the_study = Study("fixture", root=root, tables=(tmp_path, table))
+    assert the_study.final_runs(need_checkpoints=False) == {0: a, 1: b}
     with pytest.raises(InputError, match="best.pt: missing"):
-        study.final_runs(base, root, table)  # checkpoints are local, never committed
+        the_study.final_runs()  # checkpoints are local, never committed
     (root / "final_config.json").write_text(json.dumps({"config": {"embed_dim": 128}}))
     with pytest.raises(InputError, match="no finished run of this configuration"):
-        study.final_runs(base, root, table, need_checkpoints=False)
+        the_study.final_runs(need_checkpoints=False)
 
 
 def test_a_missing_checkpoint_is_retrained_under_the_recorded_configuration(tmp_path, monkeypatch):
@@ -93,11 +115,11 @@ def test_a_missing_checkpoint_is_retrained_under_the_recorded_configuration(tmp_
     root.mkdir()
     (root / "final_config.json").write_text(json.dumps({"config": {"embed_dim": 64}}))
     base = config.get_config("fixture")
-    recorded = _study_run(root, "embed_dim", replace(base, embed_dim=64), 0, study.sha256_file(table))
+    recorded = _study_run(root, "embed_dim", replace(base, embed_dim=64), 0, sha256_file(table))
     monkeypatch.setattr(config, "OUTPUTS", tmp_path / "outputs")
-    monkeypatch.setattr(final.artifacts, "results_root", lambda profile: root)
+    monkeypatch.setattr(final_runs.artifacts, "results_root", lambda profile: root)
     with pytest.raises(InputError, match="TRAIN_IF_MISSING"):
-        final.study_runs(base, {"embed_dim": 64}, table, tmp_path, train_if_missing=False)
+        final_runs.study_runs(base, {"embed_dim": 64}, table, tmp_path, train_if_missing=False)
     trained = []
 
     def fake_fit(cfg, table_path, data_root, run_dir, progress=True):
@@ -105,12 +127,12 @@ def test_a_missing_checkpoint_is_retrained_under_the_recorded_configuration(tmp_
         _run(run_dir, cfg.seed, 0.7, (0.4, 0.7, 0.8))
         (run_dir / "best.pt").write_bytes(b"weights")
 
-    monkeypatch.setattr(final.artifacts, "ensure_trained", fake_fit)
-    runs, found, how = final.study_runs(base, {"embed_dim": 64}, table, tmp_path, train_if_missing=True)
+    monkeypatch.setattr(final_runs.artifacts, "ensure_trained", fake_fit)
+    runs, found, how = final_runs.study_runs(base, {"embed_dim": 64}, table, tmp_path, train_if_missing=True)
     assert trained == [(64, 0)] and found == {0: recorded}
     assert runs[0] == tmp_path / "outputs" / "fixture" / "final_runs" / recorded.name
     assert "seeds 0 retrained here" in how
-    assert final.reproduction(runs, found).loc[0, "max |Δ loss|"] == 0
+    assert final_runs.reproduction(runs, found).loc[0, "max |Δ loss|"] == 0
 
 
 def test_examples_are_chosen_by_rank_from_distinct_items():
@@ -127,18 +149,18 @@ def test_examples_are_chosen_by_rank_from_distinct_items():
 
 
 def test_postprocess_choice_reads_the_study_decision(tmp_path):
-    method, why = final.postprocess_choice("demo", tmp_path)
+    method, why = final_runs.postprocess_choice("demo", tmp_path)
     assert method == "none" and "does not exist yet" in why
-    folder = tmp_path / study.POSTPROCESS
+    folder = tmp_path / POSTPROCESS
     folder.mkdir()
     (folder / "decision.json").write_text(json.dumps({"winner": "flip_tta", "why": "flip_tta is `better`"}))
-    assert final.postprocess_choice("demo", tmp_path) == (
+    assert final_runs.postprocess_choice("demo", tmp_path) == (
         "flip_tta",
         f"{folder / 'decision.json'}: flip_tta is `better`",
     )
     (folder / "decision.json").write_text("[1, 2]")
     with pytest.raises(InputError, match=r"decision\.json: not a post-processing decision"):
-        final.postprocess_choice("demo", tmp_path)
+        final_runs.postprocess_choice("demo", tmp_path)
 
 
 def test_the_recorded_commit_ignores_rewritten_results(tmp_path, monkeypatch):

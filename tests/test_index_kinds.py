@@ -4,15 +4,18 @@ recall, `search` / GalleryIndex.load reading any kind, bad parameters refused in
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+import shutil
+from dataclasses import asdict, replace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from helpers.apps.cli import main
 from helpers.core import config, schema
-from helpers.evaluation import gallery
+from helpers.evaluation import gallery, postprocess
+from helpers.evaluation.search import exact_topk
 from helpers.modeling import checkpoints, models
 
 
@@ -125,6 +128,151 @@ def test_bad_index_parameters_fail_in_one_line(setup, tmp_path, capsys, extra, m
     assert len(err) == 1 or "invalid choice" in err[-1]
     assert message in err[-1]
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob("bad*"))
+
+
+# --------------------------------------------------------------------------- post-processing applied by the index
+
+
+@pytest.fixture(scope="module")
+def query_embeddings(setup, exact_index):
+    """Every test consumer photo, embedded one at a time through the index's model as a search is."""
+    root, table, _ = setup
+    frame = schema.read_table(table)
+    rows = frame.loc[(frame.split == "test") & (frame.domain == "consumer")].drop_duplicates("path")
+    index = gallery.GalleryIndex.load(exact_index)
+    return np.concatenate(
+        [index.embed_image(root / r.path, box=(r.x_1, r.y_1, r.x_2, r.y_2)) for r in rows.itertuples(index=False)]
+    )
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["aqe", "dba", "k_reciprocal"])
+def test_an_index_ranks_as_the_method_scores_the_whole_query_set(exact_index, tmp_path, name):
+    """Well-separated random embeddings (the untrained fixture model's are nearly collapsed: there
+    a float rounding can swap two neighbours) in an index saved with the method and loaded back."""
+    plain = gallery.GalleryIndex.load(exact_index)
+    rng = np.random.default_rng(0)
+    embeddings, queries = _unit(rng.normal(size=(40, 16))), _unit(rng.normal(size=(12, 16)))
+    rows = pd.concat([plain.gallery] * 5, ignore_index=True).head(40)
+    method = postprocess.create_postprocess(name)
+    meta = {"ann": {"kind": "exact"}, "postprocess": method.to_json()}
+    gallery.GalleryIndex(embeddings, rows, plain.model_state, plain.run_config, meta).save(tmp_path / name)
+    index = gallery.GalleryIndex.load(tmp_path / name)
+    assert index.postprocess == method  # index.json round trip
+    expected = postprocess.top_k(method.scores(queries, embeddings), 5)
+    if name == "k_reciprocal":  # re-ranks the rows of one search together: the whole set at once
+        assert np.array_equal(index.search(queries, 5)[1], expected)
+    else:  # one query at a time, as the app and the CLI search
+        for query, top in zip(queries, expected):
+            assert index.search(query[None], 5)[1][0].tolist() == top.tolist()
+
+
+def test_a_built_index_records_and_applies_its_post_processing(setup, query_embeddings, tmp_path, capsys):
+    root, table, _ = setup
+    out = tmp_path / "aqe"
+    assert main(["index", *common(setup), "--out", str(out), "--postprocess", "aqe"]) == 0
+    assert "post-processing aqe" in capsys.readouterr().out
+    method = postprocess.create_postprocess("aqe")
+    assert json.loads((out / "index.json").read_text())["postprocess"] == {"name": "aqe", "params": method.params}
+    index = gallery.GalleryIndex.load(out)
+    assert index.postprocess == method
+    expanded = postprocess.alpha_query_expansion(query_embeddings[:1], np.asarray(index.embeddings), 2, 3.0)
+    scores, _ = index.search(query_embeddings[:1], 3)
+    np.testing.assert_allclose(scores[0], np.sort(expanded[0])[::-1][:3], atol=1e-5)
+    frame = schema.read_table(table)
+    query = frame.loc[(frame.split == "test") & (frame.domain == "consumer")].iloc[0]
+    assert main(["search", "--index", str(out), str(root / query.path), "-k", "3", "--json"]) == 0
+    assert [hit["rank"] for hit in json.loads(capsys.readouterr().out)] == [1, 2, 3]
+
+
+def test_the_final_evaluation_ranks_with_the_index_s_post_processing(setup, tmp_path):
+    from helpers.evaluation import metrics
+    from helpers.experiments import final
+
+    root, table, _ = setup
+    assert main(["index", *common(setup), "--out", str(tmp_path / "aqe"), "--postprocess", "aqe"]) == 0
+    index = gallery.GalleryIndex.load(tmp_path / "aqe")
+    queries = final.consumer_queries(schema.read_table(table))
+    embedded = final.embed_queries(index, queries, root, progress=False)
+    results, per_query = final.evaluate_final(index, queries, embedded)
+    assert {r["postprocess"]["name"] for r in results.values()} == {"aqe"}
+    scores = index.postprocess.scores(embedded, np.asarray(index.embeddings))
+    expected = metrics.score_metrics(scores, queries.item_id.to_numpy(), index.gallery.item_id.to_numpy())
+    assert per_query.rank_of_first_hit.tolist() == (expected.first_hit_rank + 1).tolist()
+    for k in (1, 5, 10, 20):
+        assert results["official"][f"recall@{k}"] == expected.recall[k]
+
+
+def test_an_index_without_post_processing_searches_as_before(exact_index, query_embeddings, tmp_path):
+    index = gallery.GalleryIndex.load(exact_index)
+    assert json.loads((exact_index / "index.json").read_text())["postprocess"] == {"name": "none", "params": {}}
+    scores, found = index.search(query_embeddings, 5)
+    expected_scores, expected = exact_topk(query_embeddings, np.asarray(index.embeddings), 5)
+    assert np.array_equal(found, expected) and np.array_equal(scores, expected_scores)
+    # an index written before post-processing was recorded loads as `none`
+    old = tmp_path / "old"
+    shutil.copytree(exact_index, old)
+    meta = json.loads((old / "index.json").read_text())
+    del meta["postprocess"]
+    (old / "index.json").write_text(json.dumps(meta))
+    assert gallery.GalleryIndex.load(old).postprocess == postprocess.create_postprocess("none")
+
+
+def test_a_flip_tta_index_embeds_gallery_and_queries_with_the_flip(setup, exact_index, tmp_path):
+    from helpers.evaluation import inference
+
+    root, table, _ = setup
+    assert main(["index", *common(setup), "--out", str(tmp_path / "flip"), "--postprocess", "flip_tta"]) == 0
+    index = gallery.GalleryIndex.load(tmp_path / "flip")
+    cfg = replace(config.config_from_dict(index.run_config), flip_tta=True)
+    flipped = inference.embed_table(cfg, index.embedder(), index.gallery, root, "cpu", progress=False)
+    np.testing.assert_allclose(np.asarray(index.embeddings), flipped, rtol=1e-6, atol=1e-6)
+    plain = gallery.GalleryIndex.load(exact_index)
+    assert not np.allclose(np.asarray(plain.embeddings), flipped, atol=1e-4)
+    photo = root / index.gallery.path[0]
+    np.testing.assert_allclose(index.embed_image(photo), inference.embed_image(index.embedder(), cfg, photo), atol=1e-6)
+
+
+def test_ensure_index_rebuilds_when_the_post_processing_changes(setup, tmp_path, monkeypatch):
+    from helpers.experiments import artifacts
+
+    root, table, checkpoint = setup
+    built = []
+    real_build = gallery.build_index
+    monkeypatch.setattr(
+        gallery, "build_index", lambda *a, **kw: built.append(kw["postprocess"]) or real_build(*a, **kw)
+    )
+    folder = tmp_path / "index"
+    for name in ("none", "none", "aqe", "aqe", "dba"):
+        method = postprocess.create_postprocess(name)
+        artifacts.ensure_index(checkpoint, table, root, folder, num_workers=0, progress=False, postprocess=method)
+        assert gallery.GalleryIndex.load(folder).postprocess == method
+    assert [m.name for m in built] == ["none", "aqe", "dba"]
+    artifacts.ensure_index(checkpoint, table, root, folder, num_workers=0, progress=False)  # default: none
+    assert [m.name for m in built] == ["none", "aqe", "dba", "none"]
+
+
+def test_a_bad_post_processing_name_is_refused_before_embedding(setup, tmp_path, capsys):
+    assert main(["index", *common(setup), "--out", str(tmp_path / "bad"), "--postprocess", "qe"]) == 2
+    assert "invalid choice: 'qe'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_evaluate_resamples_items_unless_asked_for_queries(setup, tmp_path, capsys):
+    args = ["evaluate", *common(setup), "--split", "test"]
+    assert main([*args, "--out", str(tmp_path / "items.json")]) == 0
+    assert main([*args, "--out", str(tmp_path / "queries.json"), "--interval", "queries"]) == 0
+    assert main([*args, "--out", str(tmp_path / "aqe.json"), "--postprocess", "aqe"]) == 0
+    items, queries, aqe = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("items", "queries", "aqe"))
+    assert items["ci"].startswith("percentile bootstrap over items (all queries of an item together), 95%")
+    assert queries["ci"].startswith("percentile bootstrap over queries, 95%")
+    assert items["recall@5"] == queries["recall@5"] and items["postprocess"] == {"name": "none", "params": {}}
+    assert aqe["postprocess"] == postprocess.create_postprocess("aqe").to_json()
+    assert main([*args, "--interval", "pairs"]) == 2
+    assert "invalid choice: 'pairs'" in capsys.readouterr().err
 
 
 def test_stage_cli(tmp_path, capsys):

@@ -18,12 +18,28 @@ PACKAGE = Path(__file__).resolve().parent.parent / "helpers"
 # Lower = lower layer. A module may import modules of a strictly lower package, or of its own
 # package when listed earlier in the same tuple (the order inside a package is part of the design).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("core", ("errors", "progress", "files", "config", "runtime", "repro", "arrays", "schema")),
+    ("core", ("errors", "progress", "files", "config", "identity", "runtime", "repro", "arrays", "schema")),
     ("data", ("deepfashion", "sampling", "synthetic", "staging", "transforms", "store", "datasets")),
-    ("modeling", ("models", "losses", "distributed", "checkpoints")),
-    ("evaluation", ("metrics", "inference", "search", "postprocess", "ann", "gallery", "plots")),
+    ("modeling", ("models", "losses", "distributed", "checkpoints", "onnx_embedder", "export")),
+    ("evaluation", ("metrics", "inference", "search", "postprocess", "ann", "gallery", "retriever", "plots")),
     ("training", ("train",)),
-    ("experiments", ("artifacts", "statistics", "study", "final", "pipeline", "report")),
+    (
+        "experiments",
+        (
+            "artifacts",
+            "statistics",
+            "catalogue",
+            "runs",
+            "comparison",
+            "family",
+            "study",
+            "postprocessing",
+            "final_runs",
+            "final",
+            "pipeline",
+        ),
+    ),
+    ("reporting", ("tables", "prose", "check", "render", "sections", "results_section", "talk", "compose")),
     ("apps", ("app", "cli")),
 )
 RANK = {

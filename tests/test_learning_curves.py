@@ -15,7 +15,7 @@ from matplotlib.collections import PathCollection, PolyCollection
 
 from helpers.core.errors import InputError
 from helpers.evaluation import plots
-from helpers.experiments import study
+from helpers.experiments.runs import experiment_history
 
 NAN = math.nan
 # (variant, seed) -> (train loss per epoch, val Recall@5 per epoch, best epoch); epoch 0 is the
@@ -74,21 +74,21 @@ def write_runs(root) -> None:
 
 def test_experiment_history_reads_every_listed_run(tmp_path):
     write_runs(tmp_path)
-    history = study.experiment_history(tmp_path, "crop")
+    history = experiment_history(tmp_path, "crop")
     pd.testing.assert_frame_equal(history, history_frame())
     assert len(history) == 19 and history.best.sum() == 5
 
 
 def test_experiment_history_names_a_missing_file(tmp_path):
     with pytest.raises(InputError, match="runs.csv: missing"):
-        study.experiment_history(tmp_path, "crop")
+        experiment_history(tmp_path, "crop")
     write_runs(tmp_path)
     pd.DataFrame({"epoch": [0], "loss": [NAN]}).to_csv(tmp_path / "crop" / "crop=False_seed0_k0" / "history.csv")
     with pytest.raises(InputError, match=r"crop=False_seed0_k0/history\.csv: no column val_recall@5"):
-        study.experiment_history(tmp_path, "crop")
+        experiment_history(tmp_path, "crop")
     (tmp_path / "crop" / "crop=False_seed0_k0" / "history.csv").unlink()
     with pytest.raises(InputError, match=r"crop=False_seed0_k0/history\.csv: missing"):
-        study.experiment_history(tmp_path, "crop")
+        experiment_history(tmp_path, "crop")
 
 
 def test_summary_is_the_mean_and_min_max_over_seeds():

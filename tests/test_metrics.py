@@ -68,6 +68,33 @@ def test_metrics_match_brute_force_loop(seed, value_range, budget):
     assert res.map == pytest.approx(float(np.mean(aps)))
 
 
+@pytest.mark.parametrize("seed,budget", [(0, 256), (1, 0.0005)])
+def test_score_metrics_is_the_same_ranking_as_retrieval_metrics(seed, budget):
+    query, ql, gallery, gl = integer_data(seed, n_query=60, n_gallery=150, dim=6, n_items=25, value_range=1)
+    scores = query.astype(np.float64) @ gallery.T.astype(np.float64)  # float64, many exact ties
+    evaluated, first_hits, aps, excluded, recall = brute_force_metrics(query, ql, gallery, gl, (1, 5))
+    res = metrics.score_metrics(scores, ql, gl, ks=(1, 5), memory_budget_mb=budget)
+    np.testing.assert_array_equal(res.query_index, evaluated)
+    np.testing.assert_array_equal(res.first_hit_rank, first_hits)
+    np.testing.assert_allclose(res.average_precision, aps, rtol=1e-12)
+    assert res.n_excluded_queries == excluded and res.recall == pytest.approx(recall)
+    # retrieval_metrics with a scorer goes through score_metrics: the same result
+    scored = retrieval_metrics(query, ql, gallery, gl, ks=(1, 5), scorer=lambda q, g: q @ g.T)
+    plain = retrieval_metrics(query, ql, gallery, gl, ks=(1, 5))
+    for result in (scored, plain):
+        np.testing.assert_array_equal(result.first_hit_rank, first_hits)
+        np.testing.assert_allclose(result.average_precision, aps, rtol=1e-12)
+
+
+def test_score_metrics_input_errors():
+    with pytest.raises(InputError, match="matrix"):
+        metrics.score_metrics(np.zeros(3), ["a"], ["a", "b", "c"])
+    with pytest.raises(InputError, match="2 gallery labels for 3 gallery rows"):
+        metrics.score_metrics(np.zeros((1, 3)), ["a"], ["a", "b"])
+    with pytest.raises(InputError, match="NaN"):
+        metrics.score_metrics(np.array([[0.1, np.nan]]), ["a"], ["a", "b"])
+
+
 def test_metrics_accept_int_labels_and_float_data():
     rng = np.random.default_rng(5)
     query = rng.standard_normal((20, 8)).astype(np.float32)
@@ -121,6 +148,81 @@ def test_bootstrap_ci_is_seeded_and_contains_the_estimate():
     assert low <= values.mean() <= high
     assert 0.0 < high - low < 0.2
     assert bootstrap_ci(np.ones(10)) == (1.0, 1.0)
+
+
+def _item_bootstrap_loop(values: np.ndarray, items: list, n_boot: int, seed: int) -> np.ndarray:
+    """The item bootstrap written out: draw items with the seeded generator (one draw matrix, as
+    the vectorised code draws a batch), then add up each drawn item's queries one by one."""
+    order = list(dict.fromkeys(items))  # items numbered in order of first appearance
+    members = {item: [i for i, it in enumerate(items) if it == item] for item in order}
+    draws = np.random.default_rng(seed).integers(0, len(order), size=(n_boot, len(order)))
+    means = np.empty((n_boot, values.shape[1]))
+    for b, drawn in enumerate(draws):
+        for j in range(values.shape[1]):
+            total, count = 0.0, 0
+            for code in drawn:
+                for i in members[order[code]]:
+                    total += values[i, j]
+                    count += 1
+            means[b, j] = total / count
+    return means
+
+
+def test_item_bootstrap_equals_the_explicit_loop():
+    rng = np.random.default_rng(3)
+    items = [f"item{i}" for i in rng.integers(0, 12, 40)]  # 1 to several queries per item, shuffled
+    values = np.column_stack([rng.integers(0, 2, 40), rng.random(40)]).astype(np.float64)
+    got = metrics._bootstrap_means(values, 300, 5, items)
+    np.testing.assert_allclose(got, _item_bootstrap_loop(values, items, 300, 5), rtol=1e-12)
+    low, high = np.quantile(got[:, 0], [0.025, 0.975])
+    assert bootstrap_ci(values[:, 0], n_boot=300, seed=5, items=items) == (low, high)
+
+
+def test_item_bootstrap_by_hand():
+    # Item A: three hits, item B: one miss. Drawing two items gives {A, A} = 6/6, {A, B} = 3/4 or
+    # {B, B} = 0/2, with chances 1/4, 1/2, 1/4; queries drawn one by one could give 1/4 or 2/4 too.
+    values, items = np.array([[1.0], [1.0], [1.0], [0.0]]), ["A", "A", "A", "B"]
+    means = metrics._bootstrap_means(values, 4000, 0, items)[:, 0]
+    assert set(np.unique(means)) == {0.0, 0.75, 1.0}
+    assert [np.mean(means == m) for m in (0.0, 0.75, 1.0)] == pytest.approx([0.25, 0.5, 0.25], abs=0.03)
+    # One item: every replicate is the whole set. One query per item: the per-query bootstrap.
+    assert bootstrap_ci([1.0, 0.0, 1.0, 1.0], items=["A"] * 4) == (0.75, 0.75)
+    spread = np.random.default_rng(1).random(50)
+    assert bootstrap_ci(spread, seed=4, items=np.arange(50)) == bootstrap_ci(spread, seed=4)
+    with pytest.raises(InputError, match="item labels"):
+        bootstrap_ci(spread, items=["A"])
+
+
+def correlated_table(n_items: int = 60, per_item: int = 5, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
+    """Each item: one test shop photo and ``per_item`` consumer photos that all find it or all
+    miss it (the item's queries are copies of one vector: perfectly correlated)."""
+    rng = np.random.default_rng(seed)
+    rows, vectors = [], []
+    shop = rng.normal(size=(n_items, 16))
+    for i in range(n_items):
+        rows.append((f"s{i}", f"I{i}", "shop", "test", "TOPS"))
+        vectors.append(shop[i])
+        query = shop[i] if rng.random() < 0.5 else shop[(i + 1) % n_items]
+        for j in range(per_item):
+            rows.append((f"c{i}_{j}", f"I{i}", "consumer", "test", "TOPS"))
+            vectors.append(query)
+    table = pd.DataFrame(rows, columns=["path", "item_id", "domain", "split", "category"])
+    return table, np.asarray(vectors, dtype=np.float32)
+
+
+def test_item_intervals_are_wider_than_per_query_ones_on_correlated_queries():
+    table, embeddings = correlated_table()
+    by_item = evaluate_protocol(table, embeddings, n_boot=500, seed=2)
+    by_query = evaluate_protocol(table, embeddings, n_boot=500, seed=2, interval="queries")
+    assert by_item["ci"] == "percentile bootstrap over items (all queries of an item together), 95%, n_boot=500, seed=2"
+    assert by_query["ci"] == "percentile bootstrap over queries, 95%, n_boot=500, seed=2"
+    assert by_item["recall@1"] == by_query["recall@1"]  # the same estimates, other intervals
+    for name in ("recall@1", "map"):
+        item_width = np.diff(by_item[f"{name}_ci"])[0]
+        query_width = np.diff(by_query[f"{name}_ci"])[0]
+        assert item_width > 1.5 * query_width  # 5 copies per item: about sqrt(5) = 2.2 times wider
+    with pytest.raises(InputError, match="unknown interval 'pairs'; choose one of: items, queries"):
+        evaluate_protocol(table, embeddings, interval="pairs")
 
 
 # ----------------------------------------------------------------------------------------

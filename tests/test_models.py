@@ -3,6 +3,7 @@ itself, the embedder's heads/poolings behave as documented, weights are never si
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 
@@ -13,7 +14,9 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.data import create_transform, resolve_model_data_config
 
+from helpers.core import config, identity
 from helpers.core.errors import InputError
+from helpers.core.files import REPO_ROOT
 from helpers.modeling import models
 from helpers.modeling.models import (
     GeM,
@@ -25,6 +28,7 @@ from helpers.modeling.models import (
     remap_packaged_state_dict,
     resolve_weights,
 )
+from helpers.training.train import create_optimizer
 
 LITE0 = "tf_efficientnet_lite0"
 TINY = "test_efficientnet"
@@ -210,10 +214,46 @@ def test_bad_input_raises_input_error(kwargs, message):
         create_embedder(**kwargs)
 
 
-def test_token_backbones_are_rejected():
-    embedder = create_embedder("test_vit", weights="none").eval()
-    with pytest.raises(InputError, match="CNN backbones"):
+def test_token_backbones_other_than_vision_transformers_are_rejected():
+    embedder = create_embedder("test_vit_relpos", weights="none").eval()  # not a timm VisionTransformer
+    with pytest.raises(InputError, match="only CNNs with \\[N, C, H, W\\] feature maps and timm VisionTransformers"):
         embedder(images(1, size=embedder.data_config["input_size"][-1]))
+
+
+# --- the demo recipe is what it was before ViT support ------------------------------------------
+
+DEMO_TABLE_SHA256 = "dbb9ee2f81900e39a9a87d0a87b437d70aa0fca47540e91556e5e8ed43890222"  # results/demo's table
+DEMO_RUN_KEY = "7e2936f6acbb"  # the suffix of results/demo/crop/baseline_seed0_*, made by the demo recipe
+# sha256 of the demo embedder's state_dict keys (one per line), recorded with the code before ViT support
+DEMO_STATE_KEYS_SHA256 = "668e05ab6df9b79886d6532c319e486efc9cb863110e97a0191caccfe3c8f96b"
+
+
+def test_the_demo_recipe_is_unchanged():
+    """The new fields at their defaults leave the demo's run key, model, forward pass and optimizer
+    groups exactly as the committed study's runs were made."""
+    cfg = config.get_config("demo")
+    assert identity.run_key(cfg, DEMO_TABLE_SHA256) == DEMO_RUN_KEY
+    run_dir = REPO_ROOT / "results" / "demo" / "crop" / f"baseline_seed0_{DEMO_RUN_KEY}"
+    recorded = json.loads((run_dir / "config.json").read_text())
+    assert recorded["table_sha256"] == DEMO_TABLE_SHA256
+    embedder = create_embedder(
+        cfg.backbone, cfg.embed_dim, weights=cfg.weights, head=cfg.head, pooling=cfg.pooling, img_size=cfg.img_size
+    ).eval()
+    assert embedder.config == recorded["model"] and not embedder.tokens
+    assert hashlib.sha256("\n".join(embedder.state_dict()).encode()).hexdigest() == DEMO_STATE_KEYS_SHA256
+    x = images(2, size=160)
+    with torch.no_grad():  # the CNN path written out: feature map → average pool → Linear → BN → L2
+        pooled = F.adaptive_avg_pool2d(embedder.backbone.forward_features(x), 1).flatten(1)
+        assert torch.equal(embedder(x), F.normalize(embedder.bn(embedder.fc(pooled)), dim=1))
+    optimizer = create_optimizer(cfg, embedder)
+    backbone = list(embedder.backbone.parameters())
+    head = [p for p in embedder.parameters() if all(p is not q for q in backbone)]
+    assert type(optimizer) is torch.optim.Adam and optimizer.defaults["weight_decay"] == 0.0
+    assert [(g["name"], g["lr"], [id(p) for p in g["params"]]) for g in optimizer.param_groups] == [
+        ("head", cfg.lr, [id(p) for p in head]),
+        ("backbone", cfg.lr * cfg.backbone_lr_mult, [id(p) for p in backbone]),
+    ]
+    assert all(g["weight_decay"] == 0.0 for g in optimizer.param_groups)
 
 
 # --- weight sources -----------------------------------------------------------------------------

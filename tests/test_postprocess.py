@@ -12,7 +12,6 @@ import pytest
 
 from helpers.core.errors import InputError
 from helpers.evaluation import metrics, postprocess
-from helpers.experiments import artifacts, study
 
 
 def _unit(rows) -> np.ndarray:
@@ -132,17 +131,44 @@ def test_k_reciprocal_with_lambda_one_keeps_the_original_ranking(embeddings):
     assert np.array_equal(np.argsort(-reranked, axis=1), np.argsort(-original, axis=1))
 
 
-def test_ranking_by_hand_and_as_retrieval_metrics(embeddings):
-    # order [1, 0, 2] (the tie 0.5 / 0.5 by lower position): relevant at 0 and 2 → AP (1/1 + 2/3) / 2
-    kept, first, ap = postprocess.ranking(np.array([[0.5, 0.9, 0.5], [0.1, 0.2, 0.3]]), ["a", "z"], ["b", "a", "a"])
-    assert kept.tolist() == [0] and first.tolist() == [0] and ap == pytest.approx([(1 + 2 / 3) / 2])
+def test_every_method_is_registered_with_its_defaults(embeddings):
+    query, gallery = embeddings
+    assert list(postprocess.METHODS) == ["none", "flip_tta", "aqe", "dba", "k_reciprocal"]
+    expected = {
+        "none": query @ gallery.T,
+        "flip_tta": query @ gallery.T,  # cosine: the flip is in the embeddings
+        "aqe": postprocess.alpha_query_expansion(query, gallery, k=2, alpha=3.0),
+        "dba": postprocess.database_augmentation(query, gallery, k=2, alpha=3.0),
+        "k_reciprocal": postprocess.k_reciprocal_scores(query, gallery, k1=20, k2=6, lambda_value=0.3),
+    }
+    for name, scores in expected.items():
+        method = postprocess.create_postprocess(name)
+        assert method.params == postprocess.METHODS[name] and method.flip_tta == (name == "flip_tta")
+        assert np.array_equal(method.scores(query, gallery), scores)
+        assert (method.scorer is None) == (name in ("none", "flip_tta"))
+        assert postprocess.PostProcess.from_json(json.loads(json.dumps(method.to_json()))) == method
+    changed = postprocess.create_postprocess("aqe", k=3)
+    assert changed.params == {"k": 3, "alpha": 3.0} and changed.label() == "aqe (k=3, alpha=3.0)"
+    assert postprocess.create_postprocess("none").label() == "none (cosine similarity)"
+    with pytest.raises(InputError, match="unknown post-processing 'qe'; choose one of: none, flip_tta, aqe, dba, k_"):
+        postprocess.create_postprocess("qe")
+    with pytest.raises(InputError, match="'flip_tta' takes no parameters, not k"):
+        postprocess.create_postprocess("flip_tta", k=2)
+
+
+def test_scores_rank_through_the_one_ranking_routine(embeddings):
     query, gallery = embeddings
     query_labels, gallery_labels = ["a", "b", "c", "a", "q"], list("abcabcxyz")
-    kept, first, ap = postprocess.ranking(postprocess.cosine_scores(query, gallery), query_labels, gallery_labels)
-    expected = metrics.retrieval_metrics(query, query_labels, gallery, gallery_labels)
-    assert kept.tolist() == expected.query_index.tolist() == [0, 1, 2, 3]
-    assert first.tolist() == expected.first_hit_rank.tolist()
-    assert ap == pytest.approx(expected.average_precision)
+    method = postprocess.create_postprocess("aqe")
+    got = metrics.retrieval_metrics(query, query_labels, gallery, gallery_labels, scorer=method.scorer)
+    expected = metrics.score_metrics(method.scores(query, gallery), query_labels, gallery_labels)
+    assert got.query_index.tolist() == expected.query_index.tolist() == [0, 1, 2, 3]
+    assert got.first_hit_rank.tolist() == expected.first_hit_rank.tolist()
+    assert got.average_precision.tolist() == expected.average_precision.tolist()
+    none = postprocess.create_postprocess("none")
+    plain = metrics.retrieval_metrics(query, query_labels, gallery, gallery_labels, scorer=none.scorer)
+    cosine = metrics.score_metrics(none.scores(query, gallery), query_labels, gallery_labels)
+    assert plain.first_hit_rank.tolist() == cosine.first_hit_rank.tolist()
 
 
 @pytest.mark.parametrize(
@@ -157,7 +183,11 @@ def test_ranking_by_hand_and_as_retrieval_metrics(embeddings):
         lambda q, g: postprocess.k_reciprocal_distance(q, g, k1=3, k2=1, lambda_value=-0.1),
         lambda q, g: postprocess.cosine_scores(q, g[:, :4]),
         lambda q, g: postprocess.cosine_scores(q[0], g),
-        lambda q, g: postprocess.ranking(q @ g.T, ["a"], ["b"]),
+        lambda q, g: postprocess.create_postprocess("qe"),
+        lambda q, g: postprocess.create_postprocess("aqe", k1=3),
+        lambda q, g: postprocess.create_postprocess("dba", alpha=-1.0),
+        lambda q, g: postprocess.create_postprocess("k_reciprocal", lambda_value=2.0),
+        lambda q, g: postprocess.PostProcess.from_json({"name": "aqe", "params": [2]}),
     ],
 )
 def test_bad_arguments_are_one_line_errors(embeddings, call):
@@ -170,48 +200,57 @@ def test_bad_arguments_are_one_line_errors(embeddings, call):
 
 
 def test_run_postprocess_on_the_final_configurations_run(tmp_path):
-    cfg = study.base_config("fixture")
-    data_root, table = artifacts.ensure_prepared(cfg, progress=False)
+    from helpers.experiments import catalogue, comparison, postprocessing, runs
+    from helpers.experiments.study import Study
+
+    study = Study("fixture", root=tmp_path, progress=False)
+    cfg = study.config
+    data_root, table = study.prepared()
     with pytest.raises(InputError, match="final_config.json: missing"):
-        study.run_postprocess("fixture", root=tmp_path, progress=False)
-    chosen = {k: getattr(cfg, k) for k in study.decided_fields("fixture")}
+        postprocessing.run_postprocess(study)
+    chosen = {k: getattr(cfg, k) for k in catalogue.decided_fields("fixture")}
     (tmp_path / "final_config.json").write_text(json.dumps({"profile": "fixture", "config": chosen}))
     with pytest.raises(InputError, match="no finished run"):
-        study.run_postprocess("fixture", root=tmp_path, progress=False)
-    run_dir, _ = study.ensure_run(cfg, table, data_root, tmp_path / "crop" / "baseline_seed0", tmp_path, progress=False)
+        postprocessing.run_postprocess(study)
+    run_dir, _ = runs.ensure_run(cfg, table, data_root, tmp_path / "crop" / "baseline_seed0", tmp_path, progress=False)
 
-    result = study.run_postprocess("fixture", root=tmp_path, progress=False)
+    result = postprocessing.run_postprocess(study)
     out = tmp_path / "postprocess"
-    runs = pd.read_csv(out / "runs.csv")
-    assert list(runs.variant) == list(study.POSTPROCESS_METHODS) and set(runs.seed) == {0}
-    assert set(runs.run_dir) == {"crop/baseline_seed0"}
-    # `none` is the run's own val ranking: the numbers the study recorded for it
-    recorded = study.metrics_from_ranks(pd.read_csv(run_dir / "val_ranks.csv"))
-    none = runs.set_index("variant").loc["none"]
-    for metric in ("recall@1", "recall@5", "recall@10", "map"):
-        assert none[f"val_{metric}"] == pytest.approx(recorded[metric])
-    comparison = study.read_comparison(out / "comparison.csv")
-    assert list(comparison.index) == list(study.POSTPROCESS_METHODS)
-    assert comparison.loc["none", "verdict_recall@5"] == "baseline"
-    assert comparison.loc["none", "n_seeds"] == 1
-    tested = comparison.drop(index="none")
+    table_runs = pd.read_csv(out / "runs.csv")
+    assert list(table_runs.variant) == list(postprocess.METHODS) and set(table_runs.seed) == {0}
+    assert set(table_runs.run_dir) == {"crop/baseline_seed0"}
+    # `none` is the run's own val ranking: the ranks fit recorded for it, query by query
+    recorded = pd.read_csv(run_dir / "val_ranks.csv")
+    none_ranks = pd.read_csv(out / "ranks" / "none_seed0.csv")
+    pd.testing.assert_frame_equal(none_ranks[["path", "first_hit_rank"]], recorded[["path", "first_hit_rank"]])
+    none = table_runs.set_index("variant").loc["none"]
+    for metric, value in runs.metrics_from_ranks(recorded).items():
+        assert none[f"val_{metric}"] == pytest.approx(value)
+    table_cmp = comparison.read_comparison(out / "comparison.csv")
+    assert list(table_cmp.index) == list(postprocess.METHODS)
+    assert table_cmp.loc["none", "verdict_recall@5"] == "baseline"
+    assert table_cmp.loc["none", "n_seeds"] == 1
+    tested = table_cmp.drop(index="none")
     assert tested["verdict_recall@5"].isin(("better", "worse", "within noise")).all()
-    assert (tested["holm_m_recall@5"] == len(study.POSTPROCESS_METHODS) - 1).all()
+    assert (tested["holm_m_recall@5"] == len(postprocess.METHODS) - 1).all()
     decision = json.loads((out / "decision.json").read_text())
-    assert decision["winner"] in study.POSTPROCESS_METHODS and decision["seeds"] == [0]
+    assert decision["winner"] in postprocess.METHODS and decision["seeds"] == [0]
     assert decision["final_config"] == chosen and decision["family"]["m"] == 4
     assert result["decision"] == decision
+    # every test recomputes from the committed ranks alone, to the same table
+    before = (out / "comparison.csv").read_text()
+    assert postprocessing.restate(study) is not None and (out / "comparison.csv").read_text() == before
 
     # the report's subsection: every method's row, the decision, the figure, numbers from the files
-    from helpers.experiments import report
+    from helpers.reporting import check, results_section
 
     (tmp_path / "figures").mkdir()
-    lines = report.postprocess_lines({"root": tmp_path, "profile": "fixture"}, "", tmp_path / "figures", "###")
+    lines = results_section.postprocess_lines({"root": tmp_path, "profile": "fixture"}, "", tmp_path / "figures", "###")
     text = "\n".join(lines)
-    assert lines[0] == f"### Post-processing: {study.POSTPROCESS_QUESTION}"
+    assert lines[0] == f"### Post-processing: {catalogue.POSTPROCESS_QUESTION}"
     assert "| baseline (postprocess=none) | 1 |" in text
-    assert all(f"| {method} | 1 |" in text for method in study.POSTPROCESS_METHODS if method != "none")
+    assert all(f"| {method} | 1 |" in text for method in postprocess.METHODS if method != "none")
     assert (
         f"**Adopted: {decision['winner']}.**" in text and (tmp_path / "figures" / "fixture_postprocess.png").is_file()
     )
-    assert report.untraceable_numbers(text, tmp_path) == []
+    assert check.untraceable_numbers(text, tmp_path) == []

@@ -1,6 +1,6 @@
-"""helpers.experiments.report: the report built from a small results tree written here, compared with the
+"""helpers.reporting: the report built from a small results tree written here, compared with the
 tables expected by hand; every number of a report traceable to a file under results/ (and
-the committed report, when there is one)."""
+the committed report, when there is one); the prose read from one folder whatever the output folder."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import pytest
 from helpers.apps.cli import main
 from helpers.core.config import REPO_ROOT
 from helpers.core.errors import InputError
-from helpers.experiments import report, study
+from helpers.experiments import study
+from helpers.reporting import check, compose, prose, render, sections, talk
 
 SPLITS = {
     "train": {"items": 150, "consumer_images": 551, "shop_images": 182, "pairs": 710},
@@ -172,8 +173,9 @@ not DeepFashion | demo | 0.376 [0.316, 0.432] | 0.729 [0.673, 0.778] | 0.838 [0.
 def built(tmp_path):
     results = tmp_path / "results"
     write_tree(results)
+    write_prose(tmp_path / "prose")
     out = tmp_path / "report"
-    written = report.build(results, out)
+    written = compose.build(results, out, prose=tmp_path / "prose")
     return results, out, written
 
 
@@ -194,13 +196,16 @@ def test_report_tables_match_the_hand_written_expectation(built):
     assert "**Adopted: baseline.**" in text
     assert "## resize: " in text and "Not run yet" in text  # experiments without results are named, not hidden
     assert "not comparable with `official`" in text
-    assert {p.name for p in written} == {  # no prose, no talk: the slides are written, not generated
+    assert {p.name for p in written} == {
         "report.md",
         "report.html",
+        "slides.md",
+        "slides.html",
         "pipeline.png",
         "demo_overview.png",
         "demo_crop.png",
         "demo_crop_curves.png",
+        *([talk.SCREENSHOT.name] if talk.SCREENSHOT.is_file() else []),
     }
 
 
@@ -222,7 +227,6 @@ def test_html(built):
     assert html.startswith("<!DOCTYPE html>") and html.count("<table>") == 6 and "demo_crop.png" in html
     assert '<img src="figures/demo_crop_curves.png" alt="crop: learning curves"' in html
     assert '<img src="figures/pipeline.png"' in html and '<img src="figures/demo_overview.png"' in html
-    assert not (out / "slides.md").exists()
 
 
 TALK = """# A talk
@@ -241,18 +245,18 @@ TALK = """# A talk
 """
 
 
-def _with_talk(tmp_path: Path, talk: str) -> tuple[Path, Path]:
-    """A results tree and prose with ``talk`` as the talk; returns (results, report folder)."""
+def _with_talk(tmp_path: Path, text: str) -> tuple[Path, Path]:
+    """A results tree and prose (``tmp_path/prose``) with ``text`` as the talk; returns (results, report folder)."""
     results, out = tmp_path / "results", tmp_path / "report"
     write_tree(results)
-    write_prose(out / "prose")
-    (out / "prose" / "talk.md").write_text(talk)
+    write_prose(tmp_path / "prose")
+    (tmp_path / "prose" / "talk.md").write_text(text)
     return results, out
 
 
 def test_the_talk_fills_in_its_figures_and_tables(tmp_path):
     results, out = _with_talk(tmp_path, TALK)
-    report.build(results, out)
+    compose.build(results, out, prose=tmp_path / "prose")
     slides = (out / "slides.md").read_text()
     assert slides.startswith("---\nmarp: true") and slides.count("\n---\n") == 3  # front matter + 2 breaks
     assert "![crop](figures/demo_crop.png)" in slides and "| train | 150 | 551 | 182 |" in slides
@@ -263,54 +267,55 @@ def test_the_talk_fills_in_its_figures_and_tables(tmp_path):
 def test_an_unknown_figure_of_the_talk_names_its_line(tmp_path):
     results, out = _with_talk(tmp_path, TALK.replace("[[table data]]", "[[table nothing]]"))
     with pytest.raises(InputError, match=r"talk\.md:13: unknown table 'nothing'; known: data, design, final"):
-        report.build(results, out)
+        compose.build(results, out, prose=tmp_path / "prose")
 
 
-@pytest.mark.skipif(not report.chromium_installed(), reason="Chromium not installed (CI installs it)")
+@pytest.mark.skipif(not render.chromium_installed(), reason="Chromium not installed (CI installs it)")
 def test_pdfs_have_one_page_per_slide_and_are_not_reprinted(tmp_path):
     results, out = _with_talk(tmp_path, TALK)
-    report.build(results, out)
-    paper, slides = report.render_pdfs(out)
-    assert report.pdf_pages(slides) == 3 and report.pdf_pages(paper) >= 2
+    compose.build(results, out, prose=tmp_path / "prose")
+    paper, slides = render.render_pdfs(out)
+    assert render.pdf_pages(slides) == 3 and render.pdf_pages(paper) >= 2
     before = slides.read_bytes()
-    assert report.render_pdf(out / "slides.html", slides) is False and slides.read_bytes() == before
+    assert render.render_pdf(out / "slides.html", slides) is False and slides.read_bytes() == before
     # a slide too long for its page runs over: the page count shows it
-    (out / "prose" / "talk.md").write_text(TALK + "\n".join(f"- point {i}" for i in range(40)) + "\n")
-    report.build(results, out)
-    assert report.render_pdf(out / "slides.html", slides) is True and report.pdf_pages(slides) > 3
+    (tmp_path / "prose" / "talk.md").write_text(TALK + "\n".join(f"- point {i}" for i in range(40)) + "\n")
+    compose.build(results, out, prose=tmp_path / "prose")
+    assert render.render_pdf(out / "slides.html", slides) is True and render.pdf_pages(slides) > 3
 
 
 def test_rebuild_is_byte_identical(built):
     results, out, written = built
     before = {p.name: p.read_bytes() for p in written}
-    again = report.build(results, out)
+    again = compose.build(results, out, prose=results.parent / "prose")
     assert {p.name: p.read_bytes() for p in again} == before
 
 
 def test_every_number_of_the_report_is_in_results(built):
     results, out, _ = built
     for name in ("report.md",):
-        assert report.untraceable_numbers((out / name).read_text(), results) == []
+        assert check.untraceable_numbers((out / name).read_text(), results) == []
     planted = (out / "report.md").read_text() + "\nA typed number: 0.987 and +0.456.\n"
-    assert report.untraceable_numbers(planted, results) == ["0.987", "+0.456"]
+    assert check.untraceable_numbers(planted, results) == ["0.987", "+0.456"]
 
 
 def test_number_tokens():
     text = "R@5 02_1 lite0 2.14.1 `ab12` id_0001/x.jpg: +0.125 [-0.010, 0.3]. n 266"
-    assert report._NUMBER.findall(text) == ["+0.125", "-0.010", "0.3", "266"]
+    assert check._NUMBER.findall(text) == ["+0.125", "-0.010", "0.3", "266"]
 
 
 def test_without_final_results(tmp_path):
     results = tmp_path / "results"
     write_tree(results, with_final=False)
-    report.build(results, tmp_path / "report")
+    write_prose(tmp_path / "prose", cite="Section 2")  # no test table to cite
+    compose.build(results, tmp_path / "report", prose=tmp_path / "prose")
     text = (tmp_path / "report" / "report.md").read_text()
-    assert "Not decided yet" in text and report.untraceable_numbers(text, results) == []
+    assert "Not decided yet" in text and check.untraceable_numbers(text, results) == []
 
 
 def test_no_results_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(InputError, match="no study results"):
-        report.build(tmp_path / "results", tmp_path / "report")
+        compose.build(tmp_path / "results", tmp_path / "report")
     assert main(["report", "--results", str(tmp_path / "results"), "--out", str(tmp_path / "report")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
 
@@ -320,7 +325,7 @@ def test_committed_report_numbers_are_traceable():
     committed = REPO_ROOT / "report" / "report.md"
     if not committed.is_file():
         pytest.skip("no committed report/report.md yet (the demo study has not been run)")
-    assert report.untraceable_numbers(committed.read_text(), REPO_ROOT / "results") == []
+    assert check.untraceable_numbers(committed.read_text(), REPO_ROOT / "results") == []
 
 
 def test_committed_report_refers_to_every_figure_it_embeds():
@@ -342,13 +347,13 @@ def test_reproduction_section_follows_the_recorded_switch_and_machines(tmp_path)
         env = {"torch": torch_version, "timm": "1.0.31", "python": "3.11.7", "device": "cpu", "cpu_count": 2}
         (folder / "config.json").write_text(json.dumps({"config": {"deterministic": deterministic}, "env": env}))
 
-    assert report.reproduction_lines(tmp_path) == []
+    assert sections.reproduction_lines(tmp_path) == []
     run("baseline_seed0_a", True, "2.14.1")
     run("baseline_seed1_b", True, "2.14.1")
-    text = "\n".join(report.reproduction_lines(tmp_path))
+    text = "\n".join(sections.reproduction_lines(tmp_path))
     assert "**tolerance zero**" in text and text.count("`torch 2.14.1`") == 1
     run("crop-False_seed0_c", False, "2.11.0")
-    text = "\n".join(report.reproduction_lines(tmp_path))
+    text = "\n".join(sections.reproduction_lines(tmp_path))
     assert "tolerance zero" not in text and "without deterministic kernels" in text
     assert "`torch 2.11.0`" in text and "`torch 2.14.1`" in text
 
@@ -358,19 +363,24 @@ def test_reproduction_section_follows_the_recorded_switch_and_machines(tmp_path)
 PROSE = REPO_ROOT / "report" / "prose"
 
 
-def write_prose(folder: Path, findings_02_1: str = "Cropping: {tab:crop}, {fig:crop}, {fig:crop_curves}.") -> None:
+def write_prose(
+    folder: Path,
+    findings_02_1: str = "Cropping: {tab:crop}, {fig:crop}, {fig:crop_curves}.",
+    cite: str = "{tab:test}",
+) -> None:
+    """Every file of the prose in ``folder``: each section citing ``cite``, a talk of one slide."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name in report.prose_names():
-        (folder / name).write_text(f"Prose of {name.removesuffix('.md')}, see {{tab:test}}.\n")
-    (folder / report.TALK).write_text("# The talk\n")  # slides show figures, they cite no paper labels
+    for name in prose.prose_names():
+        (folder / name).write_text(f"Prose of {name.removesuffix('.md')}, see {cite}.\n")
+    (folder / prose.TALK).write_text("# The talk\n")  # slides show figures, they cite no paper labels
     (folder / "findings_02_1.md").write_text(findings_02_1 + "\n")
 
 
 def test_prose_sections_in_order_and_labels_numbered(tmp_path):
     results, out = tmp_path / "results", tmp_path / "report"
     write_tree(results)
-    write_prose(out / "prose")
-    text = (report.build(results, out)[0]).read_text()
+    write_prose(tmp_path / "prose")
+    text = (compose.build(results, out, prose=tmp_path / "prose")[0]).read_text()
     headings = [line for line in text.splitlines() if line.startswith("## ")]
     assert headings == [
         "## Abstract",
@@ -394,39 +404,66 @@ def test_prose_sections_in_order_and_labels_numbered(tmp_path):
     )
     assert text.index("Cropping: Table 3") < text.index(EXPECTED_CROP)  # the findings open their stage
     assert "{tab:" not in text and "{fig:" not in text and "{def:" not in text
-    assert report.untraceable_numbers(text, results) == []  # Table N / Section N are no results
+    assert check.untraceable_numbers(text, results) == []  # Table N / Section N are no results
 
 
 def test_unknown_label_names_the_prose_file(tmp_path):
     results, out = tmp_path / "results", tmp_path / "report"
     write_tree(results)
-    write_prose(out / "prose", "See {fig:crop_curve}.")
+    write_prose(tmp_path / "prose", "See {fig:crop_curve}.")
     with pytest.raises(InputError, match=r"findings_02_1\.md: unknown label \{fig:crop_curve\}"):
-        report.build(results, out)
+        compose.build(results, out, prose=tmp_path / "prose")
 
 
 def test_missing_prose_file_is_named(tmp_path):
     results, out = tmp_path / "results", tmp_path / "report"
     write_tree(results)
-    write_prose(out / "prose")
-    (out / "prose" / "limitations.md").unlink()
+    write_prose(tmp_path / "prose")
+    (tmp_path / "prose" / "limitations.md").unlink()
     with pytest.raises(InputError, match=r"limitations\.md: missing"):
-        report.build(results, out)
+        compose.build(results, out, prose=tmp_path / "prose")
+
+
+def test_the_prose_has_one_home_whatever_the_output_folder(tmp_path):
+    """The written sections come from ``prose=`` (default: report/prose/ of the repository), never from the
+    output folder: builds into two folders give the same paper and talk, and a prose/ folder inside the
+    output folder is not read. No text of the paper depends on the folder (its figures are relative)."""
+    results, out, elsewhere = tmp_path / "results", tmp_path / "report", tmp_path / "elsewhere" / "paper"
+    write_tree(results)
+    write_prose(tmp_path / "prose")
+    write_prose(elsewhere / "prose", "Words of a stale copy.")  # not the prose: never read
+    for folder in (out, elsewhere):
+        compose.build(results, folder, prose=tmp_path / "prose")
+    for name in ("report.md", "report.html", "slides.md", "slides.html"):
+        assert (elsewhere / name).read_text() == (out / name).read_text(), name
+    assert "Cropping: Table 3" in (elsewhere / "report.md").read_text()
+    assert "stale copy" not in (elsewhere / "report.md").read_text()
+
+
+def test_a_missing_prose_folder_is_a_one_line_error(tmp_path, capsys):
+    results, out, missing = tmp_path / "results", tmp_path / "report", tmp_path / "no_prose"
+    write_tree(results)
+    write_prose(out / "prose")  # inside the output folder: not the prose asked for
+    with pytest.raises(InputError, match=r"no_prose: no such prose folder"):
+        compose.build(results, out, prose=missing)
+    assert not (out / "report.md").exists()
+    assert main(["report", "--results", str(results), "--out", str(out), "--prose", str(missing)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
 
 
 def test_every_prose_file_exists_and_its_numbers_are_in_results():
-    assert sorted(p.name for p in PROSE.glob("*.md")) == sorted(report.prose_names())
+    assert sorted(p.name for p in PROSE.glob("*.md")) == sorted(prose.prose_names())
     for path in sorted(PROSE.glob("*.md")):
         assert path.read_text().strip(), path
-        assert report.untraceable_numbers(path.read_text(), REPO_ROOT / "results") == [], path
+        assert check.untraceable_numbers(path.read_text(), REPO_ROOT / "results") == [], path
 
 
 def test_committed_prose_agrees_with_the_verdicts():
-    table = report.verdicts(REPO_ROOT / "results" / "demo")
+    table = check.verdicts(REPO_ROOT / "results" / "demo")
     assert table["crop"]["crop=False"]["recall@5"] == "worse"
     assert "none" not in table["postprocess"]  # a reference row has no verdict to contradict
     for path in sorted(PROSE.glob("*.md")):
-        assert report.contradictions(path.read_text(), table) == [], path
+        assert check.contradictions(path.read_text(), table) == [], path
 
 
 # The notebooks that interpret study results, and the markdown cell each closes with.
@@ -455,8 +492,8 @@ def test_notebooks_interpret_their_committed_results(name):
     contradicts a verdict."""
     text = learned_text(REPO_ROOT / name)
     assert len(text.split()) > 80, f"{name}: its 'What we learned' cell does not interpret the results"
-    assert report.untraceable_numbers(text, REPO_ROOT / "results") == []
-    assert report.contradictions(text, report.verdicts(REPO_ROOT / "results" / "demo")) == []
+    assert check.untraceable_numbers(text, REPO_ROOT / "results") == []
+    assert check.contradictions(text, check.verdicts(REPO_ROOT / "results" / "demo")) == []
 
 
 VERDICTS = {
@@ -481,7 +518,7 @@ VERDICTS = {
     ],
 )
 def test_checker_passes_sentences_that_agree(sentence):
-    assert report.contradictions(sentence, VERDICTS) == []
+    assert check.contradictions(sentence, VERDICTS) == []
 
 
 @pytest.mark.parametrize(
@@ -499,20 +536,19 @@ def test_checker_passes_sentences_that_agree(sentence):
     ],
 )
 def test_checker_fails_sentences_that_contradict(sentence):
-    assert report.contradictions(f"A first sentence. {sentence} A last one.", VERDICTS) == [sentence]
+    assert check.contradictions(f"A first sentence. {sentence} A last one.", VERDICTS) == [sentence]
 
 
-def test_committed_report_is_what_a_rebuild_writes(tmp_path):
-    """`make report` rebuilds report/ with no diff: a build from the committed results and prose into
-    a fresh folder gives the committed files byte for byte."""
+def test_committed_report_is_what_a_rebuild_writes_into_any_folder(tmp_path):
+    """`make report` rebuilds report/ with no diff, and `--out` elsewhere writes the same: a build from the
+    committed results into a fresh folder, which holds no prose (the prose of report/prose/ is read
+    whatever the output folder), gives the committed files byte for byte."""
     committed = REPO_ROOT / "report"
     if not (committed / "report.md").is_file():
         pytest.skip("no committed report/report.md yet")
-    out = tmp_path / "report"
-    (out / "prose").mkdir(parents=True)
-    for path in PROSE.glob("*.md"):
-        (out / "prose" / path.name).write_bytes(path.read_bytes())
-    written = report.build(REPO_ROOT / "results", out)
+    out = tmp_path / "elsewhere"
+    written = compose.build(REPO_ROOT / "results", out)
+    assert not (out / "prose").exists()
     for path in written:
         assert path.read_bytes() == (committed / path.relative_to(out)).read_bytes(), path.name
     text = (out / "report.md").read_text()
@@ -564,7 +600,8 @@ def test_final_over_seeds_beside_the_recipe_and_the_runs_summary(tmp_path):
     }
     record["code_commit"] = "abc123"
     (root / "final_config.json").write_text(json.dumps(record))
-    report.build(results, tmp_path / "report")
+    write_prose(tmp_path / "prose")
+    compose.build(results, tmp_path / "report", prose=tmp_path / "prose")
     text = (tmp_path / "report" / "report.md").read_text()
     assert (
         "| final configuration | 1 | 9 | 0.850 | 0.500 [0.450, 0.550] | 0.800 [0.750, 0.850] | 0.900 [0.850, 0.950] |"
@@ -576,4 +613,4 @@ def test_final_over_seeds_beside_the_recipe_and_the_runs_summary(tmp_path):
     assert "Of the study's 36 distinct runs, 18 (50.0 %) had their best val Recall@5 at their last epoch" in text
     assert "4 stopped early. Their summed wall time was 2.75 h." in text
     assert "written by the code at commit `abc123`" in text
-    assert report.untraceable_numbers(text, results) == []
+    assert check.untraceable_numbers(text, results) == []

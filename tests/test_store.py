@@ -1,7 +1,8 @@
-"""helpers.data.store: each training image decoded once per preprocessing. The stored path gives
-today's tensors exactly (with and without augmentation, for any worker count), a store of
-another table or preprocessing is never reused, and an interrupted build is rebuilt, never read.
-Checked on a tree written by tests/independent_tree.py, not by helpers.data.synthetic."""
+"""helpers.data.store: each training and val image decoded once per preprocessing. The stored path
+gives today's tensors exactly (with and without augmentation, for any worker count, and as val
+embeddings), a store of another table or preprocessing is never reused, and an interrupted build
+is rebuilt, never read. Checked on a tree written by tests/independent_tree.py, not by
+helpers.data.synthetic."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from independent_tree import build as build_independent_tree
 from helpers.core import config
 from helpers.core.errors import InputError
 from helpers.core.schema import read_table
-from helpers.data import datasets, sampling, store
+from helpers.data import datasets, sampling, store, transforms
 from helpers.data.transforms import C2STransform, open_rgb
+from helpers.evaluation import inference
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -71,6 +73,28 @@ def test_the_stored_loader_is_the_same_for_any_worker_count(tree, tmp_path):
     zero, two = batches(0), batches(2)
     assert len(zero) == len(two) > 0
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(zero, two))
+
+
+def test_embedding_from_the_store_gives_the_decoded_embeddings(tree, tmp_path):
+    """Val is embedded from its store: the same batches, hence the same embeddings, as decoding."""
+    root, rows = tree
+    cfg = config.get_config("fixture", box_margin=0.1, photometric="clahe")
+    data_config = {"input_size": [3, 48, 48], "mean": MEAN, "std": STD, "interpolation": "bicubic"}
+    crops = store.ensure_store(rows, root, transforms.create_transform(cfg, data_config), tmp_path, progress=False)
+    decoded = inference.TableEmbedder(cfg, data_config, rows, root, "cpu", cache=False)
+    stored = inference.TableEmbedder(cfg, data_config, rows, root, "cpu", cache=False, crops=crops)
+    pairs = list(zip(decoded.loader, stored.loader))
+    assert len(pairs) == len(decoded.loader) > 0
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) for a, b in pairs)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    assert np.array_equal(decoded(model, progress=False), stored(model, progress=False))
+    # A store of other rows, or with an image it could not read, is refused.
+    with pytest.raises(InputError, match="a crop store of other rows"):
+        inference.TableEmbedder(cfg, data_config, rows.iloc[1:], root, "cpu", crops=crops)
+    unreadable = store.CropStore(crops.path, {**crops.meta, "valid": [0] + crops.meta["valid"][1:]}, True)
+    with pytest.raises(InputError, match="1 image\\(s\\) to embed could not be read"):
+        inference.TableEmbedder(cfg, data_config, rows, root, "cpu", crops=unreadable)
 
 
 def test_another_table_or_preprocessing_is_another_store(tree, tmp_path):
@@ -142,8 +166,8 @@ def test_a_large_store_is_memory_mapped_with_the_same_pixels(tree, tmp_path, mon
 
 
 def test_fit_trains_from_the_store_beside_the_prepared_table(small_tree, tmp_path):
-    """A run builds the store once beside images.csv; a second run of the same preprocessing
-    (another seed) reuses it."""
+    """A run builds its stores (train, val) once beside images.csv; a second run of the same
+    preprocessing (another seed) reuses them."""
     from helpers.training import train
 
     root, table_path = small_tree
@@ -153,9 +177,10 @@ def test_fit_trains_from_the_store_beside_the_prepared_table(small_tree, tmp_pat
     cfg = config.get_config("fixture", epochs=1)
     train.fit(cfg, work / "images.csv", root, tmp_path / "run0", progress=False)
     stores = sorted((work / "stores").glob("*.json"))
-    assert len(stores) == 1
-    built = stores[0].stat().st_mtime_ns
+    assert len(stores) == 2
+    built = [path.stat().st_mtime_ns for path in stores]
     train.fit(
         config.get_config("fixture", epochs=1, seed=1), work / "images.csv", root, tmp_path / "run1", progress=False
     )
-    assert sorted((work / "stores").glob("*.json")) == stores and stores[0].stat().st_mtime_ns == built
+    assert sorted((work / "stores").glob("*.json")) == stores
+    assert [path.stat().st_mtime_ns for path in stores] == built

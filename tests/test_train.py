@@ -12,8 +12,9 @@ from handmade import write_tree
 from helpers.apps.cli import main
 from helpers.core import config, schema
 from helpers.core.errors import InputError
-from helpers.data import datasets, sampling, transforms
-from helpers.evaluation import gallery
+from helpers.data import datasets, sampling, store, transforms
+from helpers.evaluation import gallery, inference, metrics
+from helpers.experiments import artifacts
 from helpers.modeling import checkpoints
 from helpers.training import train
 
@@ -31,32 +32,97 @@ def state_dicts_equal(a, b) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_fit_writes_a_complete_run(prepared, tmp_path):
+def test_fit_writes_a_complete_run_and_evaluate_run_adds_test(prepared, tmp_path):
     root, table = prepared
-    result = train.fit(fixture_cfg(), table, root, tmp_path / "run", progress=False)
-    for name in ("config.json", "history.csv", "metrics.json", "best.pt", "last.pt"):
-        assert (tmp_path / "run" / name).is_file()
-    history = pd.read_csv(tmp_path / "run/history.csv")
+    run = tmp_path / "run"
+    result = train.fit(fixture_cfg(), table, root, run, progress=False)
+    for name in ("config.json", "history.csv", "best.pt", "last.pt", "val_ranks.csv", "fit.json"):
+        assert (run / name).is_file()
+    assert not (run / "metrics.json").exists()  # a fit never looks at test
+    history = pd.read_csv(run / "history.csv")
     assert list(history.epoch) == [0, 1, 2] and np.isfinite(history.loss[1:]).all()  # 0: untrained
-    metrics = json.loads((tmp_path / "run/metrics.json").read_text())
-    for key in (
-        "recall@1",
-        "recall@5",
-        "recall@10",
-        "recall@20",
-        "map",
-        "n_queries",
-        "n_excluded_queries",
-        "n_gallery",
-        "protocol",
-        "split",
-    ):
-        assert key in metrics
-    assert (metrics["protocol"], metrics["split"]) == ("official", "test")
-    assert metrics == json.loads(json.dumps(result))
-    recorded = json.loads((tmp_path / "run/config.json").read_text())
+    assert set(result) == {"best_epoch", "val", "stopped"}
+    assert result == json.loads((run / "fit.json").read_text())
+    assert result["best_epoch"] == checkpoints.read_checkpoint(run / "best.pt")["epoch"] + 1
+    assert (result["val"]["protocol"], result["val"]["split"]) == ("official", "val")
+    assert result["val"]["recall@5"] == history["val_recall@5"][1:].max()
+    recorded = json.loads((run / "config.json").read_text())
     assert recorded["env"]["torch"] == torch.__version__
     assert recorded["model"]["data_config"]["input_size"] == [3, 64, 64]
+
+    # metrics.json as fit wrote it before: test (official protocol) of best.pt, then fit's result.
+    tested = train.evaluate_run(run, table, root, progress=False)
+    assert tested == json.loads((run / "metrics.json").read_text())
+    embedder, cfg = checkpoints.load_embedder(run / "best.pt")
+    expected = inference.evaluate(cfg, embedder, schema.read_table(table), root, "test", progress=False)
+    assert tested == json.loads(json.dumps({**expected, **result}))
+    assert train.ensure_test_metrics(run, table, root) == tested
+    changed = tmp_path / "images.csv"
+    schema.read_table(table).iloc[:-1].to_csv(changed, index=False)
+    with pytest.raises(InputError, match="differs from the table"):
+        train.evaluate_run(run, changed, root, progress=False)
+
+
+def test_a_run_written_before_fit_json_is_still_finished(prepared, tmp_path, monkeypatch):
+    """Before fit.json, fit wrote metrics.json (test, best_epoch, val, stopped) last: such a run
+    is read back, not retrained, and its test metrics are not evaluated again."""
+    root, table = prepared
+    run = tmp_path / "run"
+    cfg = fixture_cfg(epochs=1)
+    fitted = artifacts.ensure_trained(cfg, table, root, run, progress=False)
+    assert fitted == json.loads((run / "fit.json").read_text())
+    tested = train.evaluate_run(run, table, root, progress=False)
+    (run / "fit.json").unlink()
+    monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("retrained a finished run"))
+    monkeypatch.setattr(train, "evaluate_run", lambda *a, **k: pytest.fail("evaluated test again"))
+    assert artifacts.is_trained(run) and artifacts.ensure_trained(cfg, table, root, run) == fitted
+    assert train.ensure_test_metrics(run, table, root) == tested
+
+
+def test_a_fit_embeds_val_once_per_epoch_and_never_reads_test(prepared, tmp_path, monkeypatch):
+    """Every image a fit reads goes through a crop store or a TableEmbedder: spy on both."""
+    root, table = prepared
+    embedded, decoded = [], []
+    embed, ensure_store = inference.TableEmbedder.__call__, store.ensure_store
+
+    def spy_embed(self, *args, **kwargs):
+        embedded.append(self.loader.dataset.table)
+        return embed(self, *args, **kwargs)
+
+    def spy_store(rows, *args, **kwargs):
+        decoded.append(rows)
+        return ensure_store(rows, *args, **kwargs)
+
+    monkeypatch.setattr(inference.TableEmbedder, "__call__", spy_embed)
+    monkeypatch.setattr(store, "ensure_store", spy_store)
+    train.fit(fixture_cfg(epochs=3, patience=5), table, root, tmp_path / "run", progress=False)
+    assert len(embedded) == 4  # the untrained baseline, then one pass per epoch
+    val_rows = inference.ProtocolEvaluator.protocol_rows(schema.read_table(table), "val", "official")
+    assert all(rows.path.tolist() == val_rows.path.tolist() for rows in embedded)
+    assert [sorted(rows.split.unique()) for rows in decoded] == [["train"], ["val"]]
+
+
+def _val_ranks_from_scratch(run, table, root) -> pd.DataFrame:
+    """best.pt on val (official protocol) as the study computed it: JPEGs decoded, one pass."""
+    embedder, cfg = checkpoints.load_embedder(run / "best.pt")
+    queries, shop = metrics.protocol_sets(schema.read_table(table), "val", "official")
+    embedded = inference.embed_table(cfg, embedder, pd.concat([queries, shop]), root, "cpu", progress=False)
+    result = metrics.retrieval_metrics(
+        embedded[: len(queries)], queries.item_id.to_numpy(), embedded[len(queries) :], shop.item_id.to_numpy()
+    )
+    return metrics.ranks_table(queries, result)
+
+
+def test_val_ranks_are_a_from_scratch_evaluation_of_best_pt(prepared, tmp_path):
+    root, table = prepared
+    run = tmp_path / "run"
+    result = train.fit(fixture_cfg(epochs=3, patience=5), table, root, run, progress=False)
+    written = pd.read_csv(run / "val_ranks.csv")
+    assert list(written.columns) == ["path", "item_id", "first_hit_rank", "average_precision"]
+    pd.testing.assert_frame_equal(written, _val_ranks_from_scratch(run, table, root), check_dtype=False)
+    assert (written.first_hit_rank < 5).mean() == result["val"]["recall@5"]
+    assert written.average_precision.mean() == pytest.approx(result["val"]["map"])
+    assert result["val"]["n_queries"] == len(written)
 
 
 def test_same_seed_same_run_and_exact_resume(prepared, tmp_path):
@@ -71,11 +137,32 @@ def test_same_seed_same_run_and_exact_resume(prepared, tmp_path):
 
     # Interrupted after one epoch, then resumed: the same weights as the uninterrupted run.
     assert train.fit(fixture_cfg(), table, root, tmp_path / "c", progress=False, stop_after_epoch=1) is None
-    assert not (tmp_path / "c/metrics.json").exists()
+    assert not (tmp_path / "c/fit.json").exists()
     train.fit(fixture_cfg(), table, root, tmp_path / "c", resume=True, progress=False)
     assert state_dicts_equal(last_a, checkpoints.read_checkpoint(tmp_path / "c/last.pt")["model"])
     history_c = pd.read_csv(tmp_path / "c/history.csv").drop(columns="train_images_per_s")
     pd.testing.assert_frame_equal(history_a, history_c)
+    for name in ("val_ranks.csv", "fit.json"):
+        assert (tmp_path / "c" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
+
+
+def test_resume_repairs_val_ranks_lost_in_a_crash(prepared, tmp_path):
+    """A crash after the last epoch's best.pt, before its val_ranks.csv: the resume writes it
+    from last.pt, and finishes the run as the uninterrupted one."""
+    root, table = prepared
+    train.fit(fixture_cfg(), table, root, tmp_path / "whole", progress=False)
+    run = tmp_path / "run"
+    assert train.fit(fixture_cfg(), table, root, run, progress=False, stop_after_epoch=2) is None
+    (run / "val_ranks.csv").unlink()
+    train.fit(fixture_cfg(), table, root, run, resume=True, progress=False)
+    for name in ("val_ranks.csv", "fit.json"):
+        assert (run / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    # A last.pt written before fit kept the val ranks is refused, not resumed without them.
+    state = checkpoints.read_checkpoint(run / "last.pt")
+    del state["val_ranks"]
+    checkpoints.save_checkpoint(run / "last.pt", state)
+    with pytest.raises(InputError, match="before fit kept the val ranks"):
+        train.fit(fixture_cfg(), table, root, run, resume=True, progress=False)
 
 
 def test_a_run_directory_is_never_silently_reused(prepared, tmp_path):
@@ -204,6 +291,7 @@ def test_resume_from_the_baseline_checkpoint_and_repair_history(prepared, tmp_pa
     run = tmp_path / "run"
     assert train.fit(fixture_cfg(), table, root, run, progress=False, stop_after_epoch=0) is None
     assert checkpoints.read_checkpoint(run / "last.pt")["epoch"] == -1 and not (run / "best.pt").exists()
+    assert not (run / "val_ranks.csv").exists()  # the untrained baseline selects nothing
     (run / "history.csv").write_text("epoch,loss\n0,")  # a crash mid-write
     train.fit(fixture_cfg(), table, root, run, resume=True, progress=False)
     assert state_dicts_equal(

@@ -3,7 +3,7 @@
 A consumer photo goes in (upload, webcam, clipboard, or one of the index's test queries), with
 a box dragged around the garment on the photo (a test query comes with its annotated box; no box:
 the whole photo); the top-K shop images come out with item id, category and score, and for a test
-query whether its true item was found.
+query whether its true item was found (an upload's true item is unknown: its table says so).
 
 The box is drawn with ``gradio_image_annotation`` (its ``image_annotator``, one box at most): its
 value holds the box in the shown image's pixels, which is what the search crops to, and it takes a
@@ -20,8 +20,10 @@ Two layers, so the logic is tested without a browser or a server:
   parallel queries would only oversubscribe the cores (torch already uses both per query).
 
 The gallery is embedded once, when the index is built (``python -m helpers index``); a query
-embeds only its own photo. Only the index's public API is used (``GalleryIndex.load``,
-``search_image``, ``.gallery``), so the app does not depend on how retrieval is implemented.
+embeds only its own photo, with PyTorch or onnxruntime (``serve --runtime``). The app searches
+through :class:`helpers.evaluation.retriever.Retriever` (``load``, ``search``, ``.gallery``), the
+CLI's ``search`` too, so the two give one answer and the app does not depend on how retrieval is
+implemented.
 """
 
 from __future__ import annotations
@@ -175,7 +177,7 @@ class Answer:
 
     ok: bool
     message: str
-    hits: list[dict] = field(default_factory=list)  # search_image's dicts + "image" (absolute path) + "true"
+    hits: list[dict] = field(default_factory=list)  # Retriever.search's dicts + "image" (absolute path)
     true_item: str | None = None
     seconds: float = 0.0
     box: tuple[int, int, int, int] | None = None  # the pixels searched (left, top, right, bottom); None: all
@@ -186,7 +188,7 @@ class Answer:
 
 
 def caption(hit: dict) -> str:
-    mark = " ✓ true item" if hit.get("true") else ""
+    mark = " ✓ true item" if hit.get("match") else ""
     return f"#{hit['rank']} {hit['item_id']} · {hit['category']} · {hit['score']:.3f}{mark}"
 
 
@@ -195,17 +197,18 @@ def query_label(row) -> str:
 
 
 class SearchApp:
-    """A loaded gallery index plus the test queries it can offer; answers one query at a time."""
+    """A loaded gallery index (a :class:`~helpers.evaluation.retriever.Retriever`) plus the test
+    queries it can offer; answers one query at a time."""
 
     def __init__(
         self,
-        index,
+        retriever,
         data_root: str | Path,
         queries: pd.DataFrame | None = None,
         synthetic: bool = False,
         results: str | Path | None = None,
     ):
-        self.index = index
+        self.retriever = retriever
         self.synthetic = synthetic
         self.data_root = Path(data_root)
         self.results = None if results is None else Path(results)  # the study's results for the index's profile
@@ -213,7 +216,7 @@ class SearchApp:
 
     @property
     def n_gallery(self) -> int:
-        return len(self.index.gallery)
+        return len(self.retriever.gallery)
 
     def query_choices(self) -> list[str]:
         return list(self.queries)
@@ -237,7 +240,8 @@ class SearchApp:
         """Top-``k`` for one photo; never raises for bad input (it becomes ``Answer.message``).
 
         ``image`` is bytes, a file path or a PIL image; ``query`` a label from
-        :meth:`query_choices` (then its own file is searched and its true item checked);
+        :meth:`query_choices` (then its own file is searched and each hit's ``match`` says whether
+        it is the query's true item; an upload's hits have no ``match``: its item is unknown);
         ``box`` the crop (:func:`parse_box`), in the pixels of the photo turned by ``turns``
         (:func:`turn`: the page's rotate buttons).
         """
@@ -246,7 +250,7 @@ class SearchApp:
             picture, true_item = self._picture(image, query)
             picture = turn(picture, turns)
             crop = parse_box(box, picture.size)
-            hits = self._search(picture, crop, _check_k(k))
+            hits = self._search(picture, crop, _check_k(k), true_item)
         except InputError as error:  # QueryError, and the index's own one-line errors (bad crop...)
             return Answer(False, f"⚠️ {error}", seconds=time.perf_counter() - start)
         except Exception as error:  # a bug must not take the server down; the log has the traceback
@@ -257,8 +261,6 @@ class SearchApp:
                 seconds=time.perf_counter() - start,
             )
         seconds = time.perf_counter() - start
-        for hit in hits:
-            hit["true"] = true_item is not None and hit["item_id"] == true_item
         return Answer(True, _summary(hits, true_item, crop, seconds), hits, true_item, seconds, crop)
 
     def _picture(self, image, query: str | None) -> tuple[Image.Image, str | None]:
@@ -277,8 +279,8 @@ class SearchApp:
             return decode_image(image), None
         return decode_image(read_upload(image)), None
 
-    def _search(self, picture: Image.Image, box, k: int) -> list[dict]:
-        hits = self.index.search_image(picture, box=box, k=k)
+    def _search(self, picture: Image.Image, box, k: int, true_item: str | None) -> list[dict]:
+        hits = self.retriever.search(picture, box=box, k=k, true_item=true_item)
         for hit in hits:
             hit["image"] = str(self.data_root / hit["path"])
         return hits
@@ -299,7 +301,7 @@ def _summary(hits: list[dict], true_item: str | None, box, seconds: float) -> st
     text = f"top {len(hits)} shop images for {searched}, answered in {seconds * 1000:.0f} ms."
     if true_item is None:
         return text
-    found = [hit["rank"] for hit in hits if hit["true"]]
+    found = [hit["rank"] for hit in hits if hit["match"]]
     verdict = (
         f"✅ true item {true_item} found at rank {found[0]}."
         if found
@@ -322,9 +324,12 @@ def listed_queries(table_path: str | Path, split: str, gallery: pd.DataFrame, li
 
 
 @lru_cache(maxsize=4)
-def load_app(index_dir: str, data_root: str | None = None, table: str | None = None) -> SearchApp:
+def load_app(
+    index_dir: str, data_root: str | None = None, table: str | None = None, runtime: str = "torch"
+) -> SearchApp:
     """Load an index once per process (every query after the first reuses model and embeddings)
-    and set this process to :data:`QUERY_THREADS` torch threads.
+    and set this process to :data:`QUERY_THREADS` torch threads (onnxruntime takes as many).
+    ``runtime`` embeds the queries: ``torch`` or ``onnx`` (an index built with ``--runtime onnx``).
 
     ``data_root`` / ``table`` default to what the index recorded when it was built; without a
     readable table the app has no test queries but answers uploads. The study's results of the
@@ -333,24 +338,24 @@ def load_app(index_dir: str, data_root: str | None = None, table: str | None = N
     import torch
 
     from helpers.core.config import PROFILES
-    from helpers.evaluation.gallery import GalleryIndex
+    from helpers.evaluation.retriever import Retriever
     from helpers.experiments import artifacts
 
     # Once for the process that serves queries, not per query: changing the count rebuilds
     # torch's thread pool (measured: +55 ms per query when set and restored around each one).
     torch.set_num_threads(QUERY_THREADS)
-    index = GalleryIndex.load(index_dir)
-    meta = getattr(index, "meta", {}) or {}
+    retriever = Retriever.load(index_dir, runtime=runtime)
+    meta = retriever.index.meta
     root = Path(data_root or meta.get("data_root") or ".").resolve()
     if not root.is_dir():
         raise InputError(f"{root}: the index's data root (its shop images) is not here; pass --data-root")
     table = table or meta.get("table")
     queries = None
     if table and Path(table).is_file():
-        queries = listed_queries(table, meta.get("split", "test"), index.gallery)
-    profile = index.run_config.get("profile")
+        queries = listed_queries(table, meta.get("split", "test"), retriever.gallery)
+    profile = retriever.index.run_config.get("profile")
     results = artifacts.results_root(profile) if profile in PROFILES else None
-    app = SearchApp(index, root, queries, (root / artifacts.SYNTHETIC_MARKER).is_file(), results)
+    app = SearchApp(retriever, root, queries, (root / artifacts.SYNTHETIC_MARKER).is_file(), results)
     # Warm up: the first forward pass builds the model and allocates; users should not wait for it.
     app.answer(Image.new("RGB", (64, 64), (128, 128, 128)), k=1)
     return app
@@ -371,6 +376,8 @@ def describe(app: SearchApp) -> str:
     )
     return (
         f"Gallery: {app.n_gallery} shop images from {data}, embedded once when the index was built. "
+        f"Post-processing of the ranking: {app.retriever.index.postprocess.label()}; "
+        f"queries embedded with {app.retriever.runtime}. "
         "Upload a consumer photo (or use the webcam, or pick a test query), drag a box around the garment "
         "on it, choose K and press **Search**."
     )
@@ -493,9 +500,10 @@ def serve(
     data_root: str | None = None,
     share: bool = False,
     block: bool = True,
+    runtime: str = "torch",
 ):
     """Launch the app; queries are queued and run one at a time (see the module docstring)."""
-    app = load_app(str(index_dir), data_root)
+    app = load_app(str(index_dir), data_root, runtime=runtime)
     blocks = build_blocks(app).queue(default_concurrency_limit=1, max_size=64)
     blocks.launch(
         server_name=host,
@@ -530,9 +538,15 @@ def launch_inline(app: SearchApp, share: bool = False, port: int | None = None):
 HIT_COLUMNS = ("rank", "item_id", "category", "score", "true item", "path")
 
 
+MATCH_WORDS = {True: "yes", False: "no", None: "unknown"}  # None: an upload, whose true item nobody knows
+
+
 def hit_table(hits: Sequence[dict]) -> pd.DataFrame:
     """The hits as a table (the UI shows it under the images; notebooks print it)."""
     return pd.DataFrame(
-        [(h["rank"], h["item_id"], h["category"], round(h["score"], 4), bool(h.get("true")), h["path"]) for h in hits],
+        [
+            (h["rank"], h["item_id"], h["category"], round(h["score"], 4), MATCH_WORDS[h.get("match")], h["path"])
+            for h in hits
+        ],
         columns=list(HIT_COLUMNS),
     )

@@ -20,6 +20,7 @@ from helpers.core import config
 from helpers.core.errors import InputError
 from helpers.core.files import write_text_atomic
 from helpers.evaluation.ann import KINDS, AnnParams
+from helpers.evaluation.postprocess import METHODS, create_postprocess
 
 SPLIT_CHOICES = ("train", "val", "test")  # helpers.core.schema.SPLITS, without importing pandas for --help
 # helpers.evaluation.metrics.PROTOCOLS and RENAMED_PROTOCOLS (old names still accepted, with a
@@ -28,6 +29,9 @@ PROTOCOLS = ("official", "split", "original_pairs")
 RENAMED_PROTOCOLS = {"seed_pairs": "original_pairs"}
 # An index holds a gallery of unique shop images, which the pair-row protocol does not have.
 INDEX_PROTOCOLS = ("official", "split")
+# helpers.evaluation.gallery.RUNTIMES (what embeds: PyTorch or the ONNX export under onnxruntime),
+# named here because gallery imports torch; tests/test_cli.py checks that they agree.
+RUNTIMES = ("torch", "onnx")
 # Every config field a training run's flags may set: all but the profile (its own flag) and the
 # data fields (a run reads the prepared table it is given).
 TRAIN_FIELDS = tuple(
@@ -86,7 +90,8 @@ def cmd_train(args) -> None:
     from helpers.training import train
 
     cfg = _config(args, TRAIN_FIELDS)
-    result = train.fit(cfg, args.table, args.data_root, args.out, resume=args.resume, progress=not args.quiet)
+    train.fit(cfg, args.table, args.data_root, args.out, resume=args.resume, progress=not args.quiet)
+    result = train.evaluate_run(args.out, args.table, args.data_root, progress=not args.quiet)
     from helpers.modeling import distributed
 
     if not distributed.current().is_main:  # under torchrun: rank 0 reports for all
@@ -109,9 +114,12 @@ def cmd_evaluate(args) -> None:
     given = [_flag(name) for name in ZERO_SHOT_ONLY if getattr(args, name) is not None]
     if args.checkpoint and given:
         raise InputError(f"{given[0]} is for a zero-shot evaluation (--backbone): a checkpoint brings its own")
+    if args.backbone and args.postprocess != "none":
+        raise InputError("--postprocess is for a checkpoint: a zero-shot row ranks by plain cosine")
     table = schema.read_table(args.table)
     progress = not args.quiet
     if args.checkpoint:
+        method = create_postprocess(args.postprocess)
         embedder, cfg = checkpoints.load_embedder(args.checkpoint)
         overrides = {k: getattr(args, k) for k in config.EVALUATION_FIELDS if getattr(args, k) is not None}
         cfg = config.check(dataclasses.replace(cfg, **overrides))
@@ -125,15 +133,24 @@ def cmd_evaluate(args) -> None:
             protocol=args.protocol,
             device=device,
             progress=progress,
+            interval=args.interval,
+            postprocess=method,
         )
         result["model"] = {**embedder.config, "checkpoint": args.checkpoint}
+        result["postprocess"] = method.to_json()
     else:
         profile = _config(args, (*config.EVALUATION_FIELDS, *config.PREPROCESSING_FIELDS))
         cfg = config.check(
             dataclasses.replace(profile, backbone=args.backbone, weights=args.weights or "auto", img_size=args.img_size)
         )
         result = inference.evaluate_zero_shot(
-            cfg, table, args.data_root, split=args.split, protocol=args.protocol, progress=progress
+            cfg,
+            table,
+            args.data_root,
+            split=args.split,
+            protocol=args.protocol,
+            progress=progress,
+            interval=args.interval,
         )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -148,9 +165,23 @@ def _ann_params(args) -> AnnParams:
     )
 
 
+def cmd_export(args) -> None:
+    from helpers.modeling import export
+
+    record = export.export_onnx(args.checkpoint, args.out, args.table, args.data_root, n_check=args.check_images)
+    check = record["check"]
+    print(
+        f"wrote {args.out} and {args.out}.json: {record['backbone']}, {record['embed_dim']}-d, input "
+        f"{'x'.join(map(str, record['input']['shape'][1:]))}; onnxruntime = PyTorch on {check['images']} images "
+        f"of the table (min cosine {check['min_cosine']:.7f})"
+    )
+
+
 def cmd_index(args) -> None:
     from helpers.evaluation import gallery
 
+    if args.onnx and args.runtime != "onnx":
+        raise InputError("--onnx is the model of --runtime onnx: add --runtime onnx")
     ann = _ann_params(args)
     index = gallery.build_index(
         args.checkpoint,
@@ -164,10 +195,14 @@ def cmd_index(args) -> None:
         progress=not args.quiet,
         ann=ann,
         n_recall=args.recall_queries,
+        postprocess=create_postprocess(args.postprocess),
+        runtime=args.runtime,
+        onnx_model=args.onnx,
     )
     recall = index["ann"].get("recall_at_10")
     print(
-        f"wrote {args.out}: {index['n_gallery']} gallery images, {index['dim']}-d, {args.kind} search"
+        f"wrote {args.out}: {index['n_gallery']} gallery images, {index['dim']}-d, {args.kind} search, "
+        f"post-processing {args.postprocess}, embedded with {args.runtime}"
         + (
             f", recall@10 vs exact {recall:.3f} on {index['ann']['recall_queries']} gallery queries"
             if args.kind != "exact" and recall is not None
@@ -191,13 +226,11 @@ def cmd_stage(args) -> None:
 
 
 def cmd_search(args) -> None:
-    from helpers.data import transforms
-    from helpers.evaluation import gallery
+    from helpers.evaluation.retriever import Retriever
 
     box = _parse_box(args.box) if args.box else None
-    index = gallery.GalleryIndex.load(args.index)
-    # Decoded as the live demo decodes an upload (EXIF orientation applied): the same photo, the same answer.
-    results = index.search_image(transforms.open_photo(args.image), box=box, k=args.k)
+    # The live demo's search too: a path is decoded as it decodes an upload (EXIF orientation applied).
+    results = Retriever.load(args.index, runtime=args.runtime).search(args.image, box=box, k=args.k)
     if args.json:
         print(json.dumps(results, indent=2))
         return
@@ -221,7 +254,9 @@ def cmd_serve(args) -> None:
 
     if not 1 <= args.port <= 65535:
         raise InputError(f"--port must be 1..65535, got {args.port}")
-    app.serve(args.index, port=args.port, host=args.host, data_root=args.data_root, share=args.share)
+    app.serve(
+        args.index, port=args.port, host=args.host, data_root=args.data_root, share=args.share, runtime=args.runtime
+    )
 
 
 def cmd_demo(args) -> None:
@@ -247,33 +282,54 @@ def cmd_demo(args) -> None:
 
 
 def cmd_study(args) -> None:
-    """Run (reuse, resume) an experiment, a stage or the whole study; print each result."""
+    """Run (reuse, resume) an experiment, a stage or the whole study and print each result; or the
+    post-processing experiment; or the power calculator."""
     from helpers.core.files import portable_path
-    from helpers.experiments import artifacts, study
+    from helpers.experiments import catalogue, postprocessing
+    from helpers.experiments.study import Study, learned
 
-    if args.experiment == study.POSTPROCESS:  # on the final configuration's runs: no training
-        result = study.run_postprocess(args.profile, progress=not args.quiet)
-        print(study.learned(result))
+    if args.experiment == "power":
+        cmd_power(args)
         return
-    chosen = study.select(args.profile, args.experiment)
-    study.n_seeds_for(args.profile, args.seeds)  # a bad --seeds fails before any data is prepared
-    if len(chosen) > 1:  # the whole plan first, so the projected time is known before hours of runs
-        print(study.plan(args.profile, args.seeds, args.data_root, progress=not args.quiet).to_string(index=False))
+    study = Study(args.profile, data_root=args.data_root, n_seeds=args.seeds, progress=not args.quiet)
+    if args.experiment == catalogue.POSTPROCESS:  # on the final configuration's runs: no training
+        print(learned(postprocessing.run_postprocess(study)))
+        return
+    chosen = catalogue.select(args.profile, args.experiment)
+    if len(chosen) > 1 and not args.statistics_only:  # the plan first: the projected time before hours of runs
+        print(study.plan().to_string(index=False))
     for experiment in chosen:
-        result = study.run_experiment(experiment, args.profile, args.seeds, args.data_root, progress=not args.quiet)
-        print(study.learned(result))
-    print(f"results in {portable_path(artifacts.results_root(args.profile))}")
+        print(learned(study.run_experiment(experiment, train=not args.statistics_only)))
+    restated = postprocessing.restate(study) if args.statistics_only and args.experiment == "all" else None
+    if restated is not None:  # post-processing from its committed per-method ranks
+        print(learned(restated))
+    print(f"results in {portable_path(study.root)}")
+
+
+def cmd_power(args) -> None:
+    """The minimum detectable Recall@5 difference for seeds × val items, from the variance
+    components of the profile's committed study (its noise.csv)."""
+    from helpers.experiments import artifacts, family
+
+    components = family.pooled_from(artifacts.results_root(args.profile) / family.NOISE)
+    print(
+        f"variance components of a paired val Recall@5 difference (profile {args.profile}, pooled): "
+        f"seed {components.seed:.3g}, item {components.item:.3g}, seed x item {components.interaction:.3g}"
+    )
+    seeds = args.seeds_list or ([args.seeds] if args.seeds else list(range(3, 9)))
+    plan = family.power_plan(components, seeds, args.items, args.family, args.target)
+    print(plan.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
 
 def cmd_report(args) -> None:
     from helpers.core import runtime
     from helpers.core.files import portable_path
-    from helpers.experiments import report
+    from helpers.reporting import compose, render
 
-    written = report.build(args.results, args.out)
+    written = compose.build(args.results, args.out, prose=args.prose)
     print("wrote " + " ".join(portable_path(p) for p in written))
-    if report.chromium_installed():
-        print("PDFs: " + " ".join(portable_path(p) for p in report.render_pdfs(written[0].parent)))
+    if render.chromium_installed():
+        print("PDFs: " + " ".join(portable_path(p) for p in render.render_pdfs(written[0].parent)))
     else:
         print(f"PDFs not printed: {runtime.CHROMIUM} not found (apt-get install chromium)", file=sys.stderr)
 
@@ -424,6 +480,14 @@ def _add_evaluate(commands) -> None:
         choices=PROTOCOLS,
         help="query/gallery definition (docs/design.md: protocols); default official",
     )
+    evaluate.add_argument(
+        "--interval",
+        default="items",
+        choices=("items", "queries"),
+        help="what the 95 %% bootstrap intervals resample: items (default; all queries of an item together, "
+        "as photos of one garment are not independent) or single queries (narrower, too narrow)",
+    )
+    _postprocess_arg(evaluate, "rank with this post-processing (helpers.evaluation.postprocess); default none")
     evaluate.add_argument("--out", help="write the full metrics.json here")
     _profile_arg(evaluate)
     _config_flags(evaluate, config.EVALUATION_FIELDS)
@@ -453,8 +517,19 @@ def _add_index(commands) -> None:
         choices=INDEX_PROTOCOLS,
         help="gallery definition; default official (val + test shop images)",
     )
+    _postprocess_arg(
+        index,
+        "post-processing every search applies, recorded in index.json; default none (dba and k_reciprocal: "
+        "dense over the gallery, for demo-size galleries)",
+    )
     index.add_argument("--device", default="auto", help=f"{_field_help('device')}; default auto")
     index.add_argument("--num-workers", type=int, help=_field_help("num_workers"))
+    _runtime_arg(index, "what embeds the gallery")
+    index.add_argument(
+        "--onnx",
+        metavar="MODEL",
+        help="with --runtime onnx: an export of --checkpoint (`export`); default: the checkpoint exported now",
+    )
     ann = index.add_argument_group("search structure (helpers.evaluation.ann; exact unless --kind says otherwise)")
     _ann_flags(ann)
     ann.add_argument(
@@ -464,6 +539,30 @@ def _add_index(commands) -> None:
         help="gallery embeddings used as queries to measure recall@10 vs exact; default 1000",
     )
     index.set_defaults(run=cmd_index)
+
+
+def _add_export(commands) -> None:
+    export = commands.add_parser(
+        "export",
+        help="a checkpoint's embedder to ONNX + its preprocessing (model.onnx.json), checked with onnxruntime",
+    )
+    export.add_argument("--checkpoint", required=True, help="a run's best.pt")
+    export.add_argument("--out", required=True, help="the ONNX file (….onnx); its sidecar is written beside it")
+    export.add_argument("--table", required=True, help="images.csv: the check embeds some of its images")
+    export.add_argument("--data-root", required=True, help="the data root the table's paths are relative to")
+    export.add_argument(
+        "--check-images", type=int, default=8, help="images the check embeds with both runtimes; default 8"
+    )
+    export.set_defaults(run=cmd_export)
+
+
+def _runtime_arg(parser, what: str) -> None:
+    parser.add_argument(
+        "--runtime",
+        default="torch",
+        choices=RUNTIMES,
+        help=f"{what}: torch (default) or onnx (the checkpoint's ONNX export, on onnxruntime, CPU)",
+    )
 
 
 def _add_stage(commands) -> None:
@@ -478,8 +577,20 @@ def _add_stage(commands) -> None:
     stage.set_defaults(run=cmd_stage)
 
 
+def _postprocess_arg(parser, help_text: str) -> None:
+    parser.add_argument(
+        "--postprocess",
+        default="none",
+        choices=tuple(METHODS),
+        metavar="NAME",
+        help=f"{help_text}; one of {', '.join(METHODS)}",
+    )
+
+
 def _add_search(commands) -> None:
-    search = commands.add_parser("search", help="top-k shop images for one consumer photo")
+    search = commands.add_parser(
+        "search", help="top-k shop images for one consumer photo (with the index's post-processing)"
+    )
     search.add_argument("--index", required=True, help="an index directory written by `index`")
     search.add_argument("image", help="the consumer photo (any format Pillow reads)")
     search.add_argument(
@@ -488,6 +599,7 @@ def _add_search(commands) -> None:
     )
     search.add_argument("-k", type=int, default=5, help="results to return; default 5")
     search.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _runtime_arg(search, "what embeds the photo")
     search.set_defaults(run=cmd_search, quiet=True)
 
 
@@ -498,6 +610,7 @@ def _add_serve(commands) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default): this machine only")
     serve.add_argument("--data-root", help="the shop images, if not where the index was built")
     serve.add_argument("--share", action="store_true", help="also open a public Gradio share link (Colab)")
+    _runtime_arg(serve, "what embeds each query")
     serve.set_defaults(run=cmd_serve)
 
 
@@ -506,21 +619,44 @@ def _add_study(commands) -> None:
     study.add_argument(
         "experiment",
         help="crop, resize, resolution, augment, margin, photometric, head, loss, "
-        "embed_dim, backbone; a stage 02_1, 02_2, 03; all; or postprocess (flip TTA, query expansion, "
-        "re-ranking on the final configuration's runs, after the study)",
+        "embed_dim, backbone; a stage 02_1, 02_2, 03; all; postprocess (flip TTA, query expansion, "
+        "re-ranking on the final configuration's runs, after the study); or power (the power calculator: "
+        "the minimum detectable Recall@5 difference for --seeds and --items from the committed noise.csv)",
     )
     _profile_arg(study)
     seeds = ", ".join(f"{profile} {n}" for profile, n in config.STUDY_SEEDS.items())
     study.add_argument("--seeds", type=int, help=f"seeds 0..N-1; default {seeds}")
     study.add_argument("--data-root", help="the DeepFashion C2S root (profile full; or C2S_DATA_ROOT)")
     study.add_argument("--quiet", action="store_true", help="no progress bars")
+    study.add_argument(
+        "--statistics-only",
+        action="store_true",
+        help="recompute every comparison, decision and noise.csv from the finished runs' val ranks; train nothing "
+        "(an unfinished run is an error)",
+    )
+    power = study.add_argument_group("power (with `study power`)")
+    power.add_argument("--seeds-list", type=_int_list, help="several seed counts, e.g. 3,4,5,6 (default 3..8)")
+    power.add_argument("--items", type=_int_list, default=[75, 150, 300, 450, 600], help="val items, e.g. 150,300")
+    power.add_argument("--family", type=int, default=11, help="tests in Holm's family (default 11)")
+    power.add_argument("--target", type=float, help="a target MDE: mark the sizes that reach it at Holm's level")
     study.set_defaults(run=cmd_study)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 def _add_report(commands) -> None:
     report = commands.add_parser("report", help="rebuild report/ (markdown, HTML, slides, figures) from results/")
     report.add_argument("--results", help="the results folder; default results/")
     report.add_argument("--out", help="the report folder; default report/")
+    report.add_argument("--prose", help="the written sections; default report/prose/, whatever --out is")
     report.set_defaults(run=cmd_report)
 
 
@@ -539,6 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_prepare,
         _add_train,
         _add_evaluate,
+        _add_export,
         _add_index,
         _add_stage,
         _add_search,

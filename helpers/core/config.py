@@ -36,7 +36,7 @@ AUGMENT_PRESETS = ("none", "flip", "weak", "medium", "strong", "super_strong")  
 PHOTOMETRIC_MODES = ("none", "clahe", "grayworld", "both")  # transforms.PHOTOMETRIC_MODES
 WEIGHT_SOURCES = ("auto", "hub", "packaged", "none")  # models.WEIGHT_SOURCES
 HEADS = ("bn", "bnneck", "pooled")  # models.HEADS
-POOLINGS = ("avg", "gem")  # models.POOLINGS
+POOLINGS = ("avg", "gem", "cls")  # models.POOLINGS
 LOSSES = ("semi_hard", "batch_hard", "infonce")  # losses.LOSSES
 # The fields whose value is one of a fixed set of names.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -97,7 +97,7 @@ class Config:
     head: str = _opt(
         "bn", "embedding head: bn = Linear-BN-L2 (the original study's), bnneck = Linear-BN, L2 for retrieval"
     )
-    pooling: str = _opt("avg", "global pooling of the backbone's feature map")
+    pooling: str = _opt("avg", "global pooling: avg (CNN map or ViT patch tokens), gem (CNN), cls (ViT class token)")
     # training
     loss: str = _opt("batch_hard", "metric loss")
     margin: float = _opt(0.2, "triplet margin (semi_hard, batch_hard)")
@@ -110,6 +110,7 @@ class Config:
     optimizer: str = _opt("adamw", "adamw | adam")
     lr: float = _opt(1e-3, "learning rate of the head; the backbone gets lr x backbone_lr_mult")
     backbone_lr_mult: float = _opt(0.1, "backbone learning rate as a fraction of lr")
+    layer_decay: float = _opt(1.0, "layer-wise lr decay: each backbone layer gets this x the one above; 1.0: off")
     weight_decay: float = _opt(1e-4, "weight decay")
     schedule: str = _opt("cosine", "cosine (after warm-up) | constant")
     warmup_epochs: int = _opt(1, "linear warm-up epochs")
@@ -123,6 +124,7 @@ class Config:
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N | mps")
     flip_tta: bool = _opt(False, "average each embedding with its horizontally flipped image's")
     compile: bool = _opt(False, "torch.compile the model for training (GPU: faster steps after a slow first one)")
+    grad_checkpointing: bool = _opt(False, "recompute backbone activations in backward: less memory, slower steps")
 
     @property
     def work_dir(self) -> Path:
@@ -232,6 +234,12 @@ def _number(*, positive: bool) -> Check:
     return problem
 
 
+def _fraction(name: str, value) -> str | None:
+    """A finite real number in (0, 1] (a bool is not one)."""
+    usable = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    return None if usable and 0 < value <= 1 else f"{name} must be a number in (0, 1], got {value!r}"
+
+
 def _flag(name: str, value) -> str | None:
     return None if isinstance(value, bool) else f"{name} must be True or False, got {value!r}"
 
@@ -307,6 +315,7 @@ CHECKS: dict[str, Check] = {
     "epochs": _integer(1),
     "lr": _number(positive=True),
     "backbone_lr_mult": _number(positive=False),
+    "layer_decay": _fraction,
     "weight_decay": _number(positive=False),
     "warmup_epochs": _integer(0),
     "grad_clip": _number(positive=True),
@@ -318,6 +327,7 @@ CHECKS: dict[str, Check] = {
     "device": _text(pattern=r"auto|cpu|cuda(:\d+)?|mps", expected="auto, cpu, cuda, cuda:N or mps"),
     "flip_tta": _flag,
     "compile": _flag,
+    "grad_checkpointing": _flag,
 }
 
 

@@ -1,8 +1,11 @@
-"""The decoded-crop store: each training image decoded, cropped to its box and resized once per
-preprocessing, kept as uint8, and reused by every epoch, seed and study run that shares it.
+"""The decoded-crop store: each training and val image decoded, cropped to its box and resized
+once per preprocessing, kept as uint8, and reused by every epoch, seed and study run that shares it.
 
 Without it every epoch decodes the same JPEGs again: on the 2-core CPU that was ~150 ms of a
 32-image step (docs/benchmarks.md), and on a GPU the input pipeline, not the model, set the pace.
+Val (the official protocol's rows, eval transform) has a store of its own: a fit's first val pass
+reads it instead of decoding, and so does every pass of a val split too large for
+:class:`helpers.evaluation.inference.TableEmbedder`'s in-memory cache.
 
 What is stored is :meth:`C2STransform.prepare`'s output: the box crop (with the run's margin),
 the photometric mode and the resize to the model's input side. The augmentation presets work

@@ -6,6 +6,7 @@ live demo alike, so a query is always embedded exactly as the gallery was.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,9 @@ import torch
 
 from helpers.core import runtime
 from helpers.core.config import Config
-from helpers.core.errors import InputError
+from helpers.core.errors import InputError, choose
 from helpers.core.progress import progress_bar
-from helpers.data import datasets, transforms
+from helpers.data import datasets, store, transforms
 from helpers.evaluation import metrics
 from helpers.modeling import distributed, models
 
@@ -106,7 +107,9 @@ class TableEmbedder:
     """Embeds the rows of one table, in order, as often as asked, through one loader whose
     workers persist between calls (validation runs every epoch on the same rows). With
     ``cache``, the first pass's preprocessed batches are kept within the eval-cache budget
-    (:data:`EVAL_CACHE_MB`), so later calls only run the model.
+    (:data:`EVAL_CACHE_MB`), so later calls only run the model. With ``crops`` (the table's
+    decoded-crop store, :mod:`helpers.data.store`, of this preprocessing) no pass decodes a
+    JPEG: the first reads the stored crops, and so does every pass of a table over the budget.
 
     Under torchrun (``shard=True`` and a process group of N ranks) each rank embeds every N-th
     row (rank r: rows r, r+N, ...) and the embeddings of all ranks are all-gathered back into
@@ -124,15 +127,17 @@ class TableEmbedder:
         device: str,
         shard: bool = True,
         cache: bool = True,
+        crops: store.CropStore | None = None,
     ):
         self.cfg, self.device, self.n_rows = cfg, device, len(table)
         ctx = distributed.current() if shard else distributed.Context()
         self.distributed = ctx.distributed
         self.positions = np.arange(len(table))[ctx.rank :: ctx.world_size]
         rows = table.iloc[self.positions].reset_index(drop=True) if ctx.distributed else table
-        dataset = datasets.C2SDataset(
-            rows, data_root, transforms.create_transform(cfg, data_config)
-        )  # eval: deterministic
+        transform = transforms.create_transform(cfg, data_config)  # eval: deterministic
+        if crops is not None:
+            self._check_store(crops, table, data_root, transform)
+        dataset = datasets.C2SDataset(rows, data_root, transform, store=crops, store_rows=self.positions)
         loader = datasets.make_loader(
             dataset,
             batch_size=runtime.resolve_embed_batch(cfg, device),
@@ -141,6 +146,16 @@ class TableEmbedder:
             device=device,
         )
         self.loader = CachedBatches(loader, resolve_eval_cache_bytes() if cache else 0)
+
+    @staticmethod
+    def _check_store(crops: store.CropStore, table: pd.DataFrame, data_root: str | Path, transform) -> None:
+        """Refuse a store of other rows or preprocessing, or one with unreadable images (every
+        row must be embedded: decoding it here would fail too)."""
+        if crops.key != store.store_key(table, data_root, transform):
+            raise InputError(f"{crops.path}: a crop store of other rows or another preprocessing")
+        if not crops.valid.all():
+            listing = crops.path.with_name(f"{crops.key}_bad_images.txt")
+            raise InputError(f"{int((~crops.valid).sum())} image(s) to embed could not be read; see {listing}")
 
     def __call__(
         self, embedder: torch.nn.Module, progress: bool = True, desc: str = "embedding", sink=None
@@ -187,7 +202,8 @@ def embed_table(
 
 class ProtocolEvaluator:
     """Recall@K / mAP of one split under one protocol, for any model with the same
-    preprocessing. Only the rows the protocol uses are embedded; the loader is built once."""
+    preprocessing. Only the rows the protocol uses are embedded (read from ``crops``, their
+    decoded-crop store, when given); the loader is built once."""
 
     def __init__(
         self,
@@ -199,21 +215,48 @@ class ProtocolEvaluator:
         protocol: str = "official",
         device: str = "cpu",
         cache: bool = True,
+        crops: store.CropStore | None = None,
     ):
-        queries, gallery = metrics.protocol_sets(table, split, protocol)
-        # The protocol picks rows by their own columns, so the sub-table of the rows it uses
-        # gives the same query and gallery sets without embedding (or allocating) the rest.
-        self.rows = table.iloc[np.union1d(queries.index.to_numpy(), gallery.index.to_numpy())].reset_index(drop=True)
+        self.rows = self.protocol_rows(table, split, protocol)
+        self.queries, self.gallery = metrics.protocol_sets(self.rows, split, protocol)
         self.split, self.protocol = split, protocol
-        self.embed = TableEmbedder(cfg, data_config, self.rows, data_root, device, cache=cache)
+        self.embed = TableEmbedder(cfg, data_config, self.rows, data_root, device, cache=cache, crops=crops)
+
+    @staticmethod
+    def protocol_rows(table: pd.DataFrame, split: str = "test", protocol: str = "official") -> pd.DataFrame:
+        """The rows the protocol uses, in table order. The protocol picks rows by their own
+        columns, so this sub-table gives the same query and gallery sets without embedding (or
+        allocating) the rest."""
+        queries, gallery = metrics.protocol_sets(table, split, protocol)
+        return table.iloc[np.union1d(queries.index.to_numpy(), gallery.index.to_numpy())].reset_index(drop=True)
 
     def __call__(self, embedder: torch.nn.Module, progress: bool = True) -> dict:
-        """The metrics dict, plus ``mean_embedding_norm``: the norm of the mean unit embedding,
-        near 1 when the embeddings have collapsed to one point."""
+        """The metrics dict (see :meth:`metrics_of`)."""
+        return self.metrics_of(self.embed(embedder, progress, f"embedding {self.split}"))
+
+    def with_ranks(self, embedder: torch.nn.Module, progress: bool = True) -> tuple[dict, pd.DataFrame]:
+        """The metrics dict and the per-query ranks (:meth:`query_ranks`) of one embedding pass."""
         embeddings = self.embed(embedder, progress, f"embedding {self.split}")
+        return self.metrics_of(embeddings), self.query_ranks(embeddings)
+
+    def metrics_of(self, embeddings: np.ndarray) -> dict:
+        """The metrics dict of the embeddings of :attr:`rows`, plus ``mean_embedding_norm``: the
+        norm of the mean unit embedding, near 1 when the embeddings have collapsed to one point."""
         result = metrics.evaluate_protocol(self.rows, embeddings, split=self.split, protocol=self.protocol)
         result["mean_embedding_norm"] = float(np.linalg.norm(embeddings.mean(axis=0)))
         return result
+
+    def query_ranks(self, embeddings: np.ndarray) -> pd.DataFrame:
+        """One row per scored query (``path``, ``item_id``, 0-based ``first_hit_rank``,
+        ``average_precision``), sorted by path: what the study's paired statistics resample."""
+        queries, gallery = self.queries, self.gallery
+        result = metrics.retrieval_metrics(
+            embeddings[queries.index.to_numpy()],
+            queries.item_id.to_numpy(),
+            embeddings[gallery.index.to_numpy()],
+            gallery.item_id.to_numpy(),
+        )
+        return metrics.ranks_table(queries, result)
 
 
 def evaluate(
@@ -225,10 +268,27 @@ def evaluate(
     protocol: str = "official",
     device: str = "cpu",
     progress: bool = True,
+    interval: str = "items",
+    postprocess=None,
 ) -> dict:
-    """One evaluation of ``embedder`` (see :class:`ProtocolEvaluator`; one pass, nothing cached)."""
+    """One evaluation of ``embedder`` on the rows :class:`ProtocolEvaluator` picks (one pass, nothing
+    cached), with its ``mean_embedding_norm``. ``interval``: what the bootstrap resamples
+    (:data:`helpers.evaluation.metrics.INTERVALS`; default items). ``postprocess``: a
+    :class:`helpers.evaluation.postprocess.PostProcess` to rank with (flip TTA embeds with the
+    flip); default none, plain cosine."""
+    choose(interval, tuple(metrics.INTERVALS), "interval")  # before the embedding, not after
+    if postprocess is not None:
+        cfg = replace(cfg, flip_tta=cfg.flip_tta or postprocess.flip_tta)
     evaluator = ProtocolEvaluator(cfg, embedder.data_config, table, data_root, split, protocol, device, cache=False)
-    return evaluator(embedder, progress)
+    embeddings = evaluator.embed(embedder, progress, f"embedding {split}")
+    scorer = None if postprocess is None else postprocess.scorer
+    result = metrics.evaluate_protocol(
+        evaluator.rows, embeddings, split=split, protocol=protocol, interval=interval, scorer=scorer
+    )
+    result["mean_embedding_norm"] = float(np.linalg.norm(embeddings.mean(axis=0)))
+    if postprocess is not None:
+        result["postprocess"] = postprocess.to_json()
+    return result
 
 
 def evaluate_zero_shot(
@@ -238,15 +298,19 @@ def evaluate_zero_shot(
     split: str = "test",
     protocol: str = "official",
     progress: bool = True,
+    interval: str = "items",
 ) -> dict:
     """Metrics of ``cfg.backbone``'s pooled, L2-normalised features with ``cfg.weights`` and no
-    training (the baseline every trained model is compared with); ``model`` records how it was built."""
+    training (the baseline every trained model is compared with); ``model`` records how it was built.
+    ``interval``: what the bootstrap resamples, as in :func:`evaluate`."""
     from helpers.core import repro
 
     repro.seed_everything(cfg.seed, cfg.deterministic)  # a random init ("none") is seeded too
     embedder = models.create_embedder(cfg.backbone, weights=cfg.weights, head="pooled", img_size=cfg.img_size)
     device = runtime.resolve_device(cfg.device)
-    result = evaluate(cfg, embedder.to(device).eval(), table, data_root, split, protocol, device, progress)
+    result = evaluate(
+        cfg, embedder.to(device).eval(), table, data_root, split, protocol, device, progress, interval=interval
+    )
     return {**result, "model": embedder.config}
 
 

@@ -13,6 +13,9 @@ Definitions used everywhere in the project:
   the query's R relevant gallery entries.
 * Queries whose item has no gallery entry cannot be scored: they are **excluded** from
   every mean and counted in ``n_excluded_queries``.
+* **Intervals**: 95 % percentile bootstrap, by default over *items* (all queries of a drawn item
+  together: photos of one garment are not independent); over single queries only when asked
+  (:data:`INTERVALS`).
 
 Protocols (which images are queries and which form the gallery) are documented in
 :data:`PROTOCOLS` and :func:`protocol_sets`.
@@ -21,7 +24,7 @@ Protocols (which images are queries and which form the gallery) are documented i
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -200,41 +203,46 @@ def _relevant_ranks(
     return greater + lower
 
 
-def retrieval_metrics(
-    query_emb: ArrayLike,
-    query_labels: ArrayLike | Sequence,
-    gallery_emb: ArrayLike,
-    gallery_labels: ArrayLike | Sequence,
-    ks: Iterable[int] = DEFAULT_KS,
-    memory_budget_mb: float = 256,
-) -> RetrievalResult:
-    """Recall@K and mAP of queries against a gallery, with bounded memory.
+def _memory_plan(memory_budget_mb: float, n_gallery: int, score_bytes: int) -> tuple[int, int]:
+    """``(query rows per score chunk, elements per comparison slice)`` within the budget: half of
+    it for a ``rows × G`` score chunk, the other half (and a cache-sized 1M elements) for the rank
+    counting of :func:`_relevant_ranks` (~16 bytes per compared element: bool result, its int64
+    cast inside sum(), a bool mask). One query row is the floor."""
+    budget = max(int(memory_budget_mb * _MIB), 1)
+    return max(1, (budget // 2) // (score_bytes * n_gallery)), max(1, min(1 << 20, (budget // 2) // 16))
 
-    Queries are processed in chunks of ``c`` rows whose ``c × G`` float32 score block
-    takes at most half the budget; the rank counting (see :func:`_relevant_ranks`) works on
-    slices bounded by the other half (and by a cache-sized 1M elements). One query row
-    against the whole gallery is the floor, so a budget below ``4·G`` bytes is exceeded
-    rather than refused. Queries are grouped by their number of relevant entries so each
-    chunk's ``[c, max relevant]`` slot matrix has little padding.
 
-    Labels may be strings or ints. Queries whose label has no gallery entry are excluded
-    and counted. Ties are ranked by lower gallery position first (see module docstring).
-    """
+def _check_labels(query_labels, gallery_labels, n_query: int, n_gallery: int) -> None:
+    if len(query_labels) != n_query:
+        raise InputError(f"{len(query_labels)} query labels for {n_query} query rows")
+    if len(gallery_labels) != n_gallery:
+        raise InputError(f"{len(gallery_labels)} gallery labels for {n_gallery} gallery rows")
+    if n_gallery == 0:
+        raise InputError("the gallery is empty")
+
+
+def _check_ks(ks: Iterable[int]) -> tuple[int, ...]:
     ks = tuple(int(k) for k in ks)
     if not ks or min(ks) < 1:
         raise InputError(f"ks must be positive integers, got {ks}")
-    q = as_float32_tensor(query_emb, "query embeddings")
-    g = as_float32_tensor(gallery_emb, "gallery embeddings")
-    n_query, n_gallery = q.shape[0], g.shape[0]
-    if len(query_labels) != n_query:
-        raise InputError(f"{len(query_labels)} query labels for {n_query} query embeddings")
-    if len(gallery_labels) != n_gallery:
-        raise InputError(f"{len(gallery_labels)} gallery labels for {n_gallery} gallery embeddings")
-    if n_gallery == 0:
-        raise InputError("the gallery is empty")
-    if q.shape[1] != g.shape[1]:
-        raise InputError(f"query dim {q.shape[1]} does not match gallery dim {g.shape[1]}")
+    return ks
 
+
+def _ranked(
+    score_rows: Callable[[np.ndarray], torch.Tensor],
+    query_labels: ArrayLike | Sequence,
+    gallery_labels: ArrayLike | Sequence,
+    ks: tuple[int, ...],
+    chunk_rows: int,
+    elements_per_op: int,
+) -> RetrievalResult:
+    """The one ranking routine: first-hit rank and AP of every query with a relevant entry, from
+    ``score_rows(query positions) -> [rows, G]`` scores, at most ``chunk_rows`` rows at a time.
+
+    Queries are grouped by their number of relevant entries so each chunk's
+    ``[c, max relevant]`` slot matrix has little padding.
+    """
+    n_query, n_gallery = len(query_labels), len(gallery_labels)
     q_codes, g_codes, n_labels = _encode_labels(query_labels, gallery_labels)
     # Gallery positions grouped by label: label c owns order[starts[c]:starts[c]+counts[c]].
     order = np.argsort(g_codes, kind="stable")
@@ -242,23 +250,15 @@ def retrieval_metrics(
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
 
     evaluated = np.flatnonzero(q_codes >= 0)
-    n_excluded = int(n_query - evaluated.size)
     n_rel = counts[q_codes[evaluated]].astype(np.int64)
     by_n_rel = np.argsort(n_rel, kind="stable")  # process queries grouped by relevant count
 
-    budget = max(int(memory_budget_mb * _MIB), 1)
-    chunk_rows = max(1, (budget // 2) // (4 * n_gallery))
-    # ~16 bytes per compared element: bool result, its int64 cast inside sum(), a bool mask.
-    elements_per_op = max(1, min(1 << 20, (budget // 2) // 16))
-
     first_hit = np.empty(evaluated.size, dtype=np.int64)
     ap = np.empty(evaluated.size, dtype=np.float64)
-    buffer = torch.empty(min(chunk_rows, max(evaluated.size, 1)) * n_gallery, dtype=torch.float32)
     for c0, c1 in chunks(evaluated.size, chunk_rows):
         sel = by_n_rel[c0:c1]  # positions in `evaluated`
         rows = evaluated[sel]
-        scores = buffer[: rows.size * n_gallery].view(rows.size, n_gallery)
-        torch.mm(q[torch.from_numpy(rows)], g.T, out=scores)
+        scores = score_rows(rows)
 
         rel = n_rel[sel]
         slot = np.arange(rel.max())
@@ -281,7 +281,7 @@ def retrieval_metrics(
         first_hit_rank=first_hit,
         average_precision=ap,
         n_relevant=n_rel,
-        n_excluded_queries=n_excluded,
+        n_excluded_queries=int(n_query - evaluated.size),
         n_gallery=int(n_gallery),
     )
     result.recall = recall_at_k(first_hit, ks)
@@ -289,26 +289,146 @@ def retrieval_metrics(
     return result
 
 
+def ranks_table(queries: pd.DataFrame, result: RetrievalResult) -> pd.DataFrame:
+    """The per-query table of a retrieval (``val_ranks.csv``): one row per scored query of
+    ``queries`` (``path``, ``item_id``, 0-based ``first_hit_rank``, ``average_precision``), sorted
+    by path, what the study's paired statistics read."""
+    scored = queries.iloc[result.query_index]
+    ranks = pd.DataFrame(
+        {
+            "path": scored.path.to_numpy(),
+            "item_id": scored.item_id.to_numpy(),
+            "first_hit_rank": result.first_hit_rank,
+            "average_precision": result.average_precision,
+        }
+    )
+    return ranks.sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def score_metrics(
+    scores: ArrayLike,
+    query_labels: ArrayLike | Sequence,
+    gallery_labels: ArrayLike | Sequence,
+    ks: Iterable[int] = DEFAULT_KS,
+    memory_budget_mb: float = 256,
+) -> RetrievalResult:
+    """Recall@K and mAP of any ``[Q, G]`` score matrix (higher = better), e.g. a post-processing
+    method's (:class:`helpers.evaluation.postprocess.PostProcess`), ranked exactly as
+    :func:`retrieval_metrics` ranks cosine similarities (it calls the same routine). The scores
+    keep their dtype (float64 re-ranked distances are not rounded into ties); the rank counting
+    stays within the budget, the matrix itself is the caller's.
+
+    >>> result = score_metrics([[0.5, 0.9, 0.5]], ["a"], ["b", "a", "a"])
+    >>> result.first_hit_rank.tolist(), round(result.map, 4)  # order 1, 0, 2: relevant at ranks 0 and 2
+    ([0], 0.8333)
+    """
+    ks = _check_ks(ks)
+    matrix = np.asarray(scores)
+    if matrix.ndim != 2:
+        raise InputError(f"scores must be a [queries, gallery] matrix, got shape {matrix.shape}")
+    if matrix.dtype not in (np.float32, np.float64):
+        matrix = matrix.astype(np.float64)
+    if not np.isfinite(matrix).all():
+        raise InputError("scores contain NaN or infinite values")
+    _check_labels(query_labels, gallery_labels, *matrix.shape)
+    tensor = torch.from_numpy(np.ascontiguousarray(matrix))
+    chunk_rows, elements_per_op = _memory_plan(memory_budget_mb, matrix.shape[1], matrix.itemsize)
+    return _ranked(
+        lambda rows: tensor[torch.from_numpy(rows)], query_labels, gallery_labels, ks, chunk_rows, elements_per_op
+    )
+
+
+def retrieval_metrics(
+    query_emb: ArrayLike,
+    query_labels: ArrayLike | Sequence,
+    gallery_emb: ArrayLike,
+    gallery_labels: ArrayLike | Sequence,
+    ks: Iterable[int] = DEFAULT_KS,
+    memory_budget_mb: float = 256,
+    scorer: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+) -> RetrievalResult:
+    """Recall@K and mAP of queries against a gallery, with bounded memory.
+
+    Queries are processed in chunks of ``c`` rows whose ``c × G`` float32 score block
+    takes at most half the budget; the rank counting (see :func:`_relevant_ranks`) works on
+    slices bounded by the other half (and by a cache-sized 1M elements). One query row
+    against the whole gallery is the floor, so a budget below ``4·G`` bytes is exceeded
+    rather than refused.
+
+    ``scorer(query_emb, gallery_emb) -> [Q, G]`` ranks by its scores instead of cosine (e.g.
+    :attr:`helpers.evaluation.postprocess.PostProcess.scorer`), through :func:`score_metrics`:
+    its whole matrix is made at once, outside the budget.
+
+    Labels may be strings or ints. Queries whose label has no gallery entry are excluded
+    and counted. Ties are ranked by lower gallery position first (see module docstring).
+    """
+    ks = _check_ks(ks)
+    q = as_float32_tensor(query_emb, "query embeddings")
+    g = as_float32_tensor(gallery_emb, "gallery embeddings")
+    n_gallery = g.shape[0]
+    _check_labels(query_labels, gallery_labels, q.shape[0], n_gallery)
+    if q.shape[1] != g.shape[1]:
+        raise InputError(f"query dim {q.shape[1]} does not match gallery dim {g.shape[1]}")
+    if scorer is not None:
+        return score_metrics(scorer(q.numpy(), g.numpy()), query_labels, gallery_labels, ks, memory_budget_mb)
+
+    chunk_rows, elements_per_op = _memory_plan(memory_budget_mb, n_gallery, 4)
+    buffer: list[torch.Tensor] = []  # the largest (first) chunk's block, reused by the others
+
+    def cosine_rows(rows: np.ndarray) -> torch.Tensor:
+        if not buffer:
+            buffer.append(torch.empty(rows.size * n_gallery, dtype=torch.float32))
+        scores = buffer[0][: rows.size * n_gallery].view(rows.size, n_gallery)
+        return torch.mm(q[torch.from_numpy(rows)], g.T, out=scores)
+
+    return _ranked(cosine_rows, query_labels, gallery_labels, ks, chunk_rows, elements_per_op)
+
+
 # ----------------------------------------------------------------------------------------
 # Bootstrap confidence intervals
 # ----------------------------------------------------------------------------------------
 
 
-def _bootstrap_means(values: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """Means of ``n_boot`` resamples (with replacement, over rows) of ``values [n, m]``.
+# How the intervals resample, by name: the ``ci`` string of a result begins with its description.
+INTERVALS: dict[str, str] = {
+    # The consumer photos of one item are not independent (same garment, often the same shop
+    # photos to find): resampling them one by one gave intervals 15-31 % too narrow.
+    "items": "percentile bootstrap over items (all queries of an item together)",
+    "queries": "percentile bootstrap over queries",
+}
+
+
+def _unit_totals(values: np.ndarray, items: ArrayLike | Sequence | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(sums [n_units, m], counts [n_units])`` of the resampled units: one per query without
+    ``items``, else one per item (numbered in order of first appearance) holding its queries."""
+    if items is None:
+        return values, np.ones(len(values), dtype=np.int64)
+    if len(items) != len(values):
+        raise InputError(f"{len(items)} item labels for {len(values)} per-query values")
+    codes, uniques = pd.factorize(pd.Series(np.asarray(items, dtype=object)))
+    sums = np.column_stack([np.bincount(codes, weights=column, minlength=len(uniques)) for column in values.T])
+    return sums, np.bincount(codes, minlength=len(uniques))
+
+
+def _bootstrap_means(values: np.ndarray, n_boot: int, seed: int, items=None) -> np.ndarray:
+    """Means of ``n_boot`` resamples (with replacement) of ``values [n, m]``: of rows, or with
+    ``items`` (one label per row) of items, each drawn item bringing all its rows, so a replicate's
+    mean is ``Σ drawn sums / Σ drawn counts`` (an item weighs as many rows as it has).
 
     All columns share the same resamples. Vectorised in batches of replicates so the
-    ``[batch, n]`` index and gathered matrices stay under ~32 MiB each; the batching
-    depends only on ``n``, so a seed always gives the same replicates.
+    ``[batch, units]`` index and gathered matrices stay under ~32 MiB each; the batching
+    depends only on the number of units, so a seed always gives the same replicates.
     """
-    n = values.shape[0]
+    sums, counts = _unit_totals(values, items)
+    n = len(counts)
     rng = np.random.default_rng(seed)
     batch = max(1, (32 * _MIB) // (8 * n))
     means = np.empty((n_boot, values.shape[1]), dtype=np.float64)
     for b0, b1 in chunks(n_boot, batch):
         idx = rng.integers(0, n, size=(b1 - b0, n))
+        drawn = counts[idx].sum(axis=1)
         for j in range(values.shape[1]):
-            means[b0:b1, j] = values[idx, j].mean(axis=1)
+            means[b0:b1, j] = sums[idx, j].sum(axis=1) / drawn
     return means
 
 
@@ -317,11 +437,15 @@ def bootstrap_ci(
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
+    items: ArrayLike | Sequence | None = None,
 ) -> tuple[float, float]:
-    """Percentile bootstrap ``(low, high)`` interval of the mean, resampling queries.
+    """Percentile bootstrap ``(low, high)`` interval of the mean over queries.
 
-    ``per_query_values`` are e.g. hit indicators (for Recall@K) or APs (for mAP). Seeded,
-    so the same inputs and seed give the same interval. Empty input gives ``(nan, nan)``.
+    ``per_query_values`` are e.g. hit indicators (for Recall@K) or APs (for mAP). Without
+    ``items`` queries are resampled one by one; with ``items`` (each query's item label) items
+    are resampled, all queries of a drawn item together (see :func:`_bootstrap_means`), as
+    :func:`evaluate_protocol` does by default. Seeded, so the same inputs and seed give the same
+    interval. Empty input gives ``(nan, nan)``.
     """
     values = np.asarray(per_query_values, dtype=np.float64).reshape(-1)
     if not 0 < alpha < 1:
@@ -330,7 +454,7 @@ def bootstrap_ci(
         raise InputError(f"n_boot must be >= 1, got {n_boot}")
     if values.size == 0:
         return float("nan"), float("nan")
-    means = _bootstrap_means(values[:, None], n_boot, seed)[:, 0]
+    means = _bootstrap_means(values[:, None], n_boot, seed, items)[:, 0]
     low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
 
@@ -418,6 +542,8 @@ def evaluate_protocol(
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
+    interval: str = "items",
+    scorer: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> dict:
     """Evaluate embeddings under a protocol; returns the ``metrics.json`` dictionary.
 
@@ -430,7 +556,11 @@ def evaluate_protocol(
             default).
         memory_budget_mb: bound on the search's working memory (see
             :func:`retrieval_metrics`).
-        n_boot, seed, alpha: percentile bootstrap over queries for the intervals.
+        n_boot, seed, alpha: the percentile bootstrap of the intervals.
+        interval: what the bootstrap resamples (:data:`INTERVALS`): ``items`` (default: all
+            queries of a drawn item together, as they are not independent) or ``queries``.
+        scorer: ranks by these scores instead of cosine (see :func:`retrieval_metrics`), e.g.
+            the post-processing method a caller applies.
 
     Returns plain JSON-serialisable values: ``recall@K`` per K, ``map``, ``n_queries``
     (evaluated), ``n_excluded_queries``, ``n_gallery`` (entries, duplicates included),
@@ -441,6 +571,7 @@ def evaluate_protocol(
     ``category`` column). Raises :class:`InputError` when no query can be scored.
     """
     ks = tuple(int(k) for k in ks)
+    choose(interval, tuple(INTERVALS), "interval")
     if isinstance(embeddings, torch.Tensor):
         embeddings = embeddings.detach().cpu().numpy()
     emb = np.asarray(embeddings)
@@ -456,6 +587,7 @@ def evaluate_protocol(
         gallery["item_id"].to_numpy(),
         ks=ks,
         memory_budget_mb=memory_budget_mb,
+        scorer=scorer,
     )
     if res.n_queries == 0:
         raise InputError(
@@ -479,11 +611,12 @@ def evaluate_protocol(
 
     # One set of resamples for every metric, so the intervals are mutually consistent.
     per_query = np.column_stack([res.hits(k) for k in ks] + [res.average_precision])
-    means = _bootstrap_means(per_query, n_boot, seed)
+    items = queries["item_id"].to_numpy()[res.query_index] if interval == "items" else None
+    means = _bootstrap_means(per_query, n_boot, seed, items)
     bounds = np.quantile(means, [alpha / 2, 1 - alpha / 2], axis=0)
     for j, name in enumerate([f"recall@{k}" for k in ks] + ["map"]):
         out[f"{name}_ci"] = [float(bounds[0, j]), float(bounds[1, j])]
-    out["ci"] = f"percentile bootstrap over queries, {int(round((1 - alpha) * 100))}%, n_boot={n_boot}, seed={seed}"
+    out["ci"] = f"{INTERVALS[interval]}, {int(round((1 - alpha) * 100))}%, n_boot={n_boot}, seed={seed}"
     out["rank_base"] = "Recall@K counts a hit when the first relevant entry has 0-based rank < K"
 
     per_category: dict[str, dict] = {}

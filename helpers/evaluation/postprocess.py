@@ -1,10 +1,12 @@
 """Post-processing of a trained embedder's rankings, no training: pure functions on L2-normalised
 ``float32`` query ``[Q, D]`` and gallery ``[G, D]`` embeddings, each returning a ``[Q, G]`` score
-matrix (higher = closer), and :func:`ranking` to turn any score matrix into per-query first-hit
-ranks with the project's tie rule (equal scores: lower gallery position first).
+matrix (higher = closer), and the registry of named methods (:data:`METHODS`,
+:func:`create_postprocess`, :class:`PostProcess`) that the study compares and that the gallery
+index, ``04_demo`` and the live demo apply once one is adopted. Any score matrix is ranked by
+:func:`helpers.evaluation.metrics.score_metrics` (the one ranking routine).
 
-- flip test-time augmentation is not here: it changes the embeddings, not the ranking (the
-  config field ``flip_tta``, applied by :mod:`helpers.evaluation.inference`);
+- ``flip_tta`` changes the embeddings, not the ranking: each image is embedded with its horizontal
+  flip averaged in (:mod:`helpers.evaluation.inference`), then scored by cosine;
 - :func:`alpha_query_expansion` (αQE, Radenović et al., TPAMI 2018): each query replaced by
   ``normalise(q + Σ_{i≤k} s_i^α g_i)`` over its top-k gallery neighbours, ``s_i`` its similarity
   clipped at 0 (a negative similarity would flip the sign of ``s^α`` for odd α);
@@ -19,6 +21,9 @@ function is deterministic and can be checked against an explicit loop.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -47,6 +52,12 @@ def check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
+def check_lambda(lambda_value: float) -> float:
+    if not 0.0 <= lambda_value <= 1.0:
+        raise InputError(f"lambda must lie in [0, 1], got {lambda_value!r}")
+    return float(lambda_value)
+
+
 def normalise(rows: np.ndarray) -> np.ndarray:
     return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
 
@@ -70,9 +81,15 @@ def alpha_query_expansion(query: np.ndarray, gallery: np.ndarray, k: int, alpha:
     k, alpha = check_positive(k, "k"), check_alpha(alpha)
     scores = q @ g.T
     neighbours = top_k(scores, k)
-    weights = np.maximum(np.take_along_axis(scores, neighbours, axis=1), 0.0) ** alpha
-    expanded = normalise(q + np.einsum("qk,qkd->qd", weights, g[neighbours]))
-    return expanded @ g.T
+    return expand_queries(q, g[neighbours], np.take_along_axis(scores, neighbours, axis=1), alpha) @ g.T
+
+
+def expand_queries(query: np.ndarray, neighbours: np.ndarray, similarities: np.ndarray, alpha: float) -> np.ndarray:
+    """αQE's ``[Q, D]`` queries ``normalise(q + Σ_i max(s_i, 0)^α n_i)`` from each query's neighbour
+    vectors ``[Q, k, D]`` and their similarities ``[Q, k]`` (found by any search: the gallery index
+    passes its own)."""
+    weights = np.maximum(similarities, 0.0) ** check_alpha(alpha)
+    return normalise(query + np.einsum("qk,qkd->qd", weights, neighbours))
 
 
 def augmented_gallery(gallery: np.ndarray, k: int, alpha: float) -> np.ndarray:
@@ -112,9 +129,7 @@ def k_reciprocal_distance(query: np.ndarray, gallery: np.ndarray, k1: int, k2: i
     for validation-sized sets.
     """
     q, g = check_embeddings(query, gallery)
-    k1, k2 = check_positive(k1, "k1"), check_positive(k2, "k2")
-    if not 0.0 <= lambda_value <= 1.0:
-        raise InputError(f"lambda must lie in [0, 1], got {lambda_value!r}")
+    k1, k2, lambda_value = check_positive(k1, "k1"), check_positive(k2, "k2"), check_lambda(lambda_value)
     points = np.concatenate([q, g]).astype(np.float64)
     n_query, n = len(q), len(points)
     distance = np.maximum(2.0 - 2.0 * points @ points.T, 0.0)
@@ -147,23 +162,89 @@ def k_reciprocal_scores(query: np.ndarray, gallery: np.ndarray, k1: int, k2: int
     return -k_reciprocal_distance(query, gallery, k1, k2, lambda_value)
 
 
-def ranking(scores: np.ndarray, query_labels, gallery_labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(query_index, first_hit_rank, average_precision)`` of a ``[Q, G]`` score matrix, for the
-    queries whose label has a gallery entry: 0-based rank of the first relevant entry in a stable
-    descending sort (equal scores: lower gallery position first, as
-    :func:`helpers.evaluation.metrics.retrieval_metrics` ranks) and AP over the whole ranking."""
-    scores = np.asarray(scores)
-    query_labels, gallery_labels = np.asarray(query_labels, dtype=object), np.asarray(gallery_labels, dtype=object)
-    if scores.ndim != 2 or scores.shape != (len(query_labels), len(gallery_labels)):
-        raise InputError(
-            f"scores of shape {scores.shape} for {len(query_labels)} query and {len(gallery_labels)} gallery labels"
-        )
-    order = np.argsort(-scores, axis=1, kind="stable")
-    kept, first, precision = [], [], []
-    for i, label in enumerate(query_labels):
-        hits = np.flatnonzero(gallery_labels[order[i]] == label)
-        if hits.size:
-            kept.append(i)
-            first.append(hits[0])
-            precision.append(float(np.mean(np.arange(1, hits.size + 1) / (hits + 1))))
-    return np.asarray(kept, dtype=np.int64), np.asarray(first, dtype=np.int64), np.asarray(precision)
+# --------------------------------------------------------------------------- the registry of named methods
+
+# Each method alone against `none` (plain cosine on the plain embeddings). αQE / DBA: k = 2
+# neighbours because a C2S item has few shop photos in the gallery (a larger k adds other items),
+# α = 3 as Radenović et al.; k-reciprocal: the paper's k1 = 20, k2 = 6, λ = 0.3.
+METHODS: dict[str, dict] = {
+    "none": {},
+    "flip_tta": {},
+    "aqe": {"k": 2, "alpha": 3.0},
+    "dba": {"k": 2, "alpha": 3.0},
+    "k_reciprocal": {"k1": 20, "k2": 6, "lambda_value": 0.3},
+}
+
+_SCORERS: dict[str, Callable[..., np.ndarray]] = {
+    "none": cosine_scores,
+    "flip_tta": cosine_scores,  # on flip-TTA embeddings: the flip is made when embedding
+    "aqe": alpha_query_expansion,
+    "dba": database_augmentation,
+    "k_reciprocal": k_reciprocal_scores,
+}
+
+_CHECKS: dict[str, Callable] = {
+    "k": lambda v: check_positive(v, "k"),
+    "k1": lambda v: check_positive(v, "k1"),
+    "k2": lambda v: check_positive(v, "k2"),
+    "alpha": check_alpha,
+    "lambda_value": check_lambda,
+}
+
+
+@dataclass(frozen=True)
+class PostProcess:
+    """One named method of :data:`METHODS` with its parameters (made by :func:`create_postprocess`)."""
+
+    name: str = "none"
+    params: dict = field(default_factory=dict)
+
+    @property
+    def flip_tta(self) -> bool:
+        """True for ``flip_tta`` only: its query and gallery embeddings must be made with the
+        horizontal flip averaged in (an embedding-time option); its scores are then cosine."""
+        return self.name == "flip_tta"
+
+    @property
+    def scorer(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
+        """:meth:`scores`, or None where they are plain cosine of the embeddings (``none``,
+        ``flip_tta``): then the bounded-memory cosine search and metrics apply unchanged."""
+        return None if self.name in ("none", "flip_tta") else self.scores
+
+    def scores(self, query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+        """``[Q, G]`` scores of the queries against the gallery, higher = better."""
+        return _SCORERS[self.name](query, gallery, **self.params)
+
+    def searched_gallery(self, gallery: np.ndarray) -> np.ndarray:
+        """The vectors a query is compared with: DBA's augmented gallery (dense ``[G, G]``
+        similarities once), else ``gallery`` itself."""
+        return augmented_gallery(gallery, **self.params) if self.name == "dba" else gallery
+
+    def label(self) -> str:
+        """``aqe (k=2, alpha=3.0)``; ``none (cosine similarity)``: what a page or a table shows."""
+        if self.name == "none":
+            return "none (cosine similarity)"
+        return self.name + (f" ({', '.join(f'{k}={v}' for k, v in self.params.items())})" if self.params else "")
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "params": dict(self.params)}
+
+    @classmethod
+    def from_json(cls, record: dict) -> PostProcess:
+        """The method :meth:`to_json` recorded, checked as :func:`create_postprocess` checks it."""
+        if not isinstance(record, dict) or not isinstance(record.get("params", {}), dict):
+            raise InputError(f"not a post-processing record: {record!r}")
+        return create_postprocess(record.get("name"), **record.get("params", {}))
+
+
+def create_postprocess(name: str, **params) -> PostProcess:
+    """The method ``name`` of :data:`METHODS` with its default parameters, overridden by ``params``;
+    an unknown name or parameter, or a bad value, is a one-line :class:`InputError`."""
+    if name not in METHODS:
+        raise InputError(f"unknown post-processing {name!r}; choose one of: {', '.join(METHODS)}")
+    unknown = sorted(set(params) - set(METHODS[name]))
+    if unknown:
+        takes = ", ".join(METHODS[name]) or "no parameters"
+        raise InputError(f"post-processing {name!r} takes {takes}, not {', '.join(unknown)}")
+    merged = {**METHODS[name], **params}
+    return PostProcess(name, {key: _CHECKS[key](value) for key, value in merged.items()})

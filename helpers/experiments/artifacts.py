@@ -9,7 +9,7 @@ interrupted session picks up where it stopped, and a reuse never silently mixes 
 - :func:`ensure_trained`: a finished run is read back only when its recorded config and table
   equal the ones asked for; a half-finished one is resumed (``fit`` refuses a changed config).
 - :func:`ensure_index`: a gallery index is reused when it was built from the same checkpoint
-  and table (by content, sha256), else rebuilt.
+  and table (by content, sha256) with the same post-processing, else rebuilt.
 - :func:`ensure_zero_shot`: the untrained backbone's row, computed once per output file.
 - :func:`comparison_table`: results side by side with their intervals, one row per model.
 """
@@ -18,18 +18,19 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 
-from helpers.core.config import REPO_ROOT, RUNTIME_FIELDS, Config, get_config
+from helpers.core import identity
+from helpers.core.config import REPO_ROOT, Config, get_config
 from helpers.core.errors import InputError
 from helpers.core.files import sha256_file, write_text_atomic
 from helpers.core.schema import read_table
 from helpers.data import sampling, synthetic
 from helpers.evaluation import gallery, inference
 from helpers.evaluation.metrics import METRICS
+from helpers.evaluation.postprocess import PostProcess, create_postprocess
 from helpers.training import train
 
 SYNTHETIC_MARKER = "synthetic.json"
@@ -119,26 +120,20 @@ def ensure_prepared(cfg: Config, progress: bool = True) -> tuple[Path, Path]:
 # --------------------------------------------------------------------------- training runs
 
 
-def recipe(cfg: Config) -> dict:
-    """The config fields that make a result what it is: all but the runtime fields (device,
-    workers, batch sizes), which never change a result."""
-    return {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS}
-
-
 def run_differences(run_dir: Path, cfg: Config, table_path: Path) -> list[str]:
-    """How the finished run in ``run_dir`` differs from ``cfg`` on ``table_path`` (empty: same run)."""
+    """How the finished run in ``run_dir`` differs from ``cfg`` on ``table_path`` (empty: the same
+    run, by :func:`helpers.core.identity.differences`)."""
     recorded = json.loads((run_dir / "config.json").read_text())
-    used = recorded.get("config", {})
-    wanted = json.loads(json.dumps(recipe(cfg), default=str))  # as config.json stores it
-    differs = [f"{k}: {used.get(k)!r} → {v!r}" for k, v in wanted.items() if used.get(k) != v]
-    if recorded.get("table_sha256") != sha256_file(table_path):
-        differs.append(f"table: {table_path} changed since the run (sha256)")
-    return differs
+    return identity.differences(recorded.get("config", {}), recorded.get("table_sha256"), cfg, sha256_file(table_path))
 
 
 def is_trained(run_dir: Path) -> bool:
-    """``fit`` finished in ``run_dir``: it writes ``metrics.json`` last."""
-    return (run_dir / "metrics.json").is_file() and (run_dir / "config.json").is_file()
+    """``fit`` finished in ``run_dir``: it writes ``fit.json`` last (before ``fit.json`` existed,
+    it wrote ``metrics.json`` last, with ``best_epoch``)."""
+    if not (run_dir / "config.json").is_file():
+        return False
+    metrics = run_dir / "metrics.json"
+    return (run_dir / "fit.json").is_file() or (metrics.is_file() and "best_epoch" in json.loads(metrics.read_text()))
 
 
 def ensure_trained(
@@ -149,10 +144,11 @@ def ensure_trained(
     progress: bool = True,
     stop_after_epoch: int | None = None,
 ) -> dict | None:
-    """The test metrics of the run of ``cfg`` in ``run_dir``: read back when it finished with the
-    same recipe and table, resumed when half-finished, trained when absent. A finished run of
-    another recipe is an error, never a silent reuse. ``None``: stopped after
-    ``stop_after_epoch`` (as a disconnect would; the next call resumes)."""
+    """``fit``'s result (``best_epoch``, ``val``, ``stopped``) for the run of ``cfg`` in
+    ``run_dir``: read back when it finished with the same recipe and table, resumed when
+    half-finished, trained when absent. A finished run of another recipe is an error, never a
+    silent reuse. ``None``: stopped after ``stop_after_epoch`` (as a disconnect would; the next
+    call resumes). Test is not evaluated here (:func:`helpers.training.train.evaluate_run`)."""
     run_dir = Path(run_dir)
     if is_trained(run_dir):
         differs = run_differences(run_dir, cfg, table_path)
@@ -161,7 +157,10 @@ def ensure_trained(
                 f"{run_dir}: holds a finished run of another recipe ({'; '.join(differs)}); "
                 "choose another folder or remove it"
             )
-        return json.loads((run_dir / "metrics.json").read_text())
+        if (run_dir / "fit.json").is_file():
+            return json.loads((run_dir / "fit.json").read_text())
+        written = json.loads((run_dir / "metrics.json").read_text())  # a run from before fit.json
+        return {key: written[key] for key in ("best_epoch", "val", "stopped")}
     resume = (run_dir / "last.pt").is_file()
     return train.fit(
         cfg, table_path, data_root, run_dir, resume=resume, progress=progress, stop_after_epoch=stop_after_epoch
@@ -181,10 +180,13 @@ def ensure_index(
     device: str = "auto",
     num_workers: int | None = None,
     progress: bool = True,
+    postprocess: PostProcess | None = None,
 ) -> Path:
-    """The ``split`` gallery embedded once with ``checkpoint``; rebuilt when the checkpoint, the
-    table or the gallery definition changed. Only a folder holding an index is ever replaced."""
+    """The ``split`` gallery embedded once with ``checkpoint``, searched with ``postprocess``
+    (default ``none``); rebuilt when the checkpoint, the table, the gallery definition or the
+    post-processing changed. Only a folder holding an index is ever replaced."""
     index_dir = Path(index_dir)
+    postprocess = postprocess or create_postprocess("none")
     meta_path = index_dir / "index.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
@@ -192,6 +194,7 @@ def ensure_index(
             meta.get("checkpoint_sha256") == sha256_file(checkpoint)
             and meta.get("table_sha256") == sha256_file(table_path)
             and (meta.get("split"), meta.get("protocol")) == (split, protocol)
+            and meta.get("postprocess", {"name": "none", "params": {}}) == postprocess.to_json()
         )
         if same:
             return index_dir
@@ -208,6 +211,7 @@ def ensure_index(
         device=device,
         num_workers=num_workers,
         progress=progress,
+        postprocess=postprocess,
     )
     return index_dir
 

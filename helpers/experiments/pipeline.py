@@ -11,6 +11,7 @@ from helpers.core.config import Config
 from helpers.data import sampling
 from helpers.evaluation import gallery, plots
 from helpers.experiments import artifacts
+from helpers.training import train
 
 
 def run_demo(cfg: Config, progress: bool = True) -> dict:
@@ -24,7 +25,8 @@ def run_demo(cfg: Config, progress: bool = True) -> dict:
 
     baseline = artifacts.ensure_zero_shot(cfg, table_path, data_root, work / "zero_shot_metrics.json", progress)
     run_dir = work / "run"
-    result = artifacts.ensure_trained(cfg, table_path, data_root, run_dir, progress)
+    artifacts.ensure_trained(cfg, table_path, data_root, run_dir, progress)
+    result = train.ensure_test_metrics(run_dir, table_path, data_root, progress)  # best.pt, once on test
     index_dir = artifacts.ensure_index(
         run_dir / "best.pt",
         table_path,

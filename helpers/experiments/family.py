@@ -1,0 +1,220 @@
+"""The study's family of primary tests and its noise: Holm over every Recall@5 comparison, as
+it stood at each decision and once all have run, and where the noise of a comparison comes from.
+
+**Sequential family.** The study decides experiment by experiment in running order (a later
+stage builds on an earlier stage's winners), so a decision cannot wait for the whole family.
+At the decision of experiment e the family holds the raw Recall@5 p-values of the experiments
+before e in running order that have finished, e's own, and every other planned test as p = 1
+(:func:`family_at_decision`). Holm's adjusted p-values only fall when a p = 1 becomes a real
+p-value, so each decision taken then stays valid under the final family (:func:`finalise`),
+which adds the ``_final`` columns once every experiment has finished. ``decision.json`` records
+the family as it stood at the decision. Running the experiments out of order only counts the
+later-in-order ones as pending, which is conservative.
+
+**Noise** (:func:`noise_table`, ``noise.csv``): each comparison's variance components (seed,
+item, seed × item) and what doubling the seeds or the val items would do to its standard error,
+with a pooled row that the power calculator (:func:`power_plan`) plans from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from helpers.core.errors import InputError
+from helpers.core.files import write_text_atomic
+from helpers.experiments import comparison, runs, statistics
+from helpers.experiments.catalogue import PRIMARY, PRIMARY_K, planned_tests
+from helpers.experiments.statistics import ALPHA, POWER
+
+NOISE = "noise.csv"  # results/<profile>/noise.csv
+POOLED = "pooled"
+
+
+def finished_pvalues(root: Path, name: str) -> list[float] | None:
+    """The raw Recall@5 p-values of experiment ``name`` in table order (NaN: a variant without
+    pairs), or None while it has not finished with these statistics (no ``decision.json``, or one
+    written before the crossed test, without its ``test``)."""
+    folder = Path(root) / name
+    if not (folder / "decision.json").is_file() or "test" not in json.loads((folder / "decision.json").read_text()):
+        return None
+    table = comparison.read_comparison(folder / "comparison.csv")
+    return table[f"p_{PRIMARY}"].drop(index="baseline").tolist() if f"p_{PRIMARY}" in table.columns else []
+
+
+def family_at_decision(profile: str, root: Path, current: str) -> tuple[list[dict], int]:
+    """``(earlier tests, pending)``: the finished Recall@5 tests of the experiments before
+    ``current`` in running order (experiment, variant, p), and the planned tests of every other
+    experiment counted as p = 1."""
+    tests, pending, before = [], 0, True
+    for name, planned in planned_tests(profile).items():
+        if name == current:
+            before = False
+            continue
+        found = finished_pvalues(root, name) if before else None
+        if found is None:
+            pending += planned
+            continue
+        table = comparison.read_comparison(Path(root) / name / "comparison.csv").drop(index="baseline")
+        tests += [{"experiment": name, "variant": v, f"p_{PRIMARY}": p} for v, p in zip(table.index, found)]
+    return tests, pending
+
+
+def finished_study(profile: str, root: Path) -> list[str] | None:
+    """Every experiment of ``profile``, once each has finished; else None."""
+    names = list(planned_tests(profile))
+    return None if any(finished_pvalues(root, name) is None for name in names) else names
+
+
+def study_tests(profile: str, root: Path) -> list[tuple[str, str, statistics.CrossedTest, pd.DataFrame]]:
+    """``(experiment, variant, Recall@5 test, its runs)`` for every test of the finished study,
+    recomputed from the runs' ``val_ranks.csv``."""
+    found = []
+    for name in finished_study(profile, root) or []:
+        table = pd.read_csv(Path(root) / name / "runs.csv")
+        tests = comparison.paired_tests(table, runs.run_ranks(root, table), ks=(PRIMARY_K,))
+        found += [(name, variant, test, table) for (variant, _), test in tests.items() if test is not None]
+    return found
+
+
+def finalise(profile: str, root: Path) -> pd.DataFrame | None:
+    """Holm over every finished Recall@5 comparison once every experiment has finished: each
+    ``comparison.csv`` gains the ``_final`` Holm columns (rewritten only when they change; the
+    decision-time columns and verdicts stay: the decisions used them). Returns the family, one
+    row per test, or None while an experiment has not finished (then nothing is written)."""
+    names = finished_study(profile, root)
+    if names is None:
+        return None
+    found = study_tests(profile, root)
+    family = statistics.holm_family([test.p_value for _, _, test, _ in found])
+    for name in names:
+        path = Path(root) / name / "comparison.csv"
+        table = comparison.read_comparison(path)
+        for i, (experiment, variant, test, _) in enumerate(found):
+            if experiment != name:
+                continue
+            if not np_close(test.p_value, table.loc[variant, f"p_{PRIMARY}"]):
+                raise InputError(f"{path}: {variant}'s runs no longer give its p-value; rerun `study {name}`")
+            for column, value in comparison.holm_columns(test, family, i, final=True).items():
+                table.loc[variant, column] = value
+        untested = ~table.index.isin([v for e, v, _, _ in found if e == name])  # baseline, no pairs
+        table.loc[untested, f"verdict_final_{PRIMARY}"] = table.loc[untested, f"verdict_{PRIMARY}"]
+        text = comparison.integer_columns(table).to_csv(index_label="variant", lineterminator="\n")
+        if text != path.read_text():
+            write_text_atomic(path, text)
+    return pd.DataFrame(
+        {
+            "experiment": [name for name, *_ in found],
+            "variant": [variant for _, variant, *_ in found],
+            f"p_{PRIMARY}": [test.p_value for _, _, test, _ in found],
+            f"holm_rank_final_{PRIMARY}": family.rank,
+            f"alpha_step_final_{PRIMARY}": family.alpha_step,
+            f"p_holm_final_{PRIMARY}": family.p_holm,
+        }
+    )
+
+
+def np_close(a: float, b: float) -> bool:
+    return abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(b)))
+
+
+def noise_row(experiment: str, variant: str, test: statistics.CrossedTest) -> dict:
+    """One comparison's components and what doubling its seeds or its val items would buy."""
+    parts, s, i = test.components, test.n_seeds, test.n_items
+    shares = parts.shares(s, i)
+    return {
+        "experiment": experiment,
+        "variant": variant,
+        "n_seeds": s,
+        "n_items": i,
+        "n_queries": test.n_queries,
+        f"var_seed_{PRIMARY}": parts.seed,
+        f"var_item_{PRIMARY}": parts.item,
+        f"var_inter_{PRIMARY}": parts.interaction,
+        **{f"share_{k}_{PRIMARY}": v for k, v in shares.items()},
+        f"se_{PRIMARY}": parts.se(s, i),
+        f"se_2x_seeds_{PRIMARY}": parts.se(2 * s, i),
+        f"se_2x_items_{PRIMARY}": parts.se(s, 2 * i),
+    }
+
+
+def noise_table(profile: str, root: Path) -> pd.DataFrame | None:
+    """Where each Recall@5 comparison's noise comes from (:func:`noise_row`), plus the pooled
+    components over every comparison (the row ``pooled``, at the study's median size); None while
+    an experiment has not finished."""
+    found = study_tests(profile, root)
+    if finished_study(profile, root) is None or not found:
+        return None
+    rows = [noise_row(name, variant, test) for name, variant, test, _ in found]
+    pooled = statistics.pooled_components([test.components for _, _, test, _ in found])
+    typical = found[len(found) // 2][2]
+    summary = noise_row(POOLED, POOLED, typical) | {
+        f"var_seed_{PRIMARY}": pooled.seed,
+        f"var_item_{PRIMARY}": pooled.item,
+        f"var_inter_{PRIMARY}": pooled.interaction,
+        **{f"share_{k}_{PRIMARY}": v for k, v in pooled.shares(typical.n_seeds, typical.n_items).items()},
+        f"se_{PRIMARY}": pooled.se(typical.n_seeds, typical.n_items),
+        f"se_2x_seeds_{PRIMARY}": pooled.se(2 * typical.n_seeds, typical.n_items),
+        f"se_2x_items_{PRIMARY}": pooled.se(typical.n_seeds, 2 * typical.n_items),
+    }
+    return pd.DataFrame([*rows, summary])
+
+
+def write_noise(profile: str, root: Path) -> pd.DataFrame | None:
+    noise = noise_table(profile, root)
+    if noise is not None:
+        write_text_atomic(Path(root) / NOISE, noise.to_csv(index=False, lineterminator="\n"))
+    return noise
+
+
+def pooled_from(path: Path) -> statistics.Components:
+    """The pooled variance components a committed ``noise.csv`` holds."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: missing; finish a study first (its noise.csv holds the components)")
+    noise = pd.read_csv(path)
+    row = noise[noise.experiment == POOLED]
+    if row.empty or f"var_seed_{PRIMARY}" not in noise.columns:
+        raise InputError(f"{path}: no pooled variance components (written before the crossed statistics?)")
+    row = row.iloc[0]
+    return statistics.Components(
+        float(row[f"var_seed_{PRIMARY}"]), float(row[f"var_item_{PRIMARY}"]), float(row[f"var_inter_{PRIMARY}"])
+    )
+
+
+def power_plan(components: statistics.Components, seeds, items, m: int, target: float | None = None) -> pd.DataFrame:
+    """The minimum detectable Recall@5 difference (80 % power) for each seeds × val items, at the
+    fixed level 0.05 and at Holm's strictest level 0.05 / m, and whether it meets ``target``."""
+    rows = []
+    for s in seeds:
+        for i in items:
+            fixed = statistics.planned_mde(components, s, i, 1)
+            holm = statistics.planned_mde(components, s, i, m)
+            row = {"seeds": s, "val_items": i, "se": fixed["se"], "df": fixed["df"], "mde_0.05": fixed["mde"]}
+            row[f"mde_holm_m{m}"] = holm["mde"]
+            if target is not None:
+                row["meets_target"] = bool(holm["mde"] <= target)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def family_record(tests: list[dict], pending: int, family: statistics.HolmFamily, planned: int) -> dict:
+    """How an experiment's decision was made, as ``decision.json`` records it: the test, the
+    noise model and the family as it stood at the decision."""
+    return {
+        "ci_percent": round(100 * (1 - ALPHA)),
+        "test": "paired difference over seeds × val items as crossed random effects (seed, item, seed × item), "
+        "t interval with small-sample degrees of freedom (helpers.experiments.statistics)",
+        "family": {
+            "metric": PRIMARY,
+            "method": "holm",
+            "alpha": ALPHA,
+            "power": POWER,
+            "planned": planned,
+            "m": family.m,
+            "pending": pending,
+            "earlier_tests": json.loads(json.dumps(tests)),
+        },
+        "exploratory": ["recall@1", "recall@10"],
+    }

@@ -1,0 +1,237 @@
+"""The final model's runs (``04_demo``'s first half): which configuration is final, its runs of
+every seed with their checkpoints, their test numbers, and the seed that serves the demo.
+
+1. :func:`final_choice`: ``results/<profile>/final_config.json`` when the study has written
+   it, else the original study's final choice (batch-hard triplet, 256-d), saying which;
+   :func:`postprocess_choice`: the post-processing the study adopted.
+2. :func:`study_runs`: the study's runs of that configuration, every seed (checkpoints missing
+   here retrained under the recorded configuration, :func:`reproduction` checking they match);
+   without a finished study, :func:`ensure_checkpoint`: one run of the choice (the demo
+   pipeline's ``outputs/<profile>/run`` if it matches, else ``outputs/<profile>/final_run_<hash>``),
+   trained (resumably) only when the caller allows it.
+3. :func:`seed_table`: every seed's test numbers (:func:`test_metrics`: evaluated once, intervals
+   over items); :func:`demo_seed` (best val Recall@5) serves the index, the figure and the live demo.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields, replace
+from pathlib import Path
+
+import pandas as pd
+
+from helpers.core.config import Config
+from helpers.core.errors import InputError
+from helpers.core.files import portable_path, sha256_bytes, sha256_file
+from helpers.evaluation import metrics
+from helpers.experiments import artifacts
+from helpers.experiments.catalogue import POSTPROCESS
+from helpers.experiments.runs import runs_of
+from helpers.experiments.study import Study
+from helpers.training import train
+
+# The original study's own final choice (docs/original_study.md): used until the study writes
+# results/<profile>/final_config.json.
+ORIGINAL_CHOICE = {"loss": "batch_hard", "embed_dim": 256}
+
+
+def final_choice(profile: str, results_root: Path | None = None) -> tuple[dict, str]:
+    """``(config overrides, where they came from)`` for the profile's final model.
+
+    ``final_config.json`` may hold the overrides at its top level or under ``"config"``;
+    only :class:`Config` field names are taken, anything else there is reported and ignored.
+    """
+    path = (results_root or artifacts.results_root(profile)) / "final_config.json"
+    if not path.is_file():
+        return dict(ORIGINAL_CHOICE), (
+            f"fallback: the original study's final choice (batch-hard triplet, 256-d), because "
+            f"{portable_path(path)} "
+            "does not exist yet"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: not readable JSON ({error})") from None
+    data = data.get("config", data) if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object of config fields")
+    names = {f.name for f in fields(Config)}
+    chosen = {k: v for k, v in data.items() if k in names and k != "profile"}
+    ignored = sorted(set(data) - names - {"profile"})
+    note = portable_path(path) + (f" (ignored, not config fields: {', '.join(ignored)})" if ignored else "")
+    return chosen, note
+
+
+def postprocess_choice(profile: str, results_root: Path | None = None) -> tuple[str, str]:
+    """``(the post-processing method the study adopted, why)``, from ``postprocess/decision.json``:
+    ``none`` (rank by plain cosine similarity) when that experiment has not run or adopted nothing.
+    The final index, its test evaluation (:func:`evaluate_final`) and the live demo apply it
+    (``postprocess.create_postprocess(method)``: the parameters the study measured)."""
+    path = (results_root or artifacts.results_root(profile)) / POSTPROCESS / "decision.json"
+    if not path.is_file():
+        return "none", f"{portable_path(path)} does not exist yet (`python -m helpers study postprocess`)"
+    try:
+        decision = json.loads(path.read_text())
+        return decision["winner"], f"{portable_path(path)}: {decision['why']}"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise InputError(f"{path}: not a post-processing decision ({error})") from None
+
+
+def run_mismatch(run_dir: Path, choice: dict) -> list[str]:
+    """The fields of ``choice`` on which the run in ``run_dir`` differs (empty: it matches)."""
+    config_path = run_dir / "config.json"
+    if not (run_dir / "best.pt").is_file() or not config_path.is_file():
+        return ["no finished run"]
+    used = json.loads(config_path.read_text()).get("config", {})
+    return [f"{k}={used.get(k)!r} (want {v!r})" for k, v in choice.items() if used.get(k) != v]
+
+
+def final_run_dir(cfg: Config, choice: dict) -> Path:
+    """``outputs/<profile>/final_run_<hash of the choice>``: a new final configuration trains into
+    a new folder, never on top of (or as a resume of) another configuration's run."""
+    digest = sha256_bytes(json.dumps(choice, sort_keys=True).encode())[:8]
+    return cfg.work_dir / f"final_run_{digest}"
+
+
+def ensure_checkpoint(
+    cfg: Config, choice: dict, table: Path, data_root: Path, train_if_missing: bool, progress: bool = True
+) -> tuple[Path, str]:
+    """``(best.pt, how it was found)`` of a finished run trained with ``choice`` on ``cfg``'s
+    profile (:func:`seed_table` evaluates it on test)."""
+    looked = []
+    for run_dir in (final_run_dir(cfg, choice), cfg.work_dir / "run"):
+        mismatch = run_mismatch(run_dir, choice) or ([] if artifacts.is_trained(run_dir) else ["fit not finished"])
+        if not mismatch:
+            return (
+                run_dir / "best.pt",
+                f"found: {portable_path(run_dir)} (trained earlier with the chosen configuration)",
+            )
+        looked.append(f"{run_dir}: {', '.join(mismatch)}")
+    if not train_if_missing:
+        raise InputError(
+            "no trained checkpoint of the chosen configuration ("
+            + "; ".join(looked)
+            + "); set TRAIN_IF_MISSING = True to train it here"
+        )
+    run_dir = final_run_dir(cfg, choice)
+    # An interrupted earlier attempt continues exactly (a changed choice is refused by fit).
+    artifacts.ensure_trained(replace(cfg, **choice), table, data_root, run_dir, progress=progress)
+    return (
+        run_dir / "best.pt",
+        f"trained now: {portable_path(run_dir)} ({', '.join(f'{k}={v}' for k, v in choice.items())})",
+    )
+
+
+def study_runs(
+    cfg: Config, choice: dict, table: Path, data_root: Path, train_if_missing: bool, progress: bool = True
+) -> tuple[dict[int, Path], dict[int, Path], str]:
+    """``(runs, recorded, how)``: seed → run directory with ``best.pt`` of the final configuration,
+    seed → the study's own run directory (its history and metrics, committed), and a sentence.
+
+    When the study has finished, the final model *is* its runs of the final configuration,
+    every seed, under the exact budget the study selected it with. Their checkpoints are local,
+    not committed: a seed whose ``best.pt`` is missing here is retrained from the run's recorded
+    configuration into ``outputs/<profile>/final_runs/`` (deterministic kernels reproduce it on
+    the same machine kind; :func:`reproduction` compares the two histories). Without a finished
+    study there is one run of ``choice`` (:func:`ensure_checkpoint`), and ``recorded`` is empty.
+    """
+    root = artifacts.results_root(cfg.profile)
+    if not (root / "final_config.json").is_file():
+        checkpoint, how = ensure_checkpoint(cfg, choice, table, data_root, train_if_missing, progress)
+        return {cfg.seed: checkpoint.parent}, {}, how
+    the_study = Study(cfg.profile, root=root, data_root=cfg.data_root, progress=progress, tables=(data_root, table))
+    recorded = the_study.final_runs(need_checkpoints=False)
+    final_cfg, runs, retrained = the_study.final_config(), {}, []
+    for seed, run_dir in recorded.items():
+        local = cfg.work_dir / "final_runs" / run_dir.name
+        if (run_dir / "best.pt").is_file():
+            runs[seed] = run_dir
+            continue
+        if not (local / "best.pt").is_file() and not train_if_missing:
+            raise InputError(
+                f"{run_dir / 'best.pt'}: missing (checkpoints are not committed); set TRAIN_IF_MISSING = True to "
+                f"retrain seed {seed} under its recorded configuration"
+            )
+        artifacts.ensure_trained(replace(final_cfg, seed=seed), table, data_root, local, progress=progress)
+        runs[seed], retrained = local, [*retrained, seed]
+    how = f"the study's runs of the final configuration, seeds {', '.join(map(str, recorded))}" + (
+        f" (seeds {', '.join(map(str, retrained))} retrained here under the recorded configuration)"
+        if retrained
+        else ""
+    )
+    return runs, recorded, how
+
+
+def reproduction(runs: dict[int, Path], recorded: dict[int, Path]) -> pd.DataFrame:
+    """Per seed: the largest difference over epochs between the run used here and the study's
+    recorded run, in training loss and val Recall@5 (0 where the study's own run is used)."""
+    rows = {}
+    for seed, run_dir in runs.items():
+        here = pd.read_csv(run_dir / "history.csv")
+        there = pd.read_csv(recorded[seed] / "history.csv")
+        same_length = len(here) == len(there)
+        rows[seed] = {
+            "run": "the study's own" if run_dir == recorded[seed] else "retrained here",
+            "epochs (here / study)": f"{len(here)} / {len(there)}",
+            "max |Δ loss|": float((here.loss - there.loss).abs().max()) if same_length else float("nan"),
+            "max |Δ val R@5|": float((here["val_recall@5"] - there["val_recall@5"]).abs().max())
+            if same_length
+            else float("nan"),
+        }
+    return pd.DataFrame(rows).T.rename_axis("seed")
+
+
+def recipe_runs(cfg: Config, table: Path) -> dict[int, Path]:
+    """seed → the study's finished runs of the profile's own config (the default recipe, the
+    study's stage-1 baseline), each replaced by its local retrain (``outputs/<profile>/final_runs``,
+    :func:`study_runs`) where the committed folder has no checkpoint; empty before the study has run it."""
+    root = artifacts.results_root(cfg.profile)
+    found = runs_of(cfg, root, sha256_file(table)) if root.is_dir() else {}
+    local = {seed: cfg.work_dir / "final_runs" / run_dir.name for seed, run_dir in found.items()}
+    return {
+        seed: local[seed] if not (run_dir / "best.pt").is_file() and (local[seed] / "best.pt").is_file() else run_dir
+        for seed, run_dir in found.items()
+    }
+
+
+def test_metrics(run_dir: Path, table: Path, data_root: Path, progress: bool = True) -> dict:
+    """The run's test ``metrics.json`` (official protocol) with intervals that resample items:
+    evaluated once with its ``best.pt`` (:func:`helpers.training.train.evaluate_run`) when missing
+    or written with per-query intervals; a run without its checkpoint keeps what it recorded."""
+    path = Path(run_dir) / "metrics.json"
+    recorded = json.loads(path.read_text()) if path.is_file() else None
+    if recorded is not None and metrics.INTERVALS["items"] in recorded.get("ci", ""):
+        return recorded
+    if (Path(run_dir) / "best.pt").is_file():
+        return train.evaluate_run(run_dir, table, data_root, progress=progress)
+    if recorded is None:
+        raise InputError(f"{path}: missing and no best.pt to evaluate; retrain the run (TRAIN_IF_MISSING = True)")
+    return recorded
+
+
+def seed_table(runs: dict[int, Path], table: Path, data_root: Path, progress: bool = True) -> pd.DataFrame:
+    """One row per seed: best epoch, val Recall@5 at it, and test Recall@1/5/10 (official
+    protocol, :func:`test_metrics`) with each seed's 95 % bootstrap interval over items; then the
+    mean and the sample std over seeds."""
+    rows = {}
+    for seed, run_dir in runs.items():
+        result = test_metrics(run_dir, table, data_root, progress)
+        row = {"best_epoch": result["best_epoch"], "val_recall@5": result["val"]["recall@5"]}
+        for k in (1, 5, 10):
+            low, high = result[f"recall@{k}_ci"]
+            row[f"test_recall@{k}"] = result[f"recall@{k}"]
+            row[f"test_recall@{k}_ci"] = f"[{low:.3f}, {high:.3f}]"
+        rows[seed] = row
+    frame = pd.DataFrame(rows).T.rename_axis("seed")
+    numeric = [c for c in frame.columns if not c.endswith("_ci")]
+    frame[numeric] = frame[numeric].astype(float)
+    summary = pd.DataFrame({"mean": frame[numeric].mean(), "std": frame[numeric].std(ddof=1)}).T
+    return pd.concat([frame, summary])
+
+
+def demo_seed(runs: dict[int, Path]) -> int:
+    """The seed whose run serves the index, the figure and the live demo: the best val Recall@5
+    (model selection on val, as ``fit`` selects its epoch; the lowest seed on a tie)."""
+    val = {seed: train.fit_record(d)["val"]["recall@5"] for seed, d in runs.items()}
+    return max(sorted(val), key=lambda seed: val[seed])

@@ -1,0 +1,199 @@
+"""The study's runs: where each lives, whether it can be reused, training the missing ones, and
+reading back what they wrote.
+
+**Runs.** One run directory per (variant, seed): ``<results>/<experiment>/<variant>_seed<N>_<key>/``
+with ``key`` the run's identity (:func:`helpers.core.identity.run_key`: the config without its
+runtime fields, seed included, and the table's sha256). A run identical to one finished anywhere
+in the study (the baseline that every experiment of a stage shares) is reused, not retrained; a
+half-finished one is resumed explicitly (``fit`` itself refuses a checkpoint of another run).
+``fit`` keeps ``best.pt`` and writes ``val_ranks.csv`` (every val query's first-hit rank and
+average precision, from the validation pass that selected ``best.pt``); the paired statistics
+read those. A study run never evaluates test: the final evaluation (``04_demo``) does, once.
+``study_run.json`` marks a run of the study: its key, seed, whether it finished, and its wall
+time summed over every session that worked on it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from helpers.core import identity
+from helpers.core.config import Config
+from helpers.core.errors import InputError
+from helpers.core.files import sha256_file, write_text_atomic
+from helpers.experiments import artifacts
+from helpers.experiments.catalogue import POSTPROCESS, PRIMARY, SECONDS_PER_EPOCH
+from helpers.training import train
+
+MARKER = "study_run.json"
+VAL_RANKS = "val_ranks.csv"
+HISTORY_COLUMNS = ("loss", f"val_{PRIMARY}")
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in text)
+
+
+def find_runs(root: Path) -> dict[str, Path]:
+    """key → run directory, for every run the study started anywhere under ``root``."""
+    found = {}
+    for marker in sorted(Path(root).glob(f"*/*/{MARKER}")):
+        found.setdefault(json.loads(marker.read_text())["key"], marker.parent)
+    return found
+
+
+def marker(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / MARKER).read_text())
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (Path(run_dir) / MARKER).is_file() and marker(run_dir).get("finished", False)
+
+
+def ensure_run(
+    cfg: Config,
+    table_path: Path,
+    data_root: Path,
+    run_dir: Path,
+    root: Path,
+    progress: bool = True,
+    stop_after_epoch: int | None = None,
+) -> tuple[Path, str]:
+    """``(the run directory holding this run, what was done)``: ``reused`` (finished anywhere
+    under ``root``), ``resumed`` (a half-finished one continued), ``trained``, or
+    ``interrupted`` (``stop_after_epoch`` ended it after that epoch, as a disconnect would; the
+    next call resumes it)."""
+    table_sha = sha256_file(table_path)
+    key = identity.run_key(cfg, table_sha)
+    existing = find_runs(root).get(key)
+    if existing is not None and is_finished(existing):
+        return existing, "reused"
+    run_dir = existing or run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = marker(run_dir) if existing else {"key": key, "table_sha256": table_sha, "seed": cfg.seed}
+    record.update(finished=False, wall_s=record.get("wall_s", 0.0))
+    resume = (run_dir / "last.pt").is_file()
+    write_text_atomic(run_dir / MARKER, json.dumps(record, indent=2) + "\n")
+    started = time.perf_counter()
+    try:
+        result = artifacts.ensure_trained(cfg, table_path, data_root, run_dir, progress, stop_after_epoch)
+        if result is None:
+            return run_dir, "interrupted"
+        if not (run_dir / VAL_RANKS).is_file():
+            raise InputError(f"{run_dir / VAL_RANKS}: missing after a finished fit")
+        record["finished"] = True
+    finally:  # wall time adds up over every session that worked on the run
+        record["wall_s"] = round(record["wall_s"] + time.perf_counter() - started, 1)
+        write_text_atomic(run_dir / MARKER, json.dumps(record, indent=2) + "\n")
+    # last.pt (weights + optimiser state) only serves a resume; best.pt stays for analysis.
+    (run_dir / "last.pt").unlink(missing_ok=True)
+    return run_dir, "resumed" if resume else "trained"
+
+
+def runs_of(cfg: Config, root: Path, table_sha256: str) -> dict[int, Path]:
+    """seed → finished run directory of ``cfg`` (any seed) among every run of the study, found by
+    run key wherever an experiment put it."""
+    found = {}
+    for key, run_dir in find_runs(root).items():
+        seed = marker(run_dir)["seed"]
+        if is_finished(run_dir) and key == identity.run_key(replace(cfg, seed=seed), table_sha256):
+            found[seed] = run_dir
+    return dict(sorted(found.items()))
+
+
+def metrics_from_ranks(ranks: pd.DataFrame) -> dict:
+    """Val Recall@K and mAP of one run from its per-query ranks (the numbers the statistics use)."""
+    out = {f"recall@{k}": float((ranks.first_hit_rank < k).mean()) for k in (1, 5, 10, 20)}
+    return {**out, "map": float(ranks.average_precision.mean()), "n_queries": int(len(ranks))}
+
+
+def run_row(run_dir: Path, root: Path) -> dict:
+    """One finished run's line of ``runs.csv`` (without experiment / variant / changed fields)."""
+    history = pd.read_csv(run_dir / "history.csv")
+    ranks = pd.read_csv(run_dir / VAL_RANKS)
+    trained = history.loc[history.epoch >= 1, "train_images_per_s"]
+    return {
+        "run_dir": str(run_dir.relative_to(root)),
+        "best_epoch": int(train.fit_record(run_dir)["best_epoch"]),
+        "epochs_run": int(history.epoch.max()),
+        **{f"val_{m}": v for m, v in metrics_from_ranks(ranks).items()},
+        "wall_s": marker(run_dir)["wall_s"],
+        "images_per_s": round(float(trained.mean()), 1) if len(trained) else math.nan,
+    }
+
+
+def run_ranks(root: Path, runs: pd.DataFrame) -> dict[tuple[str, int], pd.DataFrame]:
+    """``(variant, seed) → val_ranks.csv`` of every run listed in a ``runs.csv``."""
+    ranks = {}
+    for run in runs.itertuples():
+        path = Path(root) / run.run_dir / VAL_RANKS
+        if not path.is_file():
+            raise InputError(f"{path}: missing; the statistics need every run's val ranks")
+        ranks[(run.variant, run.seed)] = pd.read_csv(path)
+    return ranks
+
+
+def experiment_history(root: Path, name: str) -> pd.DataFrame:
+    """Every run's ``history.csv`` of experiment ``name``, tidy: one row per (variant, seed, epoch)
+    with ``experiment``, ``variant``, ``seed``, ``epoch``, ``loss`` (NaN at epoch 0, the untrained
+    model), ``val_recall@5`` and ``best`` (the epoch whose weights became the run's ``best.pt``).
+    The runs are those its ``runs.csv`` lists, in that order, wherever they live (a shared baseline
+    sits in the experiment that trained it first)."""
+    runs_path = Path(root) / name / "runs.csv"
+    if not runs_path.is_file():
+        raise InputError(f"{runs_path}: missing; run `python -m helpers study {name}` first")
+    frames = []
+    for run in pd.read_csv(runs_path).itertuples(index=False):
+        path = Path(root) / run.run_dir / "history.csv"
+        if not path.is_file():
+            raise InputError(f"{path}: missing; {runs_path} lists its run")
+        history = pd.read_csv(path)
+        missing = [c for c in ("epoch", *HISTORY_COLUMNS) if c not in history.columns]
+        if missing:
+            raise InputError(f"{path}: no column {', '.join(missing)}")
+        frames.append(
+            history[["epoch", *HISTORY_COLUMNS]].assign(
+                experiment=name, variant=run.variant, seed=run.seed, best=history.epoch == run.best_epoch
+            )
+        )
+    return pd.concat(frames, ignore_index=True)[["experiment", "variant", "seed", "epoch", *HISTORY_COLUMNS, "best"]]
+
+
+def projected_seconds(root: Path, profile: str, n_runs: int, epochs: int) -> tuple[float, str]:
+    """``(seconds, where the per-epoch time came from)`` for training ``n_runs`` runs of at most
+    ``epochs`` epochs: measured from this study's finished runs when there are any (their
+    median wall time per epoch run), else :data:`SECONDS_PER_EPOCH`'s stated estimate."""
+    per_epoch = [
+        marker(run_dir)["wall_s"] / max(1, pd.read_csv(run_dir / "history.csv").epoch.max())
+        for run_dir in find_runs(root).values()
+        if is_finished(run_dir)
+    ]
+    if per_epoch:
+        seconds = float(np.median(per_epoch))
+        return n_runs * epochs * seconds, f"{seconds:.1f} s/epoch measured (median of {len(per_epoch)} finished runs)"
+    seconds = SECONDS_PER_EPOCH[profile]
+    return n_runs * epochs * seconds, f"{seconds:.1f} s/epoch stated estimate (no finished run measured yet)"
+
+
+def runs_summary(root: Path) -> dict:
+    """Over the study's distinct runs (a run shared by several experiments counted once): how many
+    had their best val Recall@5 at their last epoch (still rising: the budget may be short), how
+    many stopped early, and the summed wall time."""
+    runs = pd.concat([pd.read_csv(p) for p in sorted(Path(root).glob("*/runs.csv"))]).drop_duplicates("run_dir")
+    runs = runs[runs.experiment != POSTPROCESS]
+    at_last = int((runs.best_epoch == runs.epochs_run).sum())
+    budget = [json.loads((Path(root) / d / "config.json").read_text())["config"]["epochs"] for d in runs.run_dir]
+    return {
+        "distinct_runs": len(runs),
+        "best_at_last_epoch": at_last,
+        "best_at_last_epoch_percent": round(100 * at_last / len(runs), 1),
+        "stopped_early": int((runs.epochs_run.to_numpy() < np.array(budget)).sum()),
+        "wall_hours": round(float(runs.wall_s.sum()) / 3600, 2),
+    }

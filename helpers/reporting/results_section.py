@@ -1,0 +1,252 @@
+"""Section 4 of the paper, the results, for one ``results/<profile>`` folder: the whole study in one
+figure and its budget, then per stage its findings (written) and each experiment's table, adopted
+variant, differences and learning curves, then the post-processing experiment, the final
+configuration and its one evaluation on test. Markdown lines with ``{def:tab:x}`` / ``{def:fig:x}``
+labels, like :mod:`helpers.reporting.sections`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from helpers.evaluation import plots
+from helpers.experiments import study
+from helpers.reporting.prose import prose_lines
+from helpers.reporting.sections import copied_figure, save_figure
+from helpers.reporting.tables import experiment_table, final_rows, md_table, seed_rows
+
+
+def overview_rows(loaded: dict) -> pd.DataFrame:
+    """Every tested variant of the study: its val Recall@5 difference from its experiment's
+    baseline with the interval that decided it (Holm-adjusted where the table has it) and verdict."""
+    primary, rows = study.PRIMARY, {}
+    for experiment, result in loaded["finished"]:
+        table = result["comparison"].drop(index="baseline").dropna(subset=[f"diff_{primary}"])
+        low, high = (f"low_adj_{primary}", f"high_adj_{primary}")
+        if low not in table.columns:
+            low, high = f"low_{primary}", f"high_{primary}"
+        for variant, row in table.iterrows():
+            rows[f"{experiment.name}: {variant}"] = {
+                "diff": row[f"diff_{primary}"],
+                "low": row[low],
+                "high": row[high],
+                "verdict": row[f"verdict_{primary}"],
+            }
+    return pd.DataFrame(rows).T
+
+
+def overview_lines(loaded: dict, tag: str, figures: Path) -> list[str]:
+    """The whole study in one figure, and what its runs say about the budget."""
+    lines = []
+    rows = overview_rows(loaded) if loaded["finished"] else pd.DataFrame()
+    if len(rows):
+        target = save_figure(plots.plot_study_overview(rows), figures / f"{loaded['profile']}_overview.png")
+        lines += [
+            f"![the study at a glance](figures/{target.name})",
+            "",
+            f"*{{def:fig:{tag}overview}}: every variant of the study against its experiment's baseline: the "
+            "difference in val Recall@5 with the interval that decided its verdict (Holm-adjusted; colour: verdict).*",
+            "",
+        ]
+    record = loaded["root"] / "final_config.json"
+    summary = json.loads(record.read_text()).get("runs") if record.is_file() else None
+    if summary:
+        lines += [
+            f"**Budget.** Of the study's {summary['distinct_runs']} distinct runs, {summary['best_at_last_epoch']} "
+            f"({summary['best_at_last_epoch_percent']} %) had their best val Recall@5 at their last epoch, i.e. were "
+            f"still improving when the epochs ran out; {summary['stopped_early']} stopped early. Their summed wall "
+            f"time was {summary['wall_hours']} h.",
+            "",
+        ]
+    return lines
+
+
+def results_lines(loaded: dict, tag: str, figures: Path, texts: dict, level: str = "###") -> list[str]:
+    lines = overview_lines(loaded, tag, figures)
+    results = dict((e.name, r) for e, r in loaded["finished"])
+    for stage in study.STAGES:
+        lines += [f"{level} Stage `{stage}`", ""]  # in backticks: a name, not a number
+        lines += prose_lines(texts, f"findings_{stage}")
+        for experiment in (e for e in study.experiments(loaded["profile"]) if e.stage == stage):
+            lines += experiment_lines(loaded, experiment, results.get(experiment.name), tag, figures, level)
+    return lines + final_lines(loaded, tag, figures, level)
+
+
+def experiment_lines(
+    loaded: dict, experiment: study.Experiment, result: dict | None, tag: str, figures: Path, level: str
+) -> list[str]:
+    head = [f"{level}# {experiment.name}: {experiment.question}", ""]
+    if result is None:
+        return head + ["Not run yet (no `decision.json`).", ""]
+    profile = loaded["profile"]
+    comparison, decision = result["comparison"], result["decision"]
+    figure = figures / f"{profile}_{experiment.name}.png"
+    curves = figures / f"{profile}_{experiment.name}_curves.png"
+    save_figure(plots.plot_experiment(comparison, f"{experiment.name} ({profile})"), figure)
+    history = study.experiment_history(loaded["root"], experiment.name)
+    save_figure(plots.plot_learning_curves(history, f"{experiment.name} ({profile})"), curves)
+    table = md_table(experiment_table(comparison, decision))
+    adopted = f"**Adopted: {decision['winner']}.** {decision['why']}."
+    name = f"{tag}{experiment.name}"
+    return head + [
+        f"*{{def:tab:{name}}}: `{experiment.name}`, val Recall@K per variant and its difference with the baseline "
+        "(columns defined in Section 3)"
+        + (
+            f"; Holm-corrected at decision time over {decision['family']['m']} Recall@5 tests, "
+            f"{decision['family']['pending']} of them planned and not run yet.*"
+            if "family" in decision
+            else ".*"
+        ),
+        "",
+        table,
+        "",
+        adopted,
+        "",
+        f"![{experiment.name}](figures/{figure.name})",
+        "",
+        f"*{{def:fig:{name}}}: `{experiment.name}`, the differences of {{tab:{name}}} with their intervals.*",
+        "",
+        f"![{experiment.name}: learning curves](figures/{curves.name})",
+        "",
+        f"*{{def:fig:{name}_curves}}: learning curves of `{experiment.name}` (definition: Section 3).*",
+        "",
+    ]
+
+
+def postprocess_lines(loaded: dict, tag: str, figures: Path, level: str) -> list[str]:
+    """The post-processing experiment on the final configuration's runs (no training), when it has run."""
+    root, profile = loaded["root"], loaded["profile"]
+    if not (root / study.POSTPROCESS / "decision.json").is_file():
+        return []
+    result = study.load_experiment(root, study.POSTPROCESS)
+    comparison = result["comparison"].rename(index={"none": "baseline"})
+    decision = {**result["decision"], "baseline": {"postprocess": "none"}}
+    figure = figures / f"{profile}_{study.POSTPROCESS}.png"
+    save_figure(plots.plot_experiment(comparison, f"{study.POSTPROCESS} ({profile})"), figure)
+    name = f"{tag}{study.POSTPROCESS}"
+    return [
+        f"{level} Post-processing: {decision['question']}",
+        "",
+        f"*{{def:tab:{name}}}: `{study.POSTPROCESS}`, every seed's run of the final configuration ranked without "
+        "post-processing (baseline) and with each method, paired by seed and query as in the experiments; Holm "
+        f"over this experiment's {decision['family']['m']} Recall@5 tests (no training changed, so they are not "
+        "in the study's family).*",
+        "",
+        md_table(experiment_table(comparison, decision)),
+        "",
+        f"**Adopted: {decision['winner']}.** {decision['why']}.",
+        "",
+        f"![{study.POSTPROCESS}](figures/{figure.name})",
+        "",
+        f"*{{def:fig:{name}}}: `{study.POSTPROCESS}`, the differences of {{tab:{name}}} with their intervals.*",
+        "",
+    ]
+
+
+def final_lines(loaded: dict, tag: str, figures: Path, level: str) -> list[str]:
+    root, source, profile = loaded["root"], loaded["source"], loaded["profile"]
+    lines = [f"{level} Final configuration", ""]
+    final_config = root / "final_config.json"
+    if not final_config.is_file():
+        return lines + ["Not decided yet: `final_config.json` is written when every experiment has finished.", ""]
+    record = json.loads(final_config.read_text())
+    config = pd.DataFrame([{"field": k, "value": v} for k, v in record["config"].items()])
+    decisions = pd.DataFrame(record["decisions"])[["stage", "experiment", "winner"]]
+    decisions["stage"] = "`" + decisions.stage + "`"
+    lines += [
+        f"Rule: {record['rule']}.",
+        "",
+        f"*{{def:tab:{tag}final_config}}: the final configuration, from `final_config.json`.*",
+        "",
+        md_table(config),
+        "",
+        f"*{{def:tab:{tag}decisions}}: the winner of each experiment.*",
+        "",
+        md_table(decisions),
+        "",
+    ]
+    lines += postprocess_lines(loaded, tag, figures, level)
+    metrics_path = root / "final" / "metrics.json"
+    if not metrics_path.is_file():
+        return lines + ["Test: not evaluated yet (`04_demo` writes `final/metrics.json`).", ""]
+    final = json.loads(metrics_path.read_text())
+    lines += [f"{level} Test: the final configuration, evaluated once", ""]
+    if final.get("seeds"):
+        lines += [
+            f"*{{def:tab:{tag}test_seeds}}: split test, official protocol; data: {source}; profile `{profile}`; "
+            "each seed's run of the final configuration (its `best.pt`, chosen on val), with that seed's 95 % "
+            "percentile bootstrap interval over queries; then mean and sample std over seeds"
+            + (
+                "; below, the same for the default recipe (the study's baseline)"
+                if final.get("default_recipe_seeds")
+                else ""
+            )
+            + ".*",
+            "",
+            md_table(seed_rows(final)),
+            "",
+        ]
+    lines += [
+        f"*{{def:tab:{tag}test}}: split test; data: {source}; profile `{profile}`; "
+        + (
+            f"the run of seed {final['demo_seed']} (the best on val), "
+            if "demo_seed" in final
+            else "one training run, "
+        )
+        + "under every protocol, beside the same backbone untrained (zero-shot); 95 % percentile bootstrap intervals "
+        "over queries. The original study's row is its published number under its own pair-row protocol on "
+        "DeepFashion.*",
+        "",
+        md_table(final_rows(final, source, profile)),
+        "",
+        "Protocols: "
+        + "; ".join(
+            f"`{p}`: {r['protocol_definition']}" for p, r in final["protocols"].items() if "protocol_definition" in r
+        )
+        + ".",
+        "",
+        "The original study's numbers are not comparable with `official`: its queries were pair rows and its gallery "
+        "repeated each shop image once per pair row, within the split only; only our `original_pairs` "
+        "row uses its protocol, and "
+        + (
+            "on synthetic data, not DeepFashion, so even that row is no comparison of methods."
+            if "not DeepFashion" in source
+            else "on our sample of DeepFashion."
+        ),
+        "",
+    ]
+    categories = final["protocols"].get("official", {}).get("per_category")
+    if categories:
+        lines += [
+            f"*{{def:tab:{tag}categories}}: official protocol on test, per category of the query's item "
+            f"(the run of {table_subject(final)}).*",
+            "",
+            md_table(
+                pd.DataFrame(
+                    [
+                        {
+                            "category": c,
+                            "queries": v["n_queries"],
+                            **{f"R@{k}": f"{v[f'recall@{k}']:.3f}" for k in study.KS},
+                        }
+                        for c, v in categories.items()
+                    ]
+                )
+            ),
+            "",
+        ]
+    return lines + copied_figure(
+        root / "final" / "success_failure.png",
+        figures / f"{profile}_success_failure.png",
+        "successes and failures",
+        f"*{{def:fig:{tag}examples}}: test queries with the best and the worst rank of first hit (chosen by rank, "
+        f"not by hand; {table_subject(final)}): the garment crop, then its top-5 shop images; green: the query's "
+        "own item.*",
+    )
+
+
+def table_subject(final: dict) -> str:
+    return f"seed {final['demo_seed']}" if "demo_seed" in final else "the final model"

@@ -1,0 +1,54 @@
+"""helpers.core.identity: what makes two runs the same run, the one definition the study's reuse,
+the results layout and fit's resume share."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+
+from helpers.core import config, identity
+
+
+def test_run_key():
+    cfg = config.get_config("fixture")
+    key = identity.run_key(cfg, "sha")
+    assert len(key) == 12 and int(key, 16) >= 0
+    assert identity.run_key(replace(cfg, num_workers=3, device="cpu", embed_batch=7), "sha") == key  # runtime
+    assert identity.run_key(replace(cfg, seed=1), "sha") != key
+    assert identity.run_key(replace(cfg, crop=False), "sha") != key
+    assert identity.run_key(cfg, "other table") != key
+
+
+def test_the_committed_runs_keep_their_key():
+    """The key is the hash the committed study named its run folders with: the config without its
+    runtime fields and the table's sha256, as sorted JSON."""
+    from helpers.core.files import sha256_bytes
+
+    cfg = config.get_config("demo")
+    values = {k: v for k, v in asdict(cfg).items() if k not in config.RUNTIME_FIELDS}
+    text = json.dumps({"config": values, "table": "abc"}, sort_keys=True, default=str)
+    assert identity.run_key(cfg, "abc") == sha256_bytes(text.encode())[:12]
+
+
+def test_differences_as_config_json_stores_them():
+    cfg = config.get_config("fixture")
+    stored = json.loads(json.dumps(asdict(cfg), default=str))  # tuples come back as lists
+    assert identity.differences(stored, "sha", cfg, "sha") == []
+    assert identity.differences({**stored, "num_workers": 9}, "sha", cfg, "sha") == []
+    found = identity.differences({**stored, "lr": 1.0}, "old", cfg, "sha")
+    assert found == [f"lr: 1.0 → {cfg.lr!r}", "table: changed since the run (sha256)"]
+
+
+def test_a_later_field_at_its_neutral_value_keeps_the_recorded_identity(monkeypatch):
+    """A Config field added after runs were recorded: at the value that trains as before, the
+    recorded runs keep their keys and a recorded config without it is the same run."""
+    cfg = config.get_config("fixture")
+    key = identity.run_key(cfg, "sha")
+    stored = json.loads(json.dumps(asdict(cfg), default=str))
+    monkeypatch.setitem(identity.LATER_FIELDS, "lr", cfg.lr)  # pretend lr came later, at its value
+    assert identity.run_key(cfg, "sha") != key  # lr left out of the hash
+    assert identity.differences({k: v for k, v in stored.items() if k != "lr"}, "sha", cfg, "sha") == []
+    assert identity.differences(stored, "sha", cfg, "sha") == []
+    changed = replace(cfg, lr=cfg.lr * 2)
+    assert identity.differences(stored, "sha", changed, "sha") == [f"lr: {cfg.lr!r} → {cfg.lr * 2!r}"]
+    assert identity.differences({**stored, "lr": cfg.lr * 2}, "sha", cfg, "sha") == [f"lr: {cfg.lr * 2!r} → {cfg.lr!r}"]

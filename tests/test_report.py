@@ -553,7 +553,7 @@ def test_committed_report_is_what_a_rebuild_writes_into_any_folder(tmp_path):
         assert path.read_bytes() == (committed / path.relative_to(out)).read_bytes(), path.name
     text = (out / "report.md").read_text()
     assert "| learning rate | 0.001 |" in text and "| batch: P items × K images | 8 × 4 |" in text
-    assert "| seeds | 0, 1, 2 |" in text and "| n_boot | 10000 |" in text
+    assert "| seeds | 0, 1, 2 |" in text and "crossed random effects (seed, item, seed × item)" in text
 
 
 def test_final_over_seeds_beside_the_recipe_and_the_runs_summary(tmp_path):

@@ -29,7 +29,7 @@ from helpers.core.files import sha256_file, write_text_atomic
 from helpers.core.schema import read_table
 from helpers.data import sampling, synthetic
 from helpers.evaluation import gallery, inference
-from helpers.evaluation.metrics import METRICS
+from helpers.evaluation.metrics import INTERVALS, METRICS
 from helpers.evaluation.postprocess import PostProcess, create_postprocess
 from helpers.training import train
 
@@ -218,9 +218,10 @@ def ensure_index(
 
 def ensure_zero_shot(cfg: Config, table_path: Path, data_root: Path, out: Path, progress: bool = True) -> dict:
     """Test metrics (official protocol) of ``cfg``'s backbone untrained: its pooled features,
-    no head. Computed once into ``out``; a later call reads it back."""
+    no head. Computed once into ``out``; a later call reads it back (one written with per-query
+    intervals is computed again, with intervals over items)."""
     out = Path(out)
-    if not out.is_file():
+    if not out.is_file() or INTERVALS["items"] not in json.loads(out.read_text()).get("ci", ""):
         result = inference.evaluate_zero_shot(cfg, read_table(table_path), data_root, split="test", progress=progress)
         out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out, json.dumps(result, indent=2) + "\n")

@@ -163,11 +163,9 @@ def test_an_index_ranks_as_the_method_scores_the_whole_query_set(exact_index, tm
     index = gallery.GalleryIndex.load(tmp_path / name)
     assert index.postprocess == method  # index.json round trip
     expected = postprocess.top_k(method.scores(queries, embeddings), 5)
-    if name == "k_reciprocal":  # re-ranks the rows of one search together: the whole set at once
-        assert np.array_equal(index.search(queries, 5)[1], expected)
-    else:  # one query at a time, as the app and the CLI search
-        for query, top in zip(queries, expected):
-            assert index.search(query[None], 5)[1][0].tolist() == top.tolist()
+    assert np.array_equal(index.search(queries, 5)[1], expected)  # the whole set at once
+    for query, top in zip(queries, expected):  # and one query at a time, as the app and the CLI search
+        assert index.search(query[None], 5)[1][0].tolist() == top.tolist()
 
 
 def test_a_built_index_records_and_applies_its_post_processing(setup, query_embeddings, tmp_path, capsys):

@@ -139,7 +139,9 @@ def test_every_method_is_registered_with_its_defaults(embeddings):
         "flip_tta": query @ gallery.T,  # cosine: the flip is in the embeddings
         "aqe": postprocess.alpha_query_expansion(query, gallery, k=2, alpha=3.0),
         "dba": postprocess.database_augmentation(query, gallery, k=2, alpha=3.0),
-        "k_reciprocal": postprocess.k_reciprocal_scores(query, gallery, k1=20, k2=6, lambda_value=0.3),
+        "k_reciprocal": np.concatenate(  # each query re-ranked alone with the gallery
+            [postprocess.k_reciprocal_scores(q[None], gallery, k1=20, k2=6, lambda_value=0.3) for q in query]
+        ),
     }
     for name, scores in expected.items():
         method = postprocess.create_postprocess(name)

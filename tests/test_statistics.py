@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 from scipy import stats
 from statsmodels.regression.mixed_linear_model import MixedLM, VCSpec
@@ -265,20 +264,6 @@ def test_planned_mde():
         statistics.planned_mde(COMMITTED, 1, 75)
     with pytest.raises(InputError, match="non-negative"):
         statistics.planned_mde(statistics.Components(-1e-3, 1e-2, 4e-2), 3, 75)
-
-
-def test_sizes_for():
-    table = statistics.sizes_for(COMMITTED, 0.06, m=1, seeds=[3, 5], items=[75, 300])
-    assert list(table.columns) == ["n_seeds", "n_items", "se", "df", "mde", "meets"]
-    assert table[["n_seeds", "n_items"]].values.tolist() == [[3, 75], [3, 300], [5, 75], [5, 300]]
-    for row in table.itertuples():
-        plan = statistics.planned_mde(COMMITTED, row.n_seeds, row.n_items)
-        assert (row.se, row.df, row.mde) == pytest.approx((plan["se"], plan["df"], plan["mde"]))
-    assert table["meets"].tolist() == (table["mde"] <= 0.06).tolist() == [False, True, True, True]
-    assert isinstance(table, pd.DataFrame)
-
-
-# --------------------------------------------------------------------------- Holm
 
 
 def test_holm_against_statsmodels():

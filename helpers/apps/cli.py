@@ -293,13 +293,15 @@ def cmd_study(args) -> None:
         return
     study = Study(args.profile, data_root=args.data_root, n_seeds=args.seeds, progress=not args.quiet)
     if args.experiment == catalogue.POSTPROCESS:  # on the final configuration's runs: no training
-        print(learned(postprocessing.run_postprocess(study)))
+        result = postprocessing.restate(study) if args.statistics_only else postprocessing.run_postprocess(study)
+        if result is None:
+            raise InputError(f"{study.root / catalogue.POSTPROCESS}: no committed per-method ranks to restate")
+        print(learned(result))
         return
-    chosen = catalogue.select(args.profile, args.experiment)
-    if len(chosen) > 1 and not args.statistics_only:  # the plan first: the projected time before hours of runs
-        print(study.plan().to_string(index=False))
-    for experiment in chosen:
-        print(learned(study.run_experiment(experiment, train=not args.statistics_only)))
+    if len(catalogue.select(args.profile, args.experiment)) > 1 and not args.statistics_only:
+        print(study.plan().to_string(index=False))  # the plan first: the projected time before hours of runs
+    for result in study.run(args.experiment, train=not args.statistics_only):
+        print(learned(result))
     restated = postprocessing.restate(study) if args.statistics_only and args.experiment == "all" else None
     if restated is not None:  # post-processing from its committed per-method ranks
         print(learned(restated))
@@ -317,7 +319,9 @@ def cmd_power(args) -> None:
         f"seed {components.seed:.3g}, item {components.item:.3g}, seed x item {components.interaction:.3g}"
     )
     seeds = args.seeds_list or ([args.seeds] if args.seeds else list(range(3, 9)))
-    plan = family.power_plan(components, seeds, args.items, args.family, args.target)
+    m = args.family or family.family_size(artifacts.results_root(args.profile) / family.NOISE)
+    print(f"Holm's family: {m} Recall@5 tests" + ("" if args.family else " (the committed study's)"))
+    plan = family.power_plan(components, seeds, args.items, m, args.target)
     print(plan.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
 
@@ -637,9 +641,18 @@ def _add_study(commands) -> None:
     power = study.add_argument_group("power (with `study power`)")
     power.add_argument("--seeds-list", type=_int_list, help="several seed counts, e.g. 3,4,5,6 (default 3..8)")
     power.add_argument("--items", type=_int_list, default=[75, 150, 300, 450, 600], help="val items, e.g. 150,300")
-    power.add_argument("--family", type=int, default=11, help="tests in Holm's family (default 11)")
+    power.add_argument(
+        "--family", type=_positive_int, help="tests in Holm's family (default: the committed study's, from noise.csv)"
+    )
     power.add_argument("--target", type=float, help="a target MDE: mark the sizes that reach it at Holm's level")
     study.set_defaults(run=cmd_study)
+
+
+def _positive_int(text: str) -> int:
+    value = _int_list(text)
+    if len(value) != 1:
+        raise argparse.ArgumentTypeError(f"expected one positive integer, got {text!r}")
+    return value[0]
 
 
 def _int_list(text: str) -> list[int]:

@@ -13,9 +13,9 @@ and the live demo rank as the study adopted:
   search): dense ``[G, G]`` similarities, memory and time quadratic in the gallery;
 - ``aqe``: each query is expanded over its top-k gallery neighbours (found by the index's own
   search), then searched again: two searches per query;
-- ``k_reciprocal``: the queries of one search are re-ranked together against the whole gallery,
-  dense over ``Q + G`` points (``O((Q + G)^2)`` memory and a Python loop over the points per
-  search): fine for demo-size galleries (thousands), not for millions.
+- ``k_reciprocal``: each query is re-ranked alone against the whole gallery (so a photo ranks as
+  in the study's evaluation), dense over ``1 + G`` points (``O(G^2)`` memory and a Python loop
+  over the points per query): fine for demo-size galleries (thousands), not for millions.
 
 Two runtimes embed (:data:`RUNTIMES`): ``torch`` (the default) and ``onnx``, the checkpoint's
 model exported to ONNX (:mod:`helpers.modeling.export`) and run by onnxruntime on the CPU, with
@@ -196,7 +196,7 @@ class GalleryIndex:
         """Top-k of each query row, ranked as the index's post-processing ranks, with the index's
         kind: exact (bounded memory, see exact_topk) or approximate (``helpers.evaluation.ann``;
         may pad with index -1 / score -inf). Exact search gives the top-k of
-        ``self.postprocess.scores(query, gallery)`` (k-reciprocal: the rows re-ranked together)."""
+        ``self.postprocess.scores(query, gallery)`` (k-reciprocal: each row re-ranked alone)."""
         if self.postprocess.name == "k_reciprocal":
             return self._reranked(query, k)
         if self.postprocess.name == "aqe":

@@ -306,7 +306,9 @@ def evaluate_zero_shot(
     from helpers.core import repro
 
     repro.seed_everything(cfg.seed, cfg.deterministic)  # a random init ("none") is seeded too
-    embedder = models.create_embedder(cfg.backbone, weights=cfg.weights, head="pooled", img_size=cfg.img_size)
+    embedder = models.create_embedder(
+        cfg.backbone, weights=cfg.weights, head="pooled", pooling=cfg.pooling, img_size=cfg.img_size
+    )
     device = runtime.resolve_device(cfg.device)
     result = evaluate(
         cfg, embedder.to(device).eval(), table, data_root, split, protocol, device, progress, interval=interval

@@ -162,6 +162,14 @@ def k_reciprocal_scores(query: np.ndarray, gallery: np.ndarray, k1: int, k2: int
     return -k_reciprocal_distance(query, gallery, k1, k2, lambda_value)
 
 
+def k_reciprocal_each(query: np.ndarray, gallery: np.ndarray, k1: int, k2: int, lambda_value: float) -> np.ndarray:
+    """:func:`k_reciprocal_scores` of each query alone with the gallery: the neighbour sets are
+    built over the gallery and that one query, so a query ranks the same whichever queries are
+    searched with it (one photo in the live demo as in the study's val and test evaluations)."""
+    q, g = check_embeddings(query, gallery)
+    return np.concatenate([k_reciprocal_scores(q[i : i + 1], g, k1, k2, lambda_value) for i in range(len(q))])
+
+
 # --------------------------------------------------------------------------- the registry of named methods
 
 # Each method alone against `none` (plain cosine on the plain embeddings). αQE / DBA: k = 2
@@ -180,7 +188,7 @@ _SCORERS: dict[str, Callable[..., np.ndarray]] = {
     "flip_tta": cosine_scores,  # on flip-TTA embeddings: the flip is made when embedding
     "aqe": alpha_query_expansion,
     "dba": database_augmentation,
-    "k_reciprocal": k_reciprocal_scores,
+    "k_reciprocal": k_reciprocal_each,
 }
 
 _CHECKS: dict[str, Callable] = {

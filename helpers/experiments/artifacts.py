@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -218,11 +219,14 @@ def ensure_index(
 
 def ensure_zero_shot(cfg: Config, table_path: Path, data_root: Path, out: Path, progress: bool = True) -> dict:
     """Test metrics (official protocol) of ``cfg``'s backbone untrained: its pooled features,
-    no head. Computed once into ``out``; a later call reads it back (one written with per-query
-    intervals is computed again, with intervals over items)."""
+    no head. Computed once into ``out``; a later call reads it back unless it was made with another
+    config or with per-query intervals (then it is computed again)."""
     out = Path(out)
-    if not out.is_file() or INTERVALS["items"] not in json.loads(out.read_text()).get("ci", ""):
+    recorded = json.loads(out.read_text()) if out.is_file() else {}
+    made_with = json.loads(json.dumps(asdict(cfg), default=str))
+    if recorded.get("config") != made_with or INTERVALS["items"] not in recorded.get("ci", ""):
         result = inference.evaluate_zero_shot(cfg, read_table(table_path), data_root, split="test", progress=progress)
+        result["config"] = made_with
         out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out, json.dumps(result, indent=2) + "\n")
     return json.loads(out.read_text())

@@ -47,9 +47,14 @@ def seed_summary(runs: pd.DataFrame, columns=tuple(f"val_{m}" for m in METRICS))
 def check_same_queries(ranks: dict) -> None:
     """Paired statistics need every run scored on the same val queries (the same table), each
     query of the same item."""
-    queries = [frame.sort_values("path", kind="stable")[["path", "item_id"]].astype(str) for frame in ranks.values()]
-    if any(not q.reset_index(drop=True).equals(queries[0].reset_index(drop=True)) for q in queries[1:]):
-        raise InputError("val_ranks.csv files hold different queries: the runs used different tables")
+    keys = list(ranks)
+    queries = [ranks[k].sort_values("path", kind="stable")[["path", "item_id"]].astype(str) for k in keys]
+    for key, found in zip(keys[1:], queries[1:]):
+        if not found.reset_index(drop=True).equals(queries[0].reset_index(drop=True)):
+            raise InputError(
+                f"val_ranks.csv of (variant, seed) {key} holds different queries from that of {keys[0]}: "
+                "the runs used different tables"
+            )
 
 
 def hit_grid(ranks_by_seed: dict[int, pd.DataFrame], seeds, k: int) -> np.ndarray:

@@ -31,6 +31,7 @@ from helpers.experiments.statistics import ALPHA, POWER
 
 NOISE = "noise.csv"  # results/<profile>/noise.csv
 POOLED = "pooled"
+SHARE_NAMES = {"seed": "seed", "item": "item", "interaction": "inter"}  # as the var_ columns name them
 
 
 def finished_pvalues(root: Path, name: str) -> list[float] | None:
@@ -133,7 +134,7 @@ def noise_row(experiment: str, variant: str, test: statistics.CrossedTest) -> di
         f"var_seed_{PRIMARY}": parts.seed,
         f"var_item_{PRIMARY}": parts.item,
         f"var_inter_{PRIMARY}": parts.interaction,
-        **{f"share_{k}_{PRIMARY}": v for k, v in shares.items()},
+        **{f"share_{SHARE_NAMES[k]}_{PRIMARY}": v for k, v in shares.items()},
         f"se_{PRIMARY}": parts.se(s, i),
         f"se_2x_seeds_{PRIMARY}": parts.se(2 * s, i),
         f"se_2x_items_{PRIMARY}": parts.se(s, 2 * i),
@@ -142,8 +143,9 @@ def noise_row(experiment: str, variant: str, test: statistics.CrossedTest) -> di
 
 def noise_table(profile: str, root: Path) -> pd.DataFrame | None:
     """Where each Recall@5 comparison's noise comes from (:func:`noise_row`), plus the pooled
-    components over every comparison (the row ``pooled``, at the study's median size); None while
-    an experiment has not finished."""
+    components over every comparison (the row ``pooled``, the mean of their estimates, its SE at the
+    size of the study's middle comparison: every comparison of a study shares its seeds and val
+    items); None while an experiment has not finished."""
     found = study_tests(profile, root)
     if finished_study(profile, root) is None or not found:
         return None
@@ -154,7 +156,7 @@ def noise_table(profile: str, root: Path) -> pd.DataFrame | None:
         f"var_seed_{PRIMARY}": pooled.seed,
         f"var_item_{PRIMARY}": pooled.item,
         f"var_inter_{PRIMARY}": pooled.interaction,
-        **{f"share_{k}_{PRIMARY}": v for k, v in pooled.shares(typical.n_seeds, typical.n_items).items()},
+        **{f"share_{SHARE_NAMES[k]}_{PRIMARY}": v for k, v in pooled.shares(typical.n_seeds, typical.n_items).items()},
         f"se_{PRIMARY}": pooled.se(typical.n_seeds, typical.n_items),
         f"se_2x_seeds_{PRIMARY}": pooled.se(2 * typical.n_seeds, typical.n_items),
         f"se_2x_items_{PRIMARY}": pooled.se(typical.n_seeds, 2 * typical.n_items),
@@ -181,6 +183,14 @@ def pooled_from(path: Path) -> statistics.Components:
     return statistics.Components(
         float(row[f"var_seed_{PRIMARY}"]), float(row[f"var_item_{PRIMARY}"]), float(row[f"var_inter_{PRIMARY}"])
     )
+
+
+def family_size(path: Path) -> int:
+    """How many Recall@5 tests the committed study's family held: ``noise.csv``'s comparisons."""
+    size = int((pd.read_csv(path).experiment != POOLED).sum())
+    if size < 1:
+        raise InputError(f"{path}: lists no comparison; give the family's size with --family")
+    return size
 
 
 def power_plan(components: statistics.Components, seeds, items, m: int, target: float | None = None) -> pd.DataFrame:

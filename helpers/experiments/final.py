@@ -29,15 +29,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from helpers.core import repro, runtime, schema
-from helpers.core.config import Config
+from helpers.core import runtime, schema
+from helpers.core.config import Config, config_from_dict
 from helpers.core.files import portable_path, write_text_atomic
 from helpers.core.progress import progress_bar
 from helpers.evaluation import inference, metrics, postprocess
 from helpers.evaluation.metrics import METRICS
 from helpers.experiments import artifacts
 from helpers.experiments.final_runs import demo_seed, final_choice, postprocess_choice, study_runs
-from helpers.modeling import checkpoints, models
+from helpers.modeling import checkpoints
 
 PROTOCOL_ORDER = ("official", "split", "original_pairs")
 # Foundation backbones evaluated zero-shot beside the trained model under `full` (hub weights):
@@ -118,13 +118,15 @@ def evaluate_final(index, queries: pd.DataFrame, query_embeddings: np.ndarray) -
     return results, per_query.reset_index(drop=True)
 
 
-def zero_shot(model_config: dict, cfg: Config, table: Path, data_root: Path, out: Path, progress: bool = True) -> dict:
-    """The same backbone untrained (pooled features, its weights as recorded), official protocol."""
+def zero_shot(checkpoint: Path, table: Path, data_root: Path, out: Path, progress: bool = True) -> dict:
+    """The trained model's backbone untrained, official protocol: its pooled features with the
+    weights, input size, pooling and preprocessing its run recorded (crop, resize, margin, colour)."""
+    recorded = json.loads((Path(checkpoint).parent / "config.json").read_text())
+    model = recorded["model"]
     untrained = replace(
-        cfg,
-        backbone=model_config["backbone"],
-        weights=model_config.get("weights_source") or "auto",
-        img_size=model_config["data_config"]["input_size"][-1],
+        config_from_dict(recorded["config"]),
+        weights=model.get("weights_source") or "auto",
+        img_size=model["data_config"]["input_size"][-1],
     )
     return artifacts.ensure_zero_shot(untrained, table, data_root, out, progress)
 
@@ -143,22 +145,10 @@ def foundation_zero_shot(
     Each result is computed once into ``out_dir/zero_shot_<backbone>.json`` and read back later."""
     rows = []
     for backbone, side, pooling in backbones:
-        out = Path(out_dir) / f"zero_shot_{backbone}.json"
-        if not out.is_file():
-            repro.seed_everything(cfg.seed, cfg.deterministic)  # a random init ("none") is seeded too
-            embedder = models.create_embedder(backbone, weights=weights, head="pooled", pooling=pooling, img_size=side)
-            device = runtime.resolve_device(cfg.device)
-            run_cfg = replace(cfg, backbone=backbone, weights=weights, img_size=side, pooling=pooling)
-            result = inference.evaluate(
-                run_cfg,
-                embedder.to(device).eval(),
-                schema.read_table(table),
-                data_root,
-                progress=progress,
-                device=device,
-            )
-            write_text_atomic(out, json.dumps({**result, "model": embedder.config}, indent=2) + "\n")
-        result = json.loads(out.read_text())
+        untrained = replace(cfg, backbone=backbone, weights=weights, img_size=side, pooling=pooling)
+        result = artifacts.ensure_zero_shot(
+            untrained, table, data_root, Path(out_dir) / f"zero_shot_{backbone}.json", progress
+        )
         size = result["model"]["data_config"]["input_size"][-1]
         rows.append({"model": f"zero-shot {backbone} ({pooling}, {size} px)", "protocol": "official", "result": result})
     return rows

@@ -66,7 +66,7 @@ def final_choice(profile: str, results_root: Path | None = None) -> tuple[dict, 
 def postprocess_choice(profile: str, results_root: Path | None = None) -> tuple[str, str]:
     """``(the post-processing method the study adopted, why)``, from ``postprocess/decision.json``:
     ``none`` (rank by plain cosine similarity) when that experiment has not run or adopted nothing.
-    The final index, its test evaluation (:func:`evaluate_final`) and the live demo apply it
+    The final index, its test evaluation (:func:`helpers.experiments.final.evaluate_final`) and the live demo apply it
     (``postprocess.create_postprocess(method)``: the parameters the study measured)."""
     path = (results_root or artifacts.results_root(profile)) / POSTPROCESS / "decision.json"
     if not path.is_file():
@@ -204,7 +204,7 @@ def test_metrics(run_dir: Path, table: Path, data_root: Path, progress: bool = T
     if recorded is not None and metrics.INTERVALS["items"] in recorded.get("ci", ""):
         return recorded
     if (Path(run_dir) / "best.pt").is_file():
-        return train.evaluate_run(run_dir, table, data_root, progress=progress)
+        return train.ensure_test_metrics(run_dir, table, data_root, progress=progress)
     if recorded is None:
         raise InputError(f"{path}: missing and no best.pt to evaluate; retrain the run (TRAIN_IF_MISSING = True)")
     return recorded

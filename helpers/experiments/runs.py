@@ -28,6 +28,7 @@ from helpers.core import identity
 from helpers.core.config import Config
 from helpers.core.errors import InputError
 from helpers.core.files import sha256_file, write_text_atomic
+from helpers.evaluation.metrics import DEFAULT_KS
 from helpers.experiments import artifacts
 from helpers.experiments.catalogue import POSTPROCESS, PRIMARY, SECONDS_PER_EPOCH
 from helpers.training import train
@@ -110,7 +111,7 @@ def runs_of(cfg: Config, root: Path, table_sha256: str) -> dict[int, Path]:
 
 def metrics_from_ranks(ranks: pd.DataFrame) -> dict:
     """Val Recall@K and mAP of one run from its per-query ranks (the numbers the statistics use)."""
-    out = {f"recall@{k}": float((ranks.first_hit_rank < k).mean()) for k in (1, 5, 10, 20)}
+    out = {f"recall@{k}": float((ranks.first_hit_rank < k).mean()) for k in DEFAULT_KS}
     return {**out, "map": float(ranks.average_precision.mean()), "n_queries": int(len(ranks))}
 
 
@@ -186,8 +187,8 @@ def runs_summary(root: Path) -> dict:
     """Over the study's distinct runs (a run shared by several experiments counted once): how many
     had their best val Recall@5 at their last epoch (still rising: the budget may be short), how
     many stopped early, and the summed wall time."""
-    runs = pd.concat([pd.read_csv(p) for p in sorted(Path(root).glob("*/runs.csv"))]).drop_duplicates("run_dir")
-    runs = runs[runs.experiment != POSTPROCESS]
+    runs = pd.concat([pd.read_csv(p) for p in sorted(Path(root).glob("*/runs.csv"))])
+    runs = runs[runs.experiment != POSTPROCESS].drop_duplicates("run_dir")  # postprocess lists the final runs again
     at_last = int((runs.best_epoch == runs.epochs_run).sum())
     budget = [json.loads((Path(root) / d / "config.json").read_text())["config"]["epochs"] for d in runs.run_dir]
     return {

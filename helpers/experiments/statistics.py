@@ -39,8 +39,8 @@ so the test is of that one training run), ``df = I - 1``, and every component is
 
 **Planning.** :func:`planned_mde` is the effect the test itself detects with the stated power, its
 rejection probability integrated over the mean squares' sampling distribution
-(:func:`planned_power`). The shortcut ``(t_{df,1-α/2} + t_{df,power}) · se`` (:func:`mde`, what a
-finished comparison reports) ignores that the SE is estimated from a 2-df seed term and promises
+(:func:`planned_power`). The shortcut ``(t_{df,1-α/2} + t_{df,power}) · se`` (:func:`mde`; a finished
+comparison reports :func:`planned_mde` at its estimated components, the shortcut only with one seed) ignores that the SE is estimated from a 2-df seed term and promises
 about 75 % power where 80 % was asked at 3 seeds.
 
 **Family.** The study's confirmatory tests are its Recall@5 comparisons; Holm's step-down controls
@@ -57,7 +57,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 from scipy import optimize, stats
 
 from helpers.core.errors import InputError
@@ -334,28 +333,6 @@ def planned_mde(
     high = 2 * float(np.max(half)) + 10 * sd  # every node rejects at this effect with probability ~1
     effect = optimize.brentq(lambda e: _power_at(e, half, sd) - power, 0.0, high, xtol=1e-12 * high)
     return {"se": sd, "df": expected_df(components, n_seeds, n_items), "mde": float(effect)}
-
-
-def sizes_for(
-    components: Components,
-    target_mde: float,
-    m: int,
-    seeds=range(2, 13),
-    items=(75, 150, 300, 450, 600, 900),
-    alpha: float = ALPHA,
-    power: float = POWER,
-) -> pd.DataFrame:
-    """One row per (n_seeds, n_items): ``se``, ``df``, ``mde`` (:func:`planned_mde` at ``alpha / m``)
-    and ``meets`` (``mde <= target_mde``)."""
-    rows = []
-    for s in seeds:
-        for i in items:
-            plan = planned_mde(components, s, i, m, alpha, power)
-            rows.append({"n_seeds": s, "n_items": i, **plan, "meets": plan["mde"] <= target_mde})
-    return pd.DataFrame(rows, columns=["n_seeds", "n_items", "se", "df", "mde", "meets"])
-
-
-# --------------------------------------------------------------------------- Holm
 
 
 def holm(pvalues) -> np.ndarray:

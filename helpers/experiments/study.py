@@ -51,16 +51,12 @@ __all__ = [
     "NOISE",
     "POSTPROCESS",
     "PRIMARY",
-    "RECIPE_FIELDS",
     "RULE",
     "STAGES",
     "Experiment",
     "Study",
-    "decide",
-    "decided_fields",
     "experiment_history",
     "experiments",
-    "get_experiment",
     "learned",
     "load_experiment",
     "n_seeds_for",
@@ -161,7 +157,11 @@ class Study:
             )
         missing = [str(d / "best.pt") for d in found.values() if not (d / "best.pt").is_file()]
         if missing and need_checkpoints:
-            raise InputError(f"{missing[0]}: missing (checkpoints are local, not committed); rerun its experiment here")
+            raise InputError(
+                f"{missing[0]}: missing (checkpoints are local, not committed); run 04_demo with TRAIN_IF_MISSING = True "
+                "to retrain it under its recorded configuration, or `study all --statistics-only` to restate the "
+                "post-processing from its committed ranks"
+            )
         return found
 
     # ----------------------------------------------------------------- planning and running
@@ -276,9 +276,11 @@ class Study:
             self.write_final_config()
         return {"runs": table, "comparison": table_cmp, "decision": decision}
 
-    def run(self, name: str, train: bool = True) -> list[dict]:
-        """One experiment, a stage or ``all`` (:func:`catalogue.select`), in running order."""
-        return [self.run_experiment(e, train=train) for e in catalogue.select(self.profile, name)]
+    def run(self, name: str, train: bool = True):
+        """One experiment, a stage or ``all`` (:func:`catalogue.select`), in running order: each
+        experiment's result as it finishes."""
+        for experiment in catalogue.select(self.profile, name):
+            yield self.run_experiment(experiment, train=train)
 
     def run_stage(self, stage: str) -> dict[str, dict]:
         """Every experiment of ``stage`` (finished runs reused, a half-finished one resumed)."""

@@ -138,7 +138,7 @@ def noise_lines(root: Path) -> list[str]:
         f"**Where the noise comes from** (`{path.parent.name}/{path.name}`). Pooled over the study's "
         f"{len(noise) - 1} Recall@5 comparisons, at {int(pooled.n_seeds)} seeds and {int(pooled.n_items)} val items "
         f"({int(pooled.n_queries)} queries) the variance of a paired difference splits into shares of "
-        f"{share('seed')} from seeds, {share('item')} from items and {share('interaction')} from their interaction; "
+        f"{share('seed')} from seeds, {share('item')} from items and {share('inter')} from their interaction; "
         f"its standard error "
         f"{pooled[f'se_{primary}']:.4f} would become {pooled[f'se_2x_seeds_{primary}']:.4f} with twice the seeds "
         f"and {pooled[f'se_2x_items_{primary}']:.4f} with twice the val items. Val items only cost evaluation, "

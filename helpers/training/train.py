@@ -46,7 +46,7 @@ from helpers.core.files import copy_atomic, portable_path, sha256_file, write_te
 from helpers.core.progress import progress_bar
 from helpers.core.schema import read_table
 from helpers.data import datasets, store, transforms
-from helpers.evaluation import inference
+from helpers.evaluation import inference, metrics
 from helpers.modeling import checkpoints, distributed, losses, models
 from helpers.modeling.checkpoints import read_checkpoint, save_checkpoint
 
@@ -536,10 +536,11 @@ def fit_record(run_dir: str | Path) -> dict:
 def ensure_test_metrics(
     run_dir: str | Path, table_path: str | Path, data_root: str | Path, progress: bool = True
 ) -> dict:
-    """``metrics.json`` of the finished fit in ``run_dir``: read back when written (by
-    :func:`evaluate_run`, or by ``fit`` itself before ``fit.json`` existed), else evaluated now."""
+    """``metrics.json`` of the finished fit in ``run_dir``: read back when written with intervals
+    over items (by :func:`evaluate_run`), else evaluated now (never, or by ``fit`` itself before
+    ``fit.json`` existed, with per-query intervals)."""
     path = Path(run_dir) / metrics_name("test")
-    if path.is_file():
+    if path.is_file() and metrics.INTERVALS["items"] in json.loads(path.read_text()).get("ci", ""):
         return json.loads(path.read_text())
     return evaluate_run(run_dir, table_path, data_root, progress=progress)
 

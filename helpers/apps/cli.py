@@ -137,7 +137,6 @@ def cmd_evaluate(args) -> None:
             postprocess=method,
         )
         result["model"] = {**embedder.config, "checkpoint": args.checkpoint}
-        result["postprocess"] = method.to_json()
     else:
         profile = _config(args, (*config.EVALUATION_FIELDS, *config.PREPROCESSING_FIELDS))
         cfg = config.check(

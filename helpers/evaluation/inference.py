@@ -218,7 +218,6 @@ class ProtocolEvaluator:
         crops: store.CropStore | None = None,
     ):
         self.rows = self.protocol_rows(table, split, protocol)
-        self.queries, self.gallery = metrics.protocol_sets(self.rows, split, protocol)
         self.split, self.protocol = split, protocol
         self.embed = TableEmbedder(cfg, data_config, self.rows, data_root, device, cache=cache, crops=crops)
 
@@ -235,28 +234,28 @@ class ProtocolEvaluator:
         return self.metrics_of(self.embed(embedder, progress, f"embedding {self.split}"))
 
     def with_ranks(self, embedder: torch.nn.Module, progress: bool = True) -> tuple[dict, pd.DataFrame]:
-        """The metrics dict and the per-query ranks (:meth:`query_ranks`) of one embedding pass."""
+        """The metrics dict and the per-query ranks (what the study's paired statistics resample)
+        of one embedding pass, ranked once."""
         embeddings = self.embed(embedder, progress, f"embedding {self.split}")
-        return self.metrics_of(embeddings), self.query_ranks(embeddings)
+        queries, gallery, found = metrics.protocol_retrieval(self.rows, embeddings, self.split, self.protocol)
+        return self._summary(queries, gallery, found, embeddings), metrics.ranks_table(queries, found)
 
     def metrics_of(self, embeddings: np.ndarray) -> dict:
         """The metrics dict of the embeddings of :attr:`rows`, plus ``mean_embedding_norm``: the
         norm of the mean unit embedding, near 1 when the embeddings have collapsed to one point."""
-        result = metrics.evaluate_protocol(self.rows, embeddings, split=self.split, protocol=self.protocol)
+        queries, gallery, found = metrics.protocol_retrieval(self.rows, embeddings, self.split, self.protocol)
+        return self._summary(queries, gallery, found, embeddings)
+
+    def _summary(self, queries, gallery, found, embeddings: np.ndarray) -> dict:
+        result = metrics.summarise_retrieval(queries, gallery, found, self.split, self.protocol)
         result["mean_embedding_norm"] = float(np.linalg.norm(embeddings.mean(axis=0)))
         return result
 
     def query_ranks(self, embeddings: np.ndarray) -> pd.DataFrame:
         """One row per scored query (``path``, ``item_id``, 0-based ``first_hit_rank``,
         ``average_precision``), sorted by path: what the study's paired statistics resample."""
-        queries, gallery = self.queries, self.gallery
-        result = metrics.retrieval_metrics(
-            embeddings[queries.index.to_numpy()],
-            queries.item_id.to_numpy(),
-            embeddings[gallery.index.to_numpy()],
-            gallery.item_id.to_numpy(),
-        )
-        return metrics.ranks_table(queries, result)
+        queries, _, found = metrics.protocol_retrieval(self.rows, embeddings, self.split, self.protocol)
+        return metrics.ranks_table(queries, found)
 
 
 def evaluate(

@@ -572,6 +572,23 @@ def evaluate_protocol(
     """
     ks = tuple(int(k) for k in ks)
     choose(interval, tuple(INTERVALS), "interval")
+    queries, gallery, res = protocol_retrieval(table, embeddings, split, protocol, ks, memory_budget_mb, scorer)
+    return summarise_retrieval(queries, gallery, res, split, protocol, ks, n_boot, seed, alpha, interval)
+
+
+def protocol_retrieval(
+    table: pd.DataFrame,
+    embeddings: ArrayLike,
+    split: str = "test",
+    protocol: str = "official",
+    ks: Iterable[int] = DEFAULT_KS,
+    memory_budget_mb: float = 256,
+    scorer: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, RetrievalResult]:
+    """``(queries, gallery, per-query result)`` of the embeddings under a protocol (the ranking
+    :func:`evaluate_protocol` summarises; see it for the arguments). Raises :class:`InputError`
+    when no query can be scored."""
+    ks = tuple(int(k) for k in ks)
     if isinstance(embeddings, torch.Tensor):
         embeddings = embeddings.detach().cpu().numpy()
     emb = np.asarray(embeddings)
@@ -595,6 +612,23 @@ def evaluate_protocol(
             "gallery image of its item"
         )
 
+    return queries, gallery, res
+
+
+def summarise_retrieval(
+    queries: pd.DataFrame,
+    gallery: pd.DataFrame,
+    res: RetrievalResult,
+    split: str,
+    protocol: str,
+    ks: Iterable[int] = DEFAULT_KS,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    interval: str = "items",
+) -> dict:
+    """The ``metrics.json`` dictionary of a :func:`protocol_retrieval` (see :func:`evaluate_protocol`)."""
+    ks, protocol = tuple(int(k) for k in ks), resolve_protocol(protocol)
     out: dict = {
         "protocol": protocol,
         "protocol_definition": PROTOCOLS[protocol],

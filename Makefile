@@ -25,14 +25,18 @@ test: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest --nbval -q
 
-# The whole study of 02 + 03 on the demo profile, 3 seeds (<= 3 h on a 2-core CPU, resumable: run it
-# again after an interruption), then the post-processing experiment on the final configuration's
-# runs (no training; it needs their checkpoints). `python -m helpers study all --statistics-only`
-# recomputes every comparison from the committed runs without training. `make report` then
-# rebuilds report/ from results/ and report/prose/ only.
+# The whole study of 02 + 03 on the demo profile (results/demo/power_plan.csv: 5 seeds for the primary
+# variants, 3 for the exploratory ones; each run trains until val Recall@5 levels off; resumable: run
+# it again after an interruption, it prints the projected time), then the experiments that need no
+# training, on its runs' checkpoints: post-processing (the final configuration) and robustness (the
+# crop and photometric runs on trees with each nuisance turned up). `python -m helpers study all
+# --statistics-only` recomputes every comparison from the committed runs without training. `make
+# report` then rebuilds report/ from results/ and report/prose/ only.
 study: $(STAMP)
+	$(PY) -m helpers study plan --profile demo
 	$(PY) -m helpers study all --profile demo
 	$(PY) -m helpers study postprocess --profile demo
+	$(PY) -m helpers study robustness --profile demo
 
 report: $(STAMP)
 	$(PY) -m helpers report

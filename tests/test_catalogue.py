@@ -17,8 +17,27 @@ def test_experiments_of_a_stage_change_disjoint_fields(profile):
         fields = [e.fields for e in catalogue.experiments(profile) if e.stage == stage]
         assert sum(len(f) for f in fields) == len(set().union(*fields)), stage
     names = [e.name for e in catalogue.experiments(profile)]
-    assert len(names) == len(set(names)) == 10
+    assert len(names) == len(set(names)) == (10 if profile == "full" else 13)
     assert list(catalogue.planned_tests(profile)) == names  # running order
+
+
+def test_demo_asks_every_question_with_eight_primary_tests():
+    """The original study's questions all run on demo; 8 primary tests (the family the power plan
+    sizes), every other variant exploratory, and each question's exploratory levels its own."""
+    experiments = {e.name: e for e in catalogue.experiments("demo")}
+    assert sum(catalogue.planned_tests("demo").values()) == 8
+    for e in experiments.values():
+        assert set(e.exploratory) <= set(e.variants) and set(e.primary) | set(e.exploratory) == set(e.variants)
+    sizes = {o["embed_dim"] for o in experiments["embed_dim"].variants.values()}
+    losses = {o["loss"] for o in experiments["loss"].variants.values()}
+    presets = {o["augment"] for o in experiments["augment"].variants.values()}
+    assert (
+        sizes == {128, 512} and losses == {"semi_hard", "infonce"} and presets == {"medium", "strong", "super_strong"}
+    )
+    batch = experiments["batch"].variants.values()
+    assert {o["p_items"] * o["k_images"] for o in batch} == {32}  # the batch size stays, its composition changes
+    assert {o["epoch_images"] for o in batch} == {config.PROFILES["demo"].epoch_images}
+    assert experiments["length"].exploratory and experiments["data_size"].exploratory
 
 
 def test_every_variant_is_a_valid_config():
@@ -32,9 +51,10 @@ def test_variant_equal_to_the_baseline_is_dropped():
     experiment = catalogue.get_experiment("demo", "augment")
     base = config.get_config("demo")
     assert base.augment == "flip"  # the default recipe's: the preset asked about is a variant
-    assert list(catalogue.resolve_variants(experiment, base)) == ["baseline", "augment=medium"]
+    ladder = ["augment=medium", "augment=strong", "augment=super_strong"]
+    assert list(catalogue.resolve_variants(experiment, base)) == ["baseline", *ladder]
     medium = replace(base, augment="medium")
-    assert list(catalogue.resolve_variants(experiment, medium)) == ["baseline"]
+    assert list(catalogue.resolve_variants(experiment, medium)) == ["baseline", *ladder[1:]]
     ladder = catalogue.get_experiment("fixture", "augment")  # weak (the fixture's own) and strong
     configs = catalogue.resolve_variants(ladder, config.get_config("fixture"))
     assert list(configs) == ["baseline", "augment=strong"]
@@ -42,7 +62,7 @@ def test_variant_equal_to_the_baseline_is_dropped():
 
 
 def test_demo_budget_and_backbones():
-    """The demo study: 3 seeds, the resolution bracketing the default recipe's from both sides,
+    """The demo study: at least 3 seeds, the resolution bracketing the default recipe's from both sides,
     and backbones with packaged weights."""
     from helpers.modeling import models
 
@@ -61,8 +81,15 @@ def test_demo_budget_and_backbones():
 def test_earlier_and_select():
     assert [e.name for e in catalogue.earlier("demo", "02_2")] == ["crop", "resize", "resolution"]
     assert catalogue.earlier("demo", "02_1") == []
-    assert [e.name for e in catalogue.select("demo", "03")] == ["loss", "embed_dim", "backbone"]
-    assert len(catalogue.select("demo", "all")) == 10
+    assert [e.name for e in catalogue.select("demo", "03")] == [
+        "loss",
+        "embed_dim",
+        "backbone",
+        "batch",
+        "length",
+        "data_size",
+    ]
+    assert len(catalogue.select("demo", "all")) == 13
     with pytest.raises(Exception, match="unknown experiment 'nope'"):
         catalogue.select("demo", "nope")
 

@@ -28,6 +28,7 @@ def test_train_has_a_flag_for_every_field_but_the_data_ones(capsys):
     assert config.DATA_FIELDS == (
         "data_root",
         "synthetic_items",
+        "synthetic_splits",
         "synthetic_seed",
         "categories",
         "sample",
@@ -36,7 +37,7 @@ def test_train_has_a_flag_for_every_field_but_the_data_ones(capsys):
     )
     text = _help("train", capsys=capsys)
     expected = [f.name for f in fields(config.Config) if f.name != "profile" and f.name not in config.DATA_FIELDS]
-    assert len(expected) == len(fields(config.Config)) - 8
+    assert len(expected) == len(fields(config.Config)) - 9
     assert [name for name in expected if f"{_flag(name)} " not in text] == []
     assert "--split-seed" not in text and "--categories" not in text
     # each with its help and its default per profile

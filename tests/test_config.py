@@ -62,6 +62,10 @@ BAD_VALUES = {
     "flip_tta": "no",
     "compile": None,
     "grad_checkpointing": "yes",
+    "synthetic_splits": (1, 5, 5),
+    "train_fraction": 0.0,
+    "stop_items": -1,
+    "epoch_images": 0,
 }
 
 
@@ -69,6 +73,11 @@ def _rejection(**values) -> str:
     with pytest.raises(InputError) as caught:
         config.check(replace(config.PROFILES["demo"], **values))
     return str(caught.value)
+
+
+def test_synthetic_splits_must_sum_to_the_items():
+    message = _rejection(synthetic_items=10, synthetic_splits=(4, 3, 2))
+    assert "synthetic_splits" in message and "synthetic_items (10)" in message
 
 
 @pytest.mark.parametrize("name", FIELD_NAMES)
@@ -164,10 +173,14 @@ def test_layer_decay_is_a_fraction_up_to_one(value):
 
 
 def test_new_fields_default_to_training_as_before():
-    """layer_decay 1.0 and grad_checkpointing False are the values every recorded run trained with."""
+    """Each later field's neutral value is the Config default, the value every run recorded before
+    it trained with; the fixture and full profiles keep them all (demo's tree, stop items and epoch
+    size are its own)."""
     from helpers.core import identity
 
-    for profile in config.PROFILES.values():
-        assert (profile.layer_decay, profile.grad_checkpointing) == (1.0, False)
+    defaults = {f.name: f.default for f in fields(config.Config) if f.name in identity.LATER_FIELDS}
+    assert defaults == identity.LATER_FIELDS
+    for name in ("fixture", "full"):
+        profile = config.PROFILES[name]
         assert {k: getattr(profile, k) for k in identity.LATER_FIELDS} == identity.LATER_FIELDS
     assert config.get_config("fixture", layer_decay=0.75, grad_checkpointing=True).layer_decay == 0.75

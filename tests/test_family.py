@@ -82,14 +82,27 @@ def test_family_as_it_stood_at_each_decision_then_final(tmp_path):
     loss = results["loss"]["decision"]["family"]
     names = [t["experiment"] for t in loss["earlier_tests"]]
     assert names == sorted(names, key=list(catalogue.planned_tests("fixture")).index)
-    assert set(names) == {"crop", "resize", "resolution", "augment", "margin", "photometric", "head"}
+    # only primary tests join the family: augment, margin and photometric ran exploratory variants only
+    assert set(names) == {"crop", "resize", "resolution", "head"}
     crop_p = results["crop"]["comparison"].loc["crop=False", "p_recall@5"]
     assert loss["earlier_tests"][0] == {"experiment": "crop", "variant": "crop=False", "p_recall@5": crop_p}
-    assert results["backbone"]["decision"]["family"]["pending"] == 0
+    assert results["batch"]["decision"]["family"]["pending"] == 0  # the last experiment with a primary test
     # the fixture drops a variant equal to its baseline in several experiments: the final family is smaller
     tables = {name: load_experiment(tmp_path, name)["comparison"] for name in results}
     rows = pd.concat([t.drop(index="baseline").assign(experiment=n) for n, t in tables.items()])
-    assert len(rows) == 10 < planned and (rows["holm_m_final_recall@5"] == 10).all()
+    exploratory = rows[rows["role_recall@5"] == "exploratory"]
+    assert exploratory["p_holm_final_recall@5"].isna().all() and exploratory["low_adj_recall@5"].isna().all()
+    assert set(exploratory.experiment) == {
+        "augment",
+        "margin",
+        "photometric",
+        "loss",
+        "embed_dim",
+        "length",
+        "data_size",
+    }
+    rows = rows[rows["role_recall@5"] == "primary"]
+    assert len(rows) == 6 < planned and (rows["holm_m_final_recall@5"] == 6).all()
     # final Holm over every finished test, as statsmodels computes it
     expected = multipletests(rows["p_recall@5"].to_numpy(), method="holm")[1]
     assert rows["p_holm_final_recall@5"].to_numpy() == pytest.approx(expected)
@@ -97,7 +110,10 @@ def test_family_as_it_stood_at_each_decision_then_final(tmp_path):
     assert (rows["p_holm_final_recall@5"] <= rows["p_holm_recall@5"] + 1e-12).all()
     assert (rows["alpha_step_final_recall@5"] >= rows["alpha_step_recall@5"] - 1e-15).all()
     early = rows[rows["verdict_recall@5"] == "better"]
-    assert set(early.experiment) == {"crop", "head", "loss"} and (early["verdict_final_recall@5"] == "better").all()
+    assert set(early.experiment) == {"crop", "head"} and (early["verdict_final_recall@5"] == "better").all()
+    # an exploratory variant clearly better on its raw interval is reported, never adopted
+    assert tables["loss"].loc["loss=infonce", "verdict_recall@5"] == "better"
+    assert results["loss"]["decision"]["winner"] == "baseline"
     for name, result in results.items():
         assert result["decision"]["winner"] == comparison.decide(tables[name])[0]  # the decision-time verdicts stay
     assert tables["crop"].loc["baseline", "verdict_final_recall@5"] == "baseline"
@@ -130,7 +146,7 @@ def test_noise_table_components_and_what_doubling_buys(tmp_path):
     assert family.noise_table("fixture", tmp_path) is None  # nothing finished
     write_study(tmp_path)
     noise = family.noise_table("fixture", tmp_path)
-    assert len(noise) == 11 and noise.iloc[-1].experiment == family.POOLED  # 10 comparisons + pooled
+    assert len(noise) == 14 and noise.iloc[-1].experiment == family.POOLED  # 13 comparisons + pooled
     rows = noise.set_index("variant")
     runs = pd.read_csv(tmp_path / "crop" / "runs.csv")
     frames = {(r.variant, r.seed): pd.read_csv(tmp_path / r.run_dir / "val_ranks.csv") for r in runs.itertuples()}
@@ -209,3 +225,46 @@ def test_the_report_shows_the_holm_columns_and_the_noise(tmp_path):
     noise = " ".join(sections.noise_lines(results))
     assert "from their interaction" in noise and "twice the val items" in noise
     assert check.untraceable_numbers(noise, results) == []
+
+
+def test_effects_rank_every_comparison_with_its_deciding_interval(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from helpers.evaluation import plots
+
+    write_study(tmp_path)
+    effects = family.effects("fixture", tmp_path)
+    assert len(effects) == 13 and effects["diff"].is_monotonic_decreasing
+    for row in effects.itertuples():
+        table = load_experiment(tmp_path, row.experiment)["comparison"].loc[row.variant]
+        infix = "_adj" if row.role == "primary" else ""
+        assert (row.low, row.high) == (table[f"low{infix}_recall@5"], table[f"high{infix}_recall@5"])
+        assert row.mde == table["mde_holm_recall@5" if row.role == "primary" else "mde_recall@5"]
+        assert row.role == table["role_recall@5"]
+    figure = plots.plot_effects(effects)
+    assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == [
+        f"{e}: {v}" for e, v in zip(effects.experiment, effects.variant)
+    ]
+
+
+def test_the_power_plan_sizes_every_planned_comparison_before_the_runs(tmp_path, monkeypatch):
+    components = statistics.Components(2.17e-4, 7.98e-3, 4.53e-2)  # seed, item, seed × item
+    plan = family.study_plan("demo", components, 5, 3, 400)
+    primary, exploratory = plan[plan.role == "primary"], plan[plan.role == "exploratory"]
+    assert len(primary) == sum(catalogue.planned_tests("demo").values()) == 8
+    assert (primary.seeds == 5).all() and (exploratory.seeds == 3).all() and (plan.val_items == 400).all()
+    assert primary.level.to_numpy() == pytest.approx(0.05 / 8) and (exploratory.level == 0.05).all()
+    expected = statistics.planned_mde(components, 5, 400, 8)["mde"]
+    assert primary["mde_recall@5"].to_numpy() == pytest.approx(expected) and expected <= family.TARGET_MDE
+    assert primary.meets_target.all() and not exploratory.meets_target.any()
+    # written once: a second call reads the plan back, whatever noise.csv says by then
+    write_study(tmp_path / "earlier")
+    family.write_noise("fixture", tmp_path / "earlier")
+    study = Study("demo", root=tmp_path / "study", n_seeds=5)
+    monkeypatch.setattr(Study, "compare_items", lambda self: 30)
+    written = study.write_power_plan(tmp_path / "earlier" / family.NOISE)
+    text = (tmp_path / "study" / family.POWER_PLAN).read_text()
+    (tmp_path / "earlier" / family.NOISE).unlink()
+    pd.testing.assert_frame_equal(study.write_power_plan(tmp_path / "earlier" / family.NOISE), written)
+    assert (tmp_path / "study" / family.POWER_PLAN).read_text() == text

@@ -21,7 +21,12 @@ from helpers.experiments.study import Study
 def _run(folder, seed, val_r5, test, best_epoch=3, loss=(0.3, 0.2, 0.1)):
     """A finished run folder as fit and the study leave it: metrics.json, history.csv, study_run.json."""
     folder.mkdir(parents=True)
-    metrics = {"best_epoch": best_epoch, "val": {"recall@5": val_r5}, "ci": f"{INTERVALS['items']}, 95%"}
+    metrics = {
+        "split": "test",
+        "best_epoch": best_epoch,
+        "val": {"recall@5": val_r5},
+        "ci": f"{INTERVALS['items']}, 95%",
+    }
     for k, value in zip((1, 5, 10), test):
         metrics[f"recall@{k}"] = value
         metrics[f"recall@{k}_ci"] = [value - 0.05, value + 0.05]
@@ -68,6 +73,9 @@ def test_demo_seed_breaks_a_tie_by_the_lowest_seed(tmp_path):
 
 def test_reproduction_measures_the_largest_difference_per_seed(tmp_path):
     recorded = {0: _run(tmp_path / "study", 0, 0.7, (0.4, 0.7, 0.8), loss=(0.3, 0.2, 0.1))}
+    unrun = final_runs.reproduction(recorded, recorded)  # no checkpoint here, not retrained: nothing ran
+    assert unrun.loc[0, "run"].startswith("not retrained here") and np.isnan(unrun.loc[0, "max |Δ loss|"])
+    (recorded[0] / "best.pt").write_bytes(b"weights")
     same = final_runs.reproduction(recorded, recorded)
     assert same.loc[0, "run"] == "the study's own" and same.loc[0, "max |Δ loss|"] == 0
     here = {0: _run(tmp_path / "here", 0, 0.7, (0.4, 0.7, 0.8), loss=(0.3, 0.25, 0.1))}
@@ -78,9 +86,12 @@ def test_reproduction_measures_the_largest_difference_per_seed(tmp_path):
     assert np.isnan(final_runs.reproduction(shorter, recorded).loc[0, "max |Δ loss|"])  # different lengths: no pairing
 
 
-def _study_run(root, experiment, cfg, seed, table_sha, finished=True):
+def _study_run(root, experiment, cfg, seed, table_sha, finished=True, val_r5=0.7, test=(0.4, 0.7, 0.8)):
+    """A finished run of the study as committed: fit.json (what fit writes last), study_run.json,
+    and metrics.json (the test result 04_demo wrote where the checkpoints were); no best.pt."""
     key = identity.run_key(replace(cfg, seed=seed), table_sha)
-    folder = _run(root / experiment / f"baseline_seed{seed}_{key}", seed, 0.7, (0.4, 0.7, 0.8))
+    folder = _run(root / experiment / f"baseline_seed{seed}_{key}", seed, val_r5, test)
+    (folder / "fit.json").write_text(json.dumps({"best_epoch": 3, "val": {"recall@5": val_r5}, "stopped": None}))
     (folder / "study_run.json").write_text(json.dumps({"key": key, "seed": seed, "finished": finished}))
     return folder
 
@@ -131,8 +142,209 @@ def test_a_missing_checkpoint_is_retrained_under_the_recorded_configuration(tmp_
     runs, found, how = final_runs.study_runs(base, {"embed_dim": 64}, table, tmp_path, train_if_missing=True)
     assert trained == [(64, 0)] and found == {0: recorded}
     assert runs[0] == tmp_path / "outputs" / "fixture" / "final_runs" / recorded.name
-    assert "seeds 0 retrained here" in how
+    assert "seed 0 retrained here" in how
     assert final_runs.reproduction(runs, found).loc[0, "max |Δ loss|"] == 0
+
+
+@pytest.fixture
+def three_seed_study(tmp_path, monkeypatch):
+    """A finished study of the final configuration (embed_dim 64) over seeds 0, 1, 2 as a fresh
+    clone has it (committed run folders, no checkpoint; seed 1 best on val), and a stand-in for
+    fit that records what it trains and leaves a run with a checkpoint and its own test numbers."""
+    table = tmp_path / "images.csv"
+    table.write_text("made-up table\n")
+    root = tmp_path / "results"
+    root.mkdir()
+    (root / "final_config.json").write_text(json.dumps({"config": {"embed_dim": 64}}))
+    base = config.get_config("fixture")
+    chosen, sha = replace(base, embed_dim=64), sha256_file(table)
+    recorded = {
+        0: _study_run(root, "embed_dim", chosen, 0, sha, val_r5=0.70, test=(0.40, 0.70, 0.80)),
+        1: _study_run(root, "embed_dim", chosen, 1, sha, val_r5=0.74, test=(0.50, 0.72, 0.84)),
+        2: _study_run(root, "embed_dim", chosen, 2, sha, val_r5=0.72, test=(0.45, 0.74, 0.82)),
+    }
+    monkeypatch.setattr(config, "OUTPUTS", tmp_path / "outputs")
+    monkeypatch.setattr(final_runs.artifacts, "results_root", lambda profile: root)
+    trained = []
+
+    def fake_fit(cfg, table_path, data_root, run_dir, progress=True):
+        if final_runs.artifacts.is_trained(run_dir):  # as ensure_trained: a finished run is read back
+            return
+        trained.append((cfg.embed_dim, cfg.seed, progress))
+        _run(run_dir, cfg.seed, 0.7, (0.5 + cfg.seed / 100, 0.7, 0.8))  # the retrain's own test numbers
+        for name in ("best.pt", "config.json", "fit.json"):
+            (run_dir / name).write_text("{}")
+
+    monkeypatch.setattr(final_runs.artifacts, "ensure_trained", fake_fit)
+    return {"base": base, "table": table, "data": tmp_path, "recorded": recorded, "trained": trained}
+
+
+def test_by_default_only_the_demo_seed_is_retrained_and_the_others_are_committed_results(three_seed_study, capsys):
+    study = three_seed_study
+    base, table, data, recorded = study["base"], study["table"], study["data"], study["recorded"]
+    assert final_runs.demo_seed(recorded) == 1
+    with pytest.raises(InputError, match=r"seed1_.*best\.pt: missing.*TRAIN_IF_MISSING = True to retrain seed 1 "):
+        final_runs.study_runs(base, {"embed_dim": 64}, table, data, train_if_missing=False)
+    runs, found, how = final_runs.study_runs(base, {"embed_dim": 64}, table, data, True, progress="epochs")
+    assert study["trained"] == [(64, 1, "epochs")]  # the demo seed only, quietly
+    local = data / "outputs" / "fixture" / "final_runs" / recorded[1].name
+    assert found == recorded and runs == {0: recorded[0], 1: local, 2: recorded[2]}
+    assert capsys.readouterr().out == (
+        f"seed 1: no checkpoint here ({recorded[1] / 'best.pt'}); retraining it under its recorded configuration "
+        f"(epochs: at most {base.epochs}) into {local}\n"
+    )
+    assert how == (
+        "the study's runs of the final configuration, seeds 0, 1, 2 (seed 1 retrained here under the recorded "
+        "configuration; seeds 0, 2: committed study result, not re-evaluated here "
+        "(RETRAIN_ALL_SEEDS = True retrains them))"
+    )
+    table_ = final_runs.seed_table(runs, table, data)
+    assert list(table_["test result"][:3]) == [final_runs.COMMITTED, final_runs.EVALUATED, final_runs.COMMITTED]
+    # seed 1: the retrain's own test result; seeds 0 and 2: the study's committed ones
+    assert list(table_["test_recall@1"][:3]) == pytest.approx([0.40, 0.51, 0.45])
+    assert table_.loc["mean", "test_recall@1"] == pytest.approx((0.40 + 0.51 + 0.45) / 3)
+    assert table_.loc["mean", "test result"] == table_.loc["std", "test result"] == "1 evaluated here, 2 committed"
+    assert final_runs.source_line(table_) == (
+        "seed 1: evaluated on test here; seeds 0, 2: committed study result, not re-evaluated here"
+    )
+    reproduced = final_runs.reproduction(runs, found)
+    assert list(reproduced.run) == [
+        "not retrained here (committed result)",
+        "retrained here",
+        "not retrained here (committed result)",
+    ]
+    assert reproduced.loc[1, "max |Δ loss|"] == 0 and np.isnan(reproduced.loc[0, "max |Δ loss|"])
+    assert reproduced.loc[0, "epochs (here / study)"] == "- / 3"
+    # The default recipe is the final configuration here: its table takes each seed from the same place.
+    assert final_runs.recipe_runs(replace(base, embed_dim=64), table, runs) == runs
+
+
+def test_retrain_all_seeds_retrains_and_evaluates_every_seed(three_seed_study):
+    study = three_seed_study
+    base, table, data, recorded = study["base"], study["table"], study["data"], study["recorded"]
+    runs, _, how = final_runs.study_runs(base, {"embed_dim": 64}, table, data, True, retrain_all=True)
+    assert study["trained"] == [(64, 0, True), (64, 1, True), (64, 2, True)]
+    local = data / "outputs" / "fixture" / "final_runs"
+    assert runs == {seed: local / run_dir.name for seed, run_dir in recorded.items()}
+    assert how.endswith("seeds 0, 1, 2 (seeds 0, 1, 2 retrained here under the recorded configuration)")
+    table_ = final_runs.seed_table(runs, table, data)
+    assert set(table_["test result"][:3]) == {final_runs.EVALUATED}
+    assert list(table_["test_recall@1"][:3]) == pytest.approx([0.50, 0.51, 0.52])
+    assert list(final_runs.reproduction(runs, recorded).run) == ["retrained here"] * 3
+
+
+def test_a_missing_committed_result_is_a_one_line_error_naming_the_file_and_the_switch(three_seed_study):
+    study = three_seed_study
+    base, table, data, recorded = study["base"], study["table"], study["data"], study["recorded"]
+    (recorded[2] / "metrics.json").unlink()  # the study ran, 04_demo never evaluated seed 2 where its checkpoint was
+    runs, _, _ = final_runs.study_runs(base, {"embed_dim": 64}, table, data, True)
+    with pytest.raises(InputError) as error:
+        final_runs.seed_table(runs, table, data)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"{recorded[2] / 'metrics.json'}: missing, the committed test result of seed 2")
+    assert "set RETRAIN_ALL_SEEDS = True (with TRAIN_IF_MISSING = True) to retrain and evaluate seed 2 here" in message
+    # Per-query intervals (written before intervals resampled items) are not a committed result either.
+    record = json.loads((recorded[0] / "metrics.json").read_text()) | {"ci": "percentile bootstrap over queries, 95%"}
+    (recorded[0] / "metrics.json").write_text(json.dumps(record))
+    with pytest.raises(
+        InputError,
+        match=r"seed0_.*metrics\.json: not a test result of seed 0 with intervals over items; set RETRAIN_ALL_SEEDS",
+    ):
+        final_runs.committed_test_metrics(recorded[0], 0)
+    # With every seed retrained nothing committed is read (seed 1's retrain is reused, not trained again).
+    runs, _, _ = final_runs.study_runs(base, {"embed_dim": 64}, table, data, True, retrain_all=True)
+    assert [seed for _, seed, _ in study["trained"]] == [1, 0, 2]
+    assert list(final_runs.seed_table(runs, table, data)["test_recall@1"][:3]) == pytest.approx([0.50, 0.51, 0.52])
+
+
+def test_where_the_study_checkpoints_are_each_seed_is_evaluated_into_its_committed_folder(
+    three_seed_study, monkeypatch
+):
+    """``make notebooks`` on the machine that ran the study: the study's own checkpoints are
+    evaluated once, into the run folders that are committed; a fresh clone then reads them."""
+    study = three_seed_study
+    base, table, data, recorded = study["base"], study["table"], study["data"], study["recorded"]
+    for run_dir in recorded.values():
+        (run_dir / "metrics.json").unlink()
+        (run_dir / "best.pt").write_bytes(b"weights")
+    evaluated = []
+
+    def fake_evaluate(run_dir, table_path, data_root, progress=True):
+        evaluated.append(run_dir)
+        _run(data / "scratch" / run_dir.name, 0, 0.7, (0.6, 0.7, 0.8))
+        (run_dir / "metrics.json").write_text((data / "scratch" / run_dir.name / "metrics.json").read_text())
+        return json.loads((run_dir / "metrics.json").read_text())
+
+    monkeypatch.setattr(final_runs.train, "evaluate_run", fake_evaluate)
+    runs, _, how = final_runs.study_runs(base, {"embed_dim": 64}, table, data, True)
+    assert runs == recorded and study["trained"] == [] and "retrained" not in how and "committed" not in how
+    assert set(final_runs.seed_table(runs, table, data)["test result"][:3]) == {final_runs.EVALUATED}
+    assert evaluated == list(recorded.values())
+    for run_dir in recorded.values():  # a fresh clone: no checkpoint, the committed result
+        (run_dir / "best.pt").unlink()
+    fresh = final_runs.seed_table(runs, table, data)
+    assert list(fresh["test result"][:3]) == [final_runs.COMMITTED] * 3
+    assert list(fresh["test_recall@1"][:3]) == [0.6, 0.6, 0.6] and len(evaluated) == 3
+
+
+def test_findings_read_every_number_from_the_results(tmp_path):
+    runs = {
+        0: _run(tmp_path / "a", 0, 0.70, (0.40, 0.70, 0.80)),
+        1: _run(tmp_path / "b", 1, 0.74, (0.50, 0.72, 0.84)),
+    }
+    (runs[1] / "best.pt").write_bytes(b"weights")
+    seeds = final_runs.seed_table(runs, tmp_path / "images.csv", tmp_path)
+    official = {
+        "recall@1": 0.5,
+        "recall@5": 0.71,
+        "recall@10": 0.85,
+        "recall@5_ci": [0.65, 0.77],
+        "n_gallery": 194,
+    }
+    pairs = {"recall@1": 0.6, "recall@5": 0.69}
+    recipe = config.get_config("fixture")
+    lines = final.findings(
+        {"embed_dim": recipe.embed_dim, "loss": "infonce"},
+        recipe,
+        "none",
+        seeds,
+        1,
+        {"official": official, "original_pairs": pairs},
+        {"recall@5": 0.3},
+        {"recall@1": 0.55, "n_gallery": 98},
+    )
+    assert lines == [
+        "final configuration: the profile's default recipe with loss=infonce; ranked by plain cosine similarity",
+        "test over 2 seeds (official protocol, mean ± sample std): Recall@1 0.450 ± 0.071, Recall@5 0.710 ± 0.014, "
+        "Recall@10 0.820 ± 0.028",
+        "where each seed's test numbers come from: seed 1: evaluated on test here; seed 0: committed "
+        "study result, not re-evaluated here",
+        "demo model: seed 1, the best on val; test Recall@5 0.710 [0.650, 0.770] (interval over test items), within "
+        "the seeds' range [0.700, 0.720]; the same backbone untrained: 0.300",
+        "val against test: a test query searches 194 shop images (val and test), a val query 98; seed 1 scores "
+        "Recall@1 0.550 on val and 0.500 on test",
+        "original_pairs against official, same embeddings: Recall@1 0.600 against 0.500 (higher), Recall@5 0.690 "
+        "against 0.710 (lower); the original study published Recall@1 0.640 under its own protocol "
+        f"({final.ORIGINAL_PUBLISHED['data']})",
+    ]
+    one = final_runs.seed_table({1: runs[1]}, tmp_path / "images.csv", tmp_path)
+    unchanged = final.findings(
+        {"embed_dim": recipe.embed_dim},
+        recipe,
+        "flip_tta",
+        one,
+        1,
+        {"official": official | {"recall@5": 0.9}, "original_pairs": pairs},
+        {"recall@5": 0.3},
+        {"recall@1": 0.55, "n_gallery": 98},
+    )
+    assert (
+        unchanged[0]
+        == "final configuration: the profile's default recipe, unchanged; ranked by post-processing flip_tta"
+    )
+    assert unchanged[1] == "test, one seed (official protocol): Recall@1 0.500, Recall@5 0.720, Recall@10 0.840"
+    assert "above the seeds' range [0.720, 0.720]" in unchanged[3]
 
 
 def test_examples_are_chosen_by_rank_from_distinct_items():

@@ -21,7 +21,10 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core", ("errors", "progress", "files", "config", "identity", "runtime", "repro", "arrays", "schema")),
     ("data", ("deepfashion", "sampling", "synthetic", "staging", "transforms", "store", "datasets")),
     ("modeling", ("models", "losses", "distributed", "checkpoints", "onnx_embedder", "export")),
-    ("evaluation", ("metrics", "inference", "search", "postprocess", "ann", "gallery", "retriever", "plots")),
+    (
+        "evaluation",
+        ("metrics", "inference", "search", "postprocess", "ann", "gallery", "retriever", "plots", "failures"),
+    ),
     ("training", ("train",)),
     (
         "experiments",
@@ -34,12 +37,29 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "family",
             "study",
             "postprocessing",
+            "robustness",
+            "robustness_study",
             "final_runs",
             "final",
             "pipeline",
         ),
     ),
-    ("reporting", ("tables", "prose", "check", "render", "sections", "results_section", "talk", "compose")),
+    (
+        "reporting",
+        (
+            "tables",
+            "prose",
+            "references",
+            "check",
+            "consistency",
+            "render",
+            "sections",
+            "claims",
+            "results_section",
+            "talk",
+            "compose",
+        ),
+    ),
     ("apps", ("app", "cli")),
 )
 RANK = {

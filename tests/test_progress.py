@@ -1,13 +1,18 @@
-"""Progress bars (helpers.core.progress): a few plain lines in a log, tqdm's redrawn bar on a terminal."""
+"""Progress bars (helpers.core.progress): a few plain lines in a log, tqdm's redrawn bar on a terminal,
+and a fit's line per epoch without any bar (progress="epochs")."""
 
 from __future__ import annotations
 
 import io
+import re
+from dataclasses import replace
 
+import pandas as pd
 import pytest
 import tqdm.std
 
-from helpers.core import progress
+from helpers.core import config, progress
+from helpers.training import train
 
 
 class Clock:
@@ -101,3 +106,35 @@ def test_a_message_written_between_log_lines_leaves_no_carriage_return(clock):
     lines = log.getvalue().splitlines()
     assert "\r" not in log.getvalue()
     assert len(lines) == 3 and lines[0] == "a note" and "2/4" in lines[1] and "4/4" in lines[2]
+
+
+def test_show_bars_reads_a_progress_argument():
+    assert progress.show_bars(True) and not progress.show_bars(False)
+    assert not progress.show_bars(progress.EPOCHS)  # a line per epoch, no bar
+    with pytest.raises(ValueError, match="progress='bars': expected True, False or 'epochs'"):
+        progress.show_bars("bars")
+
+
+def test_a_fit_with_epoch_lines_only_prints_one_line_per_epoch_and_computes_the_same(small_tree, tmp_path, capsys):
+    """progress="epochs" (04_demo's retrain): the per-epoch line on stdout, no bar anywhere, and
+    the very run that progress=True trains."""
+    root, table = small_tree
+    cfg = replace(config.get_config("fixture"), epochs=2, patience=5)
+    train.fit(cfg, table, root, tmp_path / "quiet", progress=progress.EPOCHS)
+    quiet = capsys.readouterr()
+    train.fit(cfg, table, root, tmp_path / "bars", progress=True)
+    loud = capsys.readouterr()
+    line = r"epoch {}/2: loss \d+\.\d{{4}}  val R@1 \d\.\d{{3}}  R@5 \d\.\d{{3}}  \(\d+ s training\)"
+    assert len(quiet.out.splitlines()) == 2
+    for epoch, text in enumerate(quiet.out.splitlines(), start=1):
+        assert re.fullmatch(line.format(epoch), text), text
+    assert "it/s" not in quiet.err and "%|" not in quiet.err  # no bar
+    assert "epoch 1/2: 100%|" in loud.err and "epoch 2/2: 100%|" in loud.err  # True still draws them
+    history = {
+        name: pd.read_csv(tmp_path / name / "history.csv").drop(columns="train_images_per_s")
+        for name in ("quiet", "bars")
+    }
+    pd.testing.assert_frame_equal(history["quiet"], history["bars"])
+    assert [text.split("  (")[0] for text in quiet.out.splitlines()] == [
+        text.split("  (")[0] for text in loud.out.splitlines()
+    ]

@@ -202,6 +202,7 @@ def test_report_tables_match_the_hand_written_expectation(built):
         "slides.md",
         "slides.html",
         "pipeline.png",
+        "demo_baseline_curve.png",
         "demo_overview.png",
         "demo_crop.png",
         "demo_crop_curves.png",
@@ -214,17 +215,17 @@ def test_learning_curves_sit_under_their_experiments_table(built):
     text = (out / "report.md").read_text()
     table, curves = text.index(EXPECTED_CROP), text.index("![crop: learning curves](figures/demo_crop_curves.png)")
     assert table < curves < text.index("## resize: ")
-    assert text[curves:].splitlines()[2] == "*Figure 4: learning curves of `crop` (definition: Section 3).*"
+    assert text[curves:].splitlines()[2] == "*Figure 5: learning curves of `crop` (definition: Section 3).*"
     # the long definition sits once in the Method section, before the results
-    definition = text.index("**The learning-curve figures** of Section 4 share one definition")
-    assert text.index("## 3 Method") < definition < text.index("## 4 Results")
+    definition = text.index("**The learning-curve figures** of Appendix A share one definition")
+    assert text.index("## 3 Method") < definition < text.index("## 5 Results")
     assert "mean over seeds 0, 1" in text[definition:curves] and text.count("band: lowest to highest seed") == 1
 
 
 def test_html(built):
     _, out, _ = built
     html = (out / "report.html").read_text()
-    assert html.startswith("<!DOCTYPE html>") and html.count("<table>") == 6 and "demo_crop.png" in html
+    assert html.startswith("<!DOCTYPE html>") and html.count("<table>") == 8 and "demo_crop.png" in html
     assert '<img src="figures/demo_crop_curves.png" alt="crop: learning curves"' in html
     assert '<img src="figures/pipeline.png"' in html and '<img src="figures/demo_overview.png"' in html
 
@@ -294,9 +295,9 @@ def test_rebuild_is_byte_identical(built):
 def test_every_number_of_the_report_is_in_results(built):
     results, out, _ = built
     for name in ("report.md",):
-        assert check.untraceable_numbers((out / name).read_text(), results) == []
+        assert check.untraceable_numbers(compose.results_text((out / name).read_text()), results) == []
     planted = (out / "report.md").read_text() + "\nA typed number: 0.987 and +0.456.\n"
-    assert check.untraceable_numbers(planted, results) == ["0.987", "+0.456"]
+    assert check.untraceable_numbers(compose.results_text(planted), results) == ["0.987", "+0.456"]
 
 
 def test_number_tokens():
@@ -310,7 +311,7 @@ def test_without_final_results(tmp_path):
     write_prose(tmp_path / "prose", cite="Section 2")  # no test table to cite
     compose.build(results, tmp_path / "report", prose=tmp_path / "prose")
     text = (tmp_path / "report" / "report.md").read_text()
-    assert "Not decided yet" in text and check.untraceable_numbers(text, results) == []
+    assert "Not decided yet" in text and check.untraceable_numbers(compose.results_text(text), results) == []
 
 
 def test_no_results_is_a_one_line_error(tmp_path, capsys):
@@ -325,7 +326,7 @@ def test_committed_report_numbers_are_traceable():
     committed = REPO_ROOT / "report" / "report.md"
     if not committed.is_file():
         pytest.skip("no committed report/report.md yet (the demo study has not been run)")
-    assert check.untraceable_numbers(committed.read_text(), REPO_ROOT / "results") == []
+    assert check.untraceable_numbers(compose.results_text(committed.read_text()), REPO_ROOT / "results") == []
 
 
 def test_committed_report_refers_to_every_figure_it_embeds():
@@ -385,26 +386,31 @@ def test_prose_sections_in_order_and_labels_numbered(tmp_path):
     assert headings == [
         "## Abstract",
         "## 1 Introduction",
-        "## 2 Data",
+        "## 2 Related work",
         "## 3 Method",
-        "## 4 Results",
-        "## 5 Discussion",
-        "## 6 Limitations",
-        "## 7 Conclusion",
-        "## Appendix: reproducing the numbers",
+        "## 4 Data",
+        "## 5 Results",
+        "## 6 Discussion",
+        "## 7 Limitations",
+        "## 8 Running on DeepFashion",
+        "## 9 Conclusion",
+        "## Appendix A: the experiments' tables",
+        "## Appendix B: reproducing the numbers",
     ]
-    # data 1, statistics 2, crop 3, final config 4, decisions 5, test 6; figures: the pipeline 1, the
-    # study's overview 2, crop 3, its curves 4
+    # statistics 1, data 2, claims 3, final config 4, decisions 5, test 6, the full study's plan 7, crop 8
+    # (Appendix A); figures: the pipeline 1, the baseline's learning curve 2, the study's ranked effects 3,
+    # crop 4, its curves 5 (Appendix A)
     assert "Prose of abstract, see Table 6." in text and "*Table 6: split test" in text
-    assert "Cropping: Table 3, Figure 3, Figure 4." in text
+    assert "Cropping: Table 8, Figure 4, Figure 5." in text
     assert (
-        "*Table 3: `crop`, val Recall@K per variant and its difference with the baseline (columns defined in Section 3).*"
+        "*Table 8: `crop`, val Recall@K per variant and its difference with the baseline (columns defined in Section 3).*"
         in text
-        and "*Figure 3: `crop`, the differences of Table 3" in text
+        and "*Figure 4: `crop`, the differences of Table 8" in text
     )
-    assert text.index("Cropping: Table 3") < text.index(EXPECTED_CROP)  # the findings open their stage
+    assert "(Appendix A: Table 8, Figure 4, Figure 5)." in text  # Section 5's line on crop
+    assert text.index("Cropping: Table 8") < text.index(EXPECTED_CROP)  # the findings open their stage
     assert "{tab:" not in text and "{fig:" not in text and "{def:" not in text
-    assert check.untraceable_numbers(text, results) == []  # Table N / Section N are no results
+    assert check.untraceable_numbers(compose.results_text(text), results) == []  # Table N / Section N are no results
 
 
 def test_unknown_label_names_the_prose_file(tmp_path):
@@ -436,7 +442,7 @@ def test_the_prose_has_one_home_whatever_the_output_folder(tmp_path):
         compose.build(results, folder, prose=tmp_path / "prose")
     for name in ("report.md", "report.html", "slides.md", "slides.html"):
         assert (elsewhere / name).read_text() == (out / name).read_text(), name
-    assert "Cropping: Table 3" in (elsewhere / "report.md").read_text()
+    assert "Cropping: Table 8" in (elsewhere / "report.md").read_text()
     assert "stale copy" not in (elsewhere / "report.md").read_text()
 
 
@@ -613,4 +619,4 @@ def test_final_over_seeds_beside_the_recipe_and_the_runs_summary(tmp_path):
     assert "Of the study's 36 distinct runs, 18 (50.0 %) had their best val Recall@5 at their last epoch" in text
     assert "4 stopped early. Their summed wall time was 2.75 h." in text
     assert "written by the code at commit `abc123`" in text
-    assert check.untraceable_numbers(text, results) == []
+    assert check.untraceable_numbers(compose.results_text(text), results) == []

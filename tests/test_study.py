@@ -52,13 +52,15 @@ def test_final_config_by_the_rule(tmp_path, monkeypatch):
     study = Study("fixture", root=tmp_path)
     record = study.write_final_config()
     assert json.loads((tmp_path / "final_config.json").read_text()) == record
-    # 10 distinct runs of 3 epochs (best at the last, none at the budget of 5), 1 h summed
+    # 13 distinct runs of 3 epochs (best at the last, none at the budget of 5), 1.3 h summed
     assert record["runs"] == {
-        "distinct_runs": 10,
-        "best_at_last_epoch": 10,
+        "distinct_runs": 13,
+        "best_at_last_epoch": 13,
         "best_at_last_epoch_percent": 100.0,
-        "stopped_early": 10,
-        "wall_hours": 1.0,
+        "best_in_last_two_epochs": 13,
+        "best_in_last_two_epochs_percent": 100.0,
+        "stopped_early": 13,
+        "wall_hours": 1.3,
     }
     assert record["config"]["resize"] == "squash" and record["config"]["loss"] == "infonce"
     assert record["config"]["head"] == "bnneck" and record["config"]["augment"] == "weak"  # fixture's own
@@ -149,3 +151,30 @@ def test_cli_errors_are_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
     assert "unknown experiment 'nope'" in err[0] and "--seeds must be at least 1" in err[1]
+
+
+def test_a_terminated_study_records_the_wall_time_of_its_run_and_exits_130(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    from helpers.apps import cli
+    from helpers.experiments import artifacts, runs
+
+    table = tmp_path / "images.csv"
+    table.write_text("path\n")
+
+    def killed(*args, **kwargs):  # what a closing session does in the middle of an epoch
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(artifacts, "ensure_trained", killed)
+    monkeypatch.setattr(
+        cli,
+        "_study",
+        lambda args: runs.ensure_run(config.get_config("fixture"), table, tmp_path, tmp_path / "exp" / "run", tmp_path),
+    )
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["study", "crop", "--profile", "fixture"]) == 130
+    assert "interrupted: run the same command again to resume" in capsys.readouterr().err
+    record = runs.marker(tmp_path / "exp" / "run")
+    assert record["finished"] is False and record["wall_s"] >= 0.0
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is the study's only

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 from helpers.core.errors import InputError
-from helpers.data.synthetic import CATEGORIES, SUBCATEGORIES, generate_tree
+from helpers.data.synthetic import CATEGORIES, SUBCATEGORIES, Nuisance, generate_tree
 
 N_ITEMS = 16  # >= 12 guarantees every quirk; >= 16 guarantees four families, so all categories
 
@@ -242,3 +243,107 @@ def test_consumer_images_carry_a_real_domain_gap(tree, lists):
     shop_border = [_border_std(root, r) for r in bbox if r[2] == "1"]
     consumer_border = [_border_std(root, r) for r in bbox if r[2] == "2"]
     assert max(shop_border) < 5 and np.mean(consumer_border) > 20
+
+
+# sha256 of the 12-item tree (seed 3) as the generator wrote it before nuisances could be scaled
+# and items rendered in worker processes: each list, and one hash over every file's hash.
+LISTS_BEFORE_NUISANCES = {
+    "Anno/list_bbox_consumer2shop.txt": "65b12d46de6e10f02af9a90324cd6bd2eab19185a83d47b0cd36abef1d4edd12",
+    "Anno/list_item_consumer2shop.txt": "d259e2b35f46e1f230172f03dd000c8eefa7eb6352e373cb1543e6557314d12f",
+    "Eval/list_eval_partition.txt": "2dac7621eea59990d20ca192af60da081a61d2686a51df5c4a395da8c655885b",
+}
+FILES_BEFORE_NUISANCES = "09b6d9747960777f63bce45ea077929e036f5826b92e262361bfbe110516271b"
+
+
+def generate_tree_at(root: Path, **kwargs) -> Path:
+    generate_tree(root, 12, seed=3, progress=False, **kwargs)
+    return root
+
+
+@pytest.mark.parametrize("nuisance", [None, {"clutter": 1.0, "occlusion": 1, "colour_cast": 1.0, "box_jitter": 0.0}])
+def test_the_default_strengths_write_the_tree_written_before_nuisances(tmp_path, nuisance):
+    """The committed study's tree identity: the default path draws and writes exactly as before."""
+    digest = tree_digest(generate_tree_at(tmp_path / "t", nuisance=nuisance, workers=2))
+    assert len(digest) == 65 and {name: digest[name] for name in LISTS_BEFORE_NUISANCES} == LISTS_BEFORE_NUISANCES
+    assert hashlib.sha256(json.dumps(digest, sort_keys=True).encode()).hexdigest() == FILES_BEFORE_NUISANCES
+
+
+def test_one_or_two_workers_write_the_same_files(tmp_path):
+    nuisance = {"clutter": 0.5, "box_jitter": 1.0}
+    one = tree_digest(generate_tree_at(tmp_path / "one", nuisance=nuisance, workers=1))
+    two = tree_digest(generate_tree_at(tmp_path / "two", nuisance=nuisance, workers=2))
+    assert one == two and len(one) == 65
+
+
+def test_only_splits_writes_those_items_exactly_as_the_whole_tree_does(tree, lists, tmp_path):
+    root, _ = tree
+    bbox, _, pairs = lists
+    counts = generate_tree(tmp_path / "val", N_ITEMS, seed=0, progress=False, only_splits=("val",))
+    val_items = {item for _, _, item, split in pairs if split == "val"}
+    val_bbox, val_items_listed, val_pairs = (
+        read_list(tmp_path / "val/Anno/list_bbox_consumer2shop.txt", BBOX_HEADER, 7),
+        read_list(tmp_path / "val/Anno/list_item_consumer2shop.txt", None, 1),
+        read_list(tmp_path / "val/Eval/list_eval_partition.txt", PARTITION_HEADER, 4),
+    )
+    assert val_bbox == [row for row in bbox if PATH_RE.match(row[0]).group(3) in val_items]
+    assert {row[0] for row in val_items_listed} == val_items
+    assert val_pairs == [row for row in pairs if row[3] == "val"]
+    written = tree_digest(tmp_path / "val")
+    whole = tree_digest(root)
+    assert {path for path in written if path.endswith(".jpg")} == {row[0] for row in val_bbox}
+    assert all(whole[path] == digest for path, digest in written.items() if path.endswith(".jpg"))
+    assert counts["items"] == len(val_items) and counts["per_split"]["train"]["items"] == 0
+
+
+def _consumer_pixels(root: Path) -> dict[str, np.ndarray]:
+    return {
+        str(p.relative_to(root)): np.asarray(Image.open(p).convert("RGB"), np.float32)
+        for p in sorted(root.rglob("comsumer_*.jpg"))
+    }
+
+
+@pytest.mark.parametrize("nuisance", ["clutter", "occlusion", "colour_cast"])
+def test_an_image_nuisance_grows_with_its_strength_and_leaves_the_rest(tmp_path, nuisance):
+    roots = {
+        s: generate_tree_at(tmp_path / str(s), nuisance={nuisance: s}, only_splits=("val",)) for s in (0, 0.5, 1, 2)
+    }
+    digests = {s: tree_digest(r) for s, r in roots.items()}
+    shop = {s: {p: d for p, d in digest.items() if "shop_" in p} for s, digest in digests.items()}
+    assert shop[0] and all(found == shop[0] for found in shop.values())  # shop photos have no nuisance
+    lists = {s: {p: d for p, d in digest.items() if p.endswith(".txt")} for s, digest in digests.items()}
+    assert all(found == lists[0] for found in lists.values())  # the box is the garment's, occluded or not
+    pixels = {s: _consumer_pixels(r) for s, r in roots.items()}
+    # The same photo, further from its nuisance-free version at every step of strength.
+    distance = {s: np.mean([np.abs(pixels[s][p] - pixels[0][p]).mean() for p in pixels[0]]) for s in (0.5, 1, 2)}
+    assert 0 < distance[0.5] < distance[1] < distance[2], distance
+
+
+def test_box_jitter_moves_the_consumer_boxes_only(tmp_path):
+    exact = generate_tree_at(tmp_path / "exact", only_splits=("val",))
+    moved = generate_tree_at(tmp_path / "moved", nuisance={"box_jitter": 1.0}, only_splits=("val",))
+    a, b = tree_digest(exact), tree_digest(moved)
+    assert {p: d for p, d in a.items() if p.endswith(".jpg")} == {p: d for p, d in b.items() if p.endswith(".jpg")}
+    rows_a, rows_b = (read_list(r / "Anno/list_bbox_consumer2shop.txt", BBOX_HEADER, 7) for r in (exact, moved))
+    ious = []
+    for row_a, row_b in zip(rows_a, rows_b, strict=True):
+        assert row_a[:3] == row_b[:3]
+        if row_a[2] == "1":
+            assert row_a == row_b  # shop boxes stay exact
+            continue
+        (x1, y1, x2, y2), (u1, v1, u2, v2) = map(int, row_a[3:]), map(int, row_b[3:])
+        with Image.open(moved / row_b[0]) as image:
+            assert 0 <= u1 < u2 <= image.width and 0 <= v1 < v2 <= image.height
+        inter = max(0, min(x2, u2) - max(x1, u1)) * max(0, min(y2, v2) - max(y1, v1))
+        ious.append(inter / ((x2 - x1) * (y2 - y1) + (u2 - u1) * (v2 - v1) - inter))
+    assert len(ious) >= 5 and 0.5 < np.median(ious) < 0.95 and max(ious) < 1
+
+
+def test_refuses_unknown_nuisances_strengths_and_splits(tmp_path):
+    for bad in ({"blur": 1.0}, {"clutter": -1.0}, {"occlusion": float("nan")}, {"colour_cast": True}, {"clutter": "2"}):
+        with pytest.raises(InputError, match="nuisance"):
+            generate_tree(tmp_path / "new", 4, progress=False, nuisance=bad)
+    for bad in ((), ("dev",)):
+        with pytest.raises(InputError, match="only_splits"):
+            generate_tree(tmp_path / "new", 4, progress=False, only_splits=bad)
+    assert not (tmp_path / "new").exists()
+    assert Nuisance.from_strengths(None) == Nuisance() and Nuisance().box_jitter == 0.0

@@ -102,10 +102,14 @@ def test_a_fit_embeds_val_once_per_epoch_and_never_reads_test(prepared, tmp_path
     assert [sorted(rows.split.unique()) for rows in decoded] == [["train"], ["val"]]
 
 
-def _val_ranks_from_scratch(run, table, root) -> pd.DataFrame:
-    """best.pt on val (official protocol) as the study computed it: JPEGs decoded, one pass."""
+def _val_ranks_from_scratch(run, table, root, items=None) -> pd.DataFrame:
+    """best.pt on val (official protocol) as the study computed it: JPEGs decoded, one pass;
+    ``items``: only these val items' consumer photos as queries (the gallery: every val shop photo)."""
     embedder, cfg = checkpoints.load_embedder(run / "best.pt")
-    queries, shop = metrics.protocol_sets(schema.read_table(table), "val", "official")
+    rows = schema.read_table(table)
+    if items is not None:
+        rows = rows.loc[(rows.split != "val") | (rows.domain == "shop") | rows.item_id.isin(items)]
+    queries, shop = metrics.protocol_sets(rows, "val", "official")
     embedded = inference.embed_table(cfg, embedder, pd.concat([queries, shop]), root, "cpu", progress=False)
     result = metrics.retrieval_metrics(
         embedded[: len(queries)], queries.item_id.to_numpy(), embedded[len(queries) :], shop.item_id.to_numpy()
@@ -123,6 +127,35 @@ def test_val_ranks_are_a_from_scratch_evaluation_of_best_pt(prepared, tmp_path):
     assert (written.first_hit_rank < 5).mean() == result["val"]["recall@5"]
     assert written.average_precision.mean() == pytest.approx(result["val"]["map"])
     assert result["val"]["n_queries"] == len(written)
+
+
+def test_stop_items_choose_the_epoch_and_the_other_val_items_report_it(prepared, tmp_path):
+    root, table = prepared
+    run = tmp_path / "run"
+    result = train.fit(fixture_cfg(epochs=3, patience=5, stop_items=2), table, root, run, progress=False)
+    rows = schema.read_table(table)
+    val_items = set(rows.loc[rows.split == "val", "item_id"])
+    stop = pd.read_csv(run / "stop_ranks.csv")
+    compare = pd.read_csv(run / "val_ranks.csv")
+    # Two disjoint sets of val queries: 2 items' choose the epoch, the rest are measured on best.pt,
+    # both against every val shop photo.
+    assert stop.item_id.nunique() == 2 and not set(stop.item_id) & set(compare.item_id)
+    assert set(stop.item_id) | set(compare.item_id) <= val_items
+    expected = _val_ranks_from_scratch(run, table, root, items=val_items - set(stop.item_id))
+    pd.testing.assert_frame_equal(compare, expected, check_dtype=False)
+    assert (compare.first_hit_rank < 5).mean() == result["val"]["recall@5"]
+    history = pd.read_csv(run / "history.csv")
+    assert history.loc[result["best_epoch"], "val_recall@5"] == result["stop"]["recall@5"]
+    assert (stop.first_hit_rank < 5).mean() == result["stop"]["recall@5"]
+
+
+def test_train_fraction_and_epoch_images_set_what_an_epoch_holds(prepared, tmp_path):
+    root, table = prepared
+    cfg = fixture_cfg(epochs=1, train_fraction=0.5, epoch_images=24)
+    run = train._build(cfg, table, root, tmp_path, None, progress=False)
+    train_items = schema.read_table(table).query("split == 'train'").item_id.nunique()
+    assert len(set(run.batches.batch_sampler.items)) <= round(train_items * 0.5)
+    assert len(run.batches.batch_sampler) == 24 // (cfg.p_items * cfg.k_images)
 
 
 def test_same_seed_same_run_and_exact_resume(prepared, tmp_path):
@@ -334,6 +367,7 @@ def test_cli_demo_on_the_fixture_profile(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--profile", "fixture", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "synthetic data (helpers.data.synthetic), not DeepFashion" in out and "trained (best.pt" in out
+    assert "trained at most 1 epoch\n" in out
     for name in ("run/metrics.json", "index/index.json", "retrieval.png", "sample_pairs.png", "zero_shot_metrics.json"):
         assert (tmp_path / "fixture" / name).is_file()
     stamp = (tmp_path / "fixture/run/metrics.json").stat().st_mtime_ns

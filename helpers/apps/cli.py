@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -268,19 +269,35 @@ def cmd_demo(args) -> None:
     from helpers.data import sampling
     from helpers.experiments import pipeline
 
-    cfg = config.get_config(args.profile)
+    recipe = config.get_config(args.profile)
+    cfg = config.get_config(args.profile, epochs=args.epochs or config.DEMO_EPOCHS[args.profile])
     out = pipeline.run_demo(cfg, progress=not args.quiet)
     source = (
         "synthetic data (helpers.data.synthetic), not DeepFashion" if cfg.data_root is None else str(out["data_root"])
     )
     print(f"profile {cfg.profile}: {source}\ntable {out['table']}")
     print(sampling.split_stats(schema.read_table(out["table"])).to_string())
-    print(f"\ntest split, official protocol (95 % bootstrap intervals), backbone {cfg.backbone}:")
+    schedule = f"at most {cfg.epochs} epoch{'s' * (cfg.epochs != 1)}"
+    if cfg.epochs < recipe.epochs:
+        schedule += f", a shorter schedule than the recipe's {recipe.epochs} (the study's runs train until val "
+        schedule += "Recall@5 levels off)"
+    print(f"\ntrained {schedule}")
+    print(f"test split, official protocol (95 % bootstrap intervals over items), backbone {cfg.backbone}:")
     print(out["comparison"].to_string())
     print(f"\nrun {out['run']}\nindex {out['index']}\nfigures " + " ".join(str(f) for f in out["figures"]))
 
 
 def cmd_study(args) -> None:
+    """The study, with SIGTERM (a closing session, `kill`) handled like Ctrl-C: the run being trained
+    records the wall time it spent (study_run.json) and resumes from its last epoch next time."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        _study(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _study(args) -> None:
     """Run (reuse, resume) an experiment, a stage or the whole study and print each result; or the
     post-processing experiment; or the power calculator."""
     from helpers.core.files import portable_path
@@ -290,7 +307,21 @@ def cmd_study(args) -> None:
     if args.experiment == "power":
         cmd_power(args)
         return
-    study = Study(args.profile, data_root=args.data_root, n_seeds=args.seeds, progress=not args.quiet)
+    study = Study(
+        args.profile, root=args.results, data_root=args.data_root, n_seeds=args.seeds, progress=not args.quiet
+    )
+    if args.experiment == "robustness":  # on the crop and photometric experiments' runs: no training
+        from helpers.experiments import robustness_study
+
+        tables = robustness_study.run_robustness(study)
+        print(tables["differences"].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        print(f"wrote {portable_path(study.root / robustness_study.ROBUSTNESS)}")
+        return
+    if args.experiment == "plan":
+        plan = study.write_power_plan(args.noise)
+        print(plan.drop(columns=[c for c in plan.columns if c.startswith("var_")]).to_string(index=False))
+        print(f"wrote {portable_path(study.root / 'power_plan.csv')}")
+        return
     if args.experiment == catalogue.POSTPROCESS:  # on the final configuration's runs: no training
         result = postprocessing.restate(study) if args.statistics_only else postprocessing.run_postprocess(study)
         if result is None:
@@ -312,13 +343,13 @@ def cmd_power(args) -> None:
     components of the profile's committed study (its noise.csv)."""
     from helpers.experiments import artifacts, family
 
-    components = family.pooled_from(artifacts.results_root(args.profile) / family.NOISE)
+    components = family.pooled_from(args.noise or artifacts.results_root(args.profile) / family.NOISE)
     print(
         f"variance components of a paired val Recall@5 difference (profile {args.profile}, pooled): "
         f"seed {components.seed:.3g}, item {components.item:.3g}, seed x item {components.interaction:.3g}"
     )
     seeds = args.seeds_list or ([args.seeds] if args.seeds else list(range(3, 9)))
-    m = args.family or family.family_size(artifacts.results_root(args.profile) / family.NOISE)
+    m = args.family or family.family_size(args.noise or artifacts.results_root(args.profile) / family.NOISE)
     print(f"Holm's family: {m} Recall@5 tests" + ("" if args.family else " (the committed study's)"))
     plan = family.power_plan(components, seeds, args.items, m, args.target)
     print(plan.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
@@ -622,14 +653,18 @@ def _add_study(commands) -> None:
     study.add_argument(
         "experiment",
         help="crop, resize, resolution, augment, margin, photometric, head, loss, "
-        "embed_dim, backbone; a stage 02_1, 02_2, 03; all; postprocess (flip TTA, query expansion, "
-        "re-ranking on the final configuration's runs, after the study); or power (the power calculator: "
-        "the minimum detectable Recall@5 difference for --seeds and --items from the committed noise.csv)",
+        "embed_dim, backbone, batch, length, data_size; a stage 02_1, 02_2, 03; all; postprocess (flip TTA, "
+        "query expansion, re-ranking on the final configuration's runs, after the study); power (the power "
+        "calculator: the minimum detectable Recall@5 difference for --seeds and --items from the committed "
+        "noise.csv); plan (the study's power plan, power_plan.csv, written once before its runs); or robustness "
+        "(the crop and photometric experiments' runs on val trees with each nuisance at several strengths; "
+        "synthetic data only)",
     )
     _profile_arg(study)
     seeds = ", ".join(f"{profile} {n}" for profile, n in config.STUDY_SEEDS.items())
     study.add_argument("--seeds", type=int, help=f"seeds 0..N-1; default {seeds}")
     study.add_argument("--data-root", help="the DeepFashion C2S root (profile full; or C2S_DATA_ROOT)")
+    study.add_argument("--results", type=Path, help="the study's results folder; default results/<profile>")
     study.add_argument("--quiet", action="store_true", help="no progress bars")
     study.add_argument(
         "--statistics-only",
@@ -644,6 +679,9 @@ def _add_study(commands) -> None:
         "--family", type=_positive_int, help="tests in Holm's family (default: the committed study's, from noise.csv)"
     )
     power.add_argument("--target", type=float, help="a target MDE: mark the sizes that reach it at Holm's level")
+    power.add_argument(
+        "--noise", type=Path, help="noise.csv whose pooled components plan from (default results/<profile>/noise.csv)"
+    )
     study.set_defaults(run=cmd_study)
 
 
@@ -675,6 +713,8 @@ def _add_report(commands) -> None:
 def _add_demo(commands) -> None:
     demo = commands.add_parser("demo", help="the offline demo: synthetic data, prepared table, summary, figure")
     _profile_arg(demo, choices=("fixture", "demo"))
+    epochs = ", ".join(f"{profile} {n}" for profile, n in config.DEMO_EPOCHS.items())
+    demo.add_argument("--epochs", type=_positive_int, help=f"epochs to train at most; default {epochs}")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(run=cmd_demo)
 
@@ -713,6 +753,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -56,7 +56,16 @@ OUTPUTS = Path(os.environ.get("C2S_OUTPUTS", REPO_ROOT / "outputs"))
 
 # Fields that say which data a run reads: where it lives and what `prepare` keeps of it. A run
 # handed a prepared table (the CLI's train and evaluate) takes its images from the table.
-DATA_FIELDS = ("data_root", "synthetic_items", "synthetic_seed", "categories", "sample", "resplit", "split_seed")
+DATA_FIELDS = (
+    "data_root",
+    "synthetic_items",
+    "synthetic_splits",
+    "synthetic_seed",
+    "categories",
+    "sample",
+    "resplit",
+    "split_seed",
+)
 # Fields that change how a run is executed, never its results (batches, augmentation and
 # losses are the same for any worker count): a resume may change them.
 RUNTIME_FIELDS = ("num_workers", "embed_batch", "device")
@@ -78,11 +87,18 @@ class Config:
     # data
     data_root: str | None = _opt(None, "the DeepFashion C2S root; None: the profile's synthetic tree under outputs/")
     synthetic_items: int = _opt(300, "items in the generated synthetic tree (when data_root is None)")
+    synthetic_splits: tuple[int, int, int] | None = _opt(
+        None, "items of the generated tree per split (train, val, test), summing to synthetic_items; None: 50/25/25 %"
+    )
     synthetic_seed: int = _opt(0, "seed of the generated synthetic tree")
     categories: tuple[str, ...] | None = _opt(("TOPS", "DRESSES"), "categories kept by prepare; None: all")
     sample: tuple[float, float, float] | None = _opt((0.1, 0.02, 0.02), "item fractions of train/val/test kept")
     resplit: tuple[float, float, float] | None = _opt(None, "item-level re-split ratios instead of the partition")
     split_seed: int = _opt(42, "seed of the item sampling")
+    train_fraction: float = _opt(1.0, "fraction of the train items a run trains on (nested subsets, by split_seed)")
+    stop_items: int = _opt(
+        0, "val items that early stopping and best.pt's choice use, left out of the val the study compares; 0: all val"
+    )
     # preprocessing
     img_size: int | None = _opt(None, "input side in px; None: the backbone's pretrained input size")
     resize: str = _opt("letterbox", "letterbox keeps the aspect ratio; squash (the original study's) stretches")
@@ -107,6 +123,7 @@ class Config:
     p_items: int = _opt(16, "P: items per batch")
     k_images: int = _opt(4, "K: images per item (>= 1 consumer + 1 shop)")
     epochs: int = _opt(10, "maximum epochs")
+    epoch_images: int | None = _opt(None, "training images per epoch (P×K batches); None: each train item once")
     optimizer: str = _opt("adamw", "adamw | adam")
     lr: float = _opt(1e-3, "learning rate of the head; the backbone gets lr x backbone_lr_mult")
     backbone_lr_mult: float = _opt(0.1, "backbone learning rate as a fraction of lr")
@@ -139,10 +156,18 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# Seeds per configuration of `python -m helpers study`, per profile. fixture: one seed keeps
-# each notebook's grid of tiny runs within seconds in CI; the multi-seed paths (std, pairing by
-# seed) are covered by tests/test_study.py.
-STUDY_SEEDS = {"fixture": 1, "demo": 3, "full": 3}
+# Seeds per configuration of `python -m helpers study`, per profile: the primary variants and
+# baselines get STUDY_SEEDS (demo: 5, what a 0.05 minimum detectable effect at Holm's level needs,
+# results/demo/power_plan.csv), the exploratory variants EXPLORATORY_SEEDS (never more). fixture:
+# one seed keeps each notebook's grid of tiny runs within seconds in CI; the multi-seed paths
+# (std, pairing by seed) are covered by tests/test_study.py.
+STUDY_SEEDS = {"fixture": 1, "demo": 5, "full": 3}
+EXPLORATORY_SEEDS = {"fixture": 1, "demo": 3, "full": 3}
+
+# `make demo` (`python -m helpers demo`) trains this many epochs of the profile's recipe, so the
+# whole demo stays within 6 minutes on a 2-core CPU; the study's runs train until val Recall@5
+# levels off (docs/benchmarks.md gives the demo's measured time).
+DEMO_EPOCHS = {"fixture": 1, "demo": 5}
 
 PROFILES: dict[str, Config] = {
     "fixture": Config(
@@ -165,14 +190,16 @@ PROFILES: dict[str, Config] = {
     # The default recipe, chosen on val on a DeepFashion-format tree this repository did not
     # write (benchmarks/recipes.py, docs/recipe.md): the plain reference (letterbox
     # 160 px, flip only, batch-hard 0.2, Adam 1e-3 head / 1e-4 backbone at a constant rate,
-    # Linear-BN-L2 256-d) with P×K 8×4, twice its updates for the same images. Length: on that
-    # tree val Recall@5 still rose after 8 epochs and levelled off between 14 and 18; `make demo`
-    # must stay under 6 minutes (about 95 s of it is not training, ~21 s per epoch with its val
-    # pass on 2 cores), which caps the demo at 10 epochs, with early stopping after 3 without a
-    # better val Recall@5. The study's baseline is exactly this recipe.
+    # Linear-BN-L2 256-d) with P×K 8×4, twice its updates for the same images. Length: until val
+    # Recall@5 levels off (3 epochs without a better one), at most 40 epochs, far above where
+    # the study's runs stop. The tree: 150 train items (as before), 500 val items, of which 100
+    # choose each run's epoch (stop_items) and 400 compare runs, so the study's comparisons
+    # reach a 0.05 minimum detectable effect (results/demo/power_plan.csv), and 150 test items.
     "demo": Config(
         profile="demo",
-        synthetic_items=300,
+        synthetic_items=800,
+        synthetic_splits=(150, 500, 150),
+        stop_items=100,
         categories=None,
         sample=None,
         img_size=160,
@@ -182,11 +209,14 @@ PROFILES: dict[str, Config] = {
         embed_dim=256,
         p_items=8,
         k_images=4,
+        # 18 P×K batches an epoch: one pass over the 150 train items (150 // 8), fixed so that the
+        # batch-composition and data-size variants train on as many images per epoch.
+        epoch_images=576,
         optimizer="adam",
         weight_decay=0.0,
         schedule="constant",
         warmup_epochs=0,
-        epochs=10,
+        epochs=40,
         patience=3,
     ),
     "full": Config(
@@ -290,17 +320,32 @@ def _fractions(*, at_most_one: bool) -> Check:
     return problem
 
 
+def _split_items(name: str, value) -> str | None:
+    """None or (train, val, test) item counts: train >= 2 (a P×K batch needs two items), val and test >= 1."""
+    if value is None:
+        return None
+    ints = isinstance(value, tuple) and len(value) == 3
+    ints = ints and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if ints and value[0] >= 2 and min(value[1:]) >= 1:
+        return None
+    return f"{name} must be None or three integers (train >= 2, val >= 1, test >= 1), got {value!r}"
+
+
 # One check per field (tests/test_config.py holds this table to every field of Config).
 CHECKS: dict[str, Check] = {
     "profile": _one_of(tuple(PROFILES)),
     **{name: _one_of(choices) for name, choices in CHOICES.items()},
     "data_root": _text(optional=True),
     "synthetic_items": _integer(1),
+    "synthetic_splits": _split_items,
     "synthetic_seed": _integer(0),
     "categories": _names,
     "sample": _fractions(at_most_one=True),
     "resplit": _fractions(at_most_one=False),
     "split_seed": _integer(0),
+    "train_fraction": _fraction,
+    "stop_items": _integer(0),
+    "epoch_images": _integer(1, optional=True),
     "img_size": _integer(1, optional=True),
     "box_margin": _number(positive=False),
     "crop": _flag,
@@ -337,6 +382,8 @@ def check(cfg: Config) -> Config:
         problem = CHECKS[f.name](f.name, getattr(cfg, f.name))
         if problem:
             raise InputError(problem)
+    if cfg.synthetic_splits is not None and sum(cfg.synthetic_splits) != cfg.synthetic_items:
+        raise InputError(f"synthetic_splits {cfg.synthetic_splits} must sum to synthetic_items ({cfg.synthetic_items})")
     return cfg
 
 

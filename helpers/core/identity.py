@@ -21,7 +21,14 @@ from helpers.core.config import RUNTIME_FIELDS, Config
 from helpers.core.files import sha256_bytes
 
 # field → the value that reproduces the runs recorded before the field existed
-LATER_FIELDS: dict[str, object] = {"layer_decay": 1.0, "grad_checkpointing": False}
+LATER_FIELDS: dict[str, object] = {
+    "layer_decay": 1.0,
+    "grad_checkpointing": False,
+    "synthetic_splits": None,
+    "train_fraction": 1.0,
+    "stop_items": 0,
+    "epoch_images": None,
+}
 
 
 def _jsonable(value):

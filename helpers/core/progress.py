@@ -5,6 +5,10 @@ tqdm redraws its bar with carriage returns whatever the stream is, so a log file
 gets every redraw: thousands of lines for one loop. :func:`progress_bar` is the one place the
 package makes a bar; it picks tqdm.auto's bar where the stream is a terminal or a notebook
 shows it, and :class:`LogBar` otherwise.
+
+A ``progress`` argument is ``True`` (bars, and training's line per epoch), ``False`` (nothing) or
+:data:`EPOCHS` (training's line per epoch only, no bar: a notebook that retrains keeps its saved
+output short); :func:`show_bars` reads it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from tqdm.std import tqdm as std_tqdm
 
 # A line in a log at most this often (seconds): enough to see a long loop move.
 LOG_INTERVAL = 30.0
+# progress=EPOCHS: a training run prints its one line per epoch and draws no bar.
+EPOCHS = "epochs"
 # tqdm.auto's bar is the widget one when a notebook kernel runs this process.
 _NOTEBOOK = any(cls.__module__ == "tqdm.notebook" for cls in auto_tqdm.__mro__)
 
@@ -68,3 +74,13 @@ def progress_bar(iterable=None, **tqdm_kwargs):
     if _NOTEBOOK or terminal:
         return auto_tqdm(iterable, **tqdm_kwargs)
     return LogBar(iterable, **tqdm_kwargs)
+
+
+def show_bars(progress: bool | str) -> bool:
+    """Whether a ``progress`` argument asks for bars: ``True`` does; ``False`` and :data:`EPOCHS`
+    (a line per training epoch only) do not. Any other string is an error, never a silent bar."""
+    if isinstance(progress, str):
+        if progress != EPOCHS:
+            raise ValueError(f"progress={progress!r}: expected True, False or {EPOCHS!r}")
+        return False
+    return bool(progress)

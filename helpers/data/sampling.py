@@ -201,3 +201,50 @@ def prepare(
     write_bytes_atomic(table_path, data)
     write_bytes_atomic(out_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
     return summary
+
+
+# --------------------------------------------------------------------------- subsets a run uses
+
+
+def _ordered_items(table: pd.DataFrame, split: str, seed: int) -> np.ndarray:
+    """The split's item ids in a seeded random order (sorted first, so the order depends on the
+    ids and the seed only, never on row order)."""
+    items = np.sort(table.loc[table.split == split, "item_id"].unique())
+    return items[np.random.default_rng(seed).permutation(len(items))]
+
+
+def train_subset(table: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
+    """The table with only ``fraction`` of its train items (at least 2) kept, val and test whole.
+    The kept items are a prefix of one seeded order, so smaller fractions are nested in larger
+    ones: the data-size question compares subsets, not different draws.
+
+    >>> t = pd.DataFrame({"item_id": ["a", "a", "b", "c", "d", "v"], "split": ["train"] * 5 + ["val"]})
+    >>> small, large = (set(train_subset(t, f, seed=0).item_id) - {"v"} for f in (0.5, 0.75))
+    >>> small <= large, len(small), len(large)
+    (True, 2, 3)
+    """
+    if fraction >= 1:
+        return table
+    order = _ordered_items(table, "train", seed)
+    keep = order[: max(2, round(len(order) * fraction))]
+    return table.loc[(table.split != "train") | table.item_id.isin(keep)].reset_index(drop=True)
+
+
+def split_stop_items(table: pd.DataFrame, n_stop: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(stop, compare)``: the table with only the consumer photos of ``n_stop`` seeded val items
+    left as val queries, and the table with only the other val items' consumer photos; both keep
+    every val shop photo (the official val gallery), train and test. Early stopping and the
+    checkpoint's choice look at ``stop``; the numbers that compare runs come from ``compare``,
+    whose queries no choice has seen (selecting and reporting on one set flatters the selected
+    epoch), against the same gallery, so the two measure the same task."""
+    order = _ordered_items(table, "val", seed)
+    if not 1 <= n_stop < len(order):
+        raise InputError(
+            f"stop_items must be between 1 and {len(order) - 1} (val has {len(order)} items), got {n_stop}"
+        )
+    in_stop = table.item_id.isin(set(order[:n_stop]))
+    val_query = (table.split == "val") & (table.domain == "consumer")
+    return (
+        table.loc[~val_query | in_stop].reset_index(drop=True),
+        table.loc[~val_query | ~in_stop].reset_index(drop=True),
+    )

@@ -16,14 +16,25 @@ needs more than colour.
 
 Everything is drawn from ``np.random.default_rng(seed)``: one generator plans the items and
 splits, and one child generator per item (``spawn``) renders that item's images, so the same
-seed gives byte-identical files.
+seed gives byte-identical files, whatever the number of worker processes rendering them.
+
+The consumer photo's nuisances can be scaled (:class:`Nuisance`: background clutter, the
+wearer's occluding arm or strap, the photometric colour cast, and jitter of the written box)
+for robustness experiments. Each scaled nuisance draws exactly the numbers the default draws
+and scales them afterwards, so a tree at another strength shows the same items in the same
+poses, and the default strengths write today's tree byte for byte.
 """
 
 from __future__ import annotations
 
 import colorsys
-from dataclasses import dataclass
+import math
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, fields
 from functools import cache
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +84,11 @@ TWO_FOLDER_EVERY, TWO_FOLDER_AT = 8, 5  # images under two subcategory folders
 MULTI_SHOP_EVERY, MULTI_SHOP_AT = 6, 2  # 2-3 shop images instead of one
 OVERSHOOT_EVERY, OVERSHOOT_AT = 5, 1  # first consumer box one pixel past the image edge
 
+# box_jitter at strength 1: the box centre moves by N(0, 0.1) of the box's width / height and
+# each side is rescaled by exp(N(0, 0.1)), about a detector's error (median IoU with the true
+# box 0.73 for a box clear of the image edges); the strength multiplies both standard deviations.
+JITTER_SHIFT, JITTER_SCALE = 0.1, 0.1
+
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "horse")
 SKIN_TONES = ((241, 194, 167), (224, 172, 138), (198, 134, 94), (141, 85, 54), (92, 58, 40))
 
@@ -107,6 +123,41 @@ class Item:
     @property
     def silhouette(self) -> str:
         return CATEGORIES[self.category][1]
+
+
+@dataclass(frozen=True)
+class Nuisance:
+    """How strong each consumer-photo nuisance is: 1 as the generator always drew it, 0 none, 2
+    twice as strong. ``clutter`` scales the background's contrast around its mean colour (0: a
+    flat background); ``occlusion`` the width of the wearer's arm or bag strap across the
+    garment (0: none; the head and shirt around it are context and stay); ``colour_cast`` the
+    directional light, the per-channel cast with exposure and the gamma, in log terms (0:
+    neutral; blur and sensor noise stay); ``box_jitter`` the error of the written consumer box
+    (:data:`JITTER_SHIFT`, :data:`JITTER_SCALE`; the image is unchanged). The default box is the
+    exact one, so ``box_jitter`` defaults to 0."""
+
+    clutter: float = 1.0
+    occlusion: float = 1.0
+    colour_cast: float = 1.0
+    box_jitter: float = 0.0
+
+    @classmethod
+    def from_strengths(cls, strengths: dict[str, float] | None) -> Nuisance:
+        """From ``{"clutter": 0.5, ...}`` (missing keys keep the default); InputError on an
+        unknown key or a strength that is not a finite number >= 0."""
+        strengths = dict(strengths or {})
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(strengths) - set(names))
+        if unknown:
+            raise InputError(f"unknown nuisance {', '.join(unknown)}; choose from {', '.join(names)}")
+        for name, value in strengths.items():
+            ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+            if not ok or not math.isfinite(value) or value < 0:
+                raise InputError(f"nuisance {name} must be a finite number >= 0, got {value!r}")
+        return cls(**{name: float(value) for name, value in strengths.items()})
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -189,10 +240,13 @@ def _plan_items(n_items: int, rng: np.random.Generator) -> list[Item]:
     return items
 
 
-def _assign_splits(n_items: int, rng: np.random.Generator) -> list[str]:
-    """Give each item one split, about 50/25/25 %, every split non-empty."""
-    n_val = max(1, round(n_items * SPLIT_FRACTIONS[1]))
-    n_test = max(1, round(n_items * SPLIT_FRACTIONS[2]))
+def _assign_splits(n_items: int, rng: np.random.Generator, splits: tuple[int, int, int] | None) -> list[str]:
+    """Give each item one split: ``splits`` items each, or about 50/25/25 %, every split non-empty."""
+    if splits is None:
+        n_val = max(1, round(n_items * SPLIT_FRACTIONS[1]))
+        n_test = max(1, round(n_items * SPLIT_FRACTIONS[2]))
+    else:
+        n_val, n_test = splits[1], splits[2]
     labels = ["train"] * (n_items - n_val - n_test) + ["val"] * n_val + ["test"] * n_test
     return [labels[i] for i in rng.permutation(n_items)]
 
@@ -398,8 +452,9 @@ def _photo(name: str) -> Image.Image:
     return Image.fromarray(array[..., :3].astype(np.uint8))
 
 
-def _cluttered_background(size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
-    """A busy scene: a random crop of a bundled photo or a gradient, plus random objects."""
+def _cluttered_background(size: tuple[int, int], rng: np.random.Generator, clutter: float = 1.0) -> Image.Image:
+    """A busy scene: a random crop of a bundled photo or a gradient, plus random objects, its
+    contrast around the mean colour scaled by ``clutter`` (drawn the same at any strength)."""
     w, h = size
     if rng.random() < 0.6:
         photo = _photo(PHOTO_NAMES[rng.integers(len(PHOTO_NAMES))])
@@ -428,7 +483,12 @@ def _cluttered_background(size: tuple[int, int], rng: np.random.Generator) -> Im
         else:
             draw.line([x0, y0, x1, y1], fill=fill, width=int(rng.integers(2, 12)))
     # The garment is the subject in focus; the scene behind it is not.
-    return image.filter(ImageFilter.BoxBlur(rng.uniform(0.5, 2.0)))
+    image = image.filter(ImageFilter.BoxBlur(rng.uniform(0.5, 2.0)))
+    if clutter == 1.0:
+        return image
+    rgb = np.asarray(image, np.float32)
+    mean = rgb.mean(axis=(0, 1))
+    return Image.fromarray((mean + clutter * (rgb - mean)).round().clip(0, 255).astype(np.uint8))
 
 
 def _homography(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -478,11 +538,19 @@ def _consumer_pose(
     return np.array([[1, 0, shift[0]], [0, 1, shift[1]], [0, 0, 1]]) @ hom
 
 
-def _wearer(draw: ImageDraw.ImageDraw, item: Item, hom: np.ndarray, scale: float, rng: np.random.Generator) -> None:
+def _wearer(
+    draw: ImageDraw.ImageDraw,
+    item: Item,
+    hom: np.ndarray,
+    scale: float,
+    rng: np.random.Generator,
+    occlusion: float = 1.0,
+) -> None:
     """The person wearing the garment, drawn over and around it.
 
     A head above the neckline (or a shirt above the waistband of trousers) puts the garment in
-    context, and an arm or bag strap across it occludes part of it, as in consumer photos.
+    context, and an arm or bag strap across it occludes part of it, as in consumer photos; its
+    width is scaled by ``occlusion`` (0: no arm), drawn the same at any strength.
     """
 
     def at(u: float, v: float) -> np.ndarray:  # garment width units -> photo pixels
@@ -505,30 +573,44 @@ def _wearer(draw: ImageDraw.ImageDraw, item: Item, hom: np.ndarray, scale: float
     end = at(rng.uniform(0.35, 0.65), rng.uniform(0.35, 0.8) * item.aspect)
     width = max(4, int(rng.uniform(0.1, 0.16) * unit))
     colour = skin if rng.random() < 0.7 else tuple(int(c) for c in rng.integers(0, 256, size=3))
+    if occlusion != 1.0:
+        width = int(round(width * occlusion))
+        if width < 1:
+            return
     draw.line([tuple(start), tuple(end)], fill=colour, width=width)
     draw.ellipse([end[0] - 0.6 * width, end[1] - 0.6 * width, end[0] + 0.6 * width, end[1] + 0.6 * width], fill=colour)
 
 
-def _photometric(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """Phone-camera look: blur, directional light, colour cast, exposure, noise and gamma."""
+def _photometric(image: Image.Image, rng: np.random.Generator, colour_cast: float = 1.0) -> Image.Image:
+    """Phone-camera look: blur, directional light, colour cast, exposure, noise and gamma; the
+    light, cast, exposure and gamma scaled by ``colour_cast`` in log terms (drawn the same at
+    any strength)."""
     w, h = image.size
     a = rng.uniform(0, 2 * np.pi)
     x = np.linspace(-0.5, 0.5, w, dtype=np.float32)[None, :]
     y = np.linspace(-0.5, 0.5, h, dtype=np.float32)[:, None]
-    light = 1.0 + np.float32(rng.uniform(0.15, 0.45)) * (x * np.cos(a) + y * np.sin(a))
+    slope = rng.uniform(0.15, 0.45)
     cast = (rng.uniform(0.78, 1.22, size=3) * rng.uniform(0.7, 1.15)).astype(np.float32)
     rgb = np.asarray(image.filter(ImageFilter.GaussianBlur(rng.uniform(0.4, 1.6))), np.float32)
     # Sensor noise is drawn per pixel, not per channel: half the cost, and it looks the same
     # once JPEG has subsampled the colour.
     noise = rng.standard_normal((h, w), dtype=np.float32) * np.float32(rng.uniform(1.5, 6.0))
-    rgb = rgb * (light[..., None] * cast) + noise[..., None]
     gamma = rng.uniform(0.8, 1.25)
+    if colour_cast != 1.0:  # every draw above is made at any strength: the same photo, scaled
+        slope, cast, gamma = slope * colour_cast, (cast**colour_cast).astype(np.float32), gamma**colour_cast
+    light = 1.0 + np.float32(slope) * (x * np.cos(a) + y * np.sin(a))
+    rgb = rgb * (light[..., None] * cast) + noise[..., None]
     curve = (255.0 * (np.arange(256) / 255.0) ** gamma).round().astype(np.uint8)
     return Image.fromarray(curve[rgb.clip(0, 255).astype(np.uint8)])
 
 
 def _render_consumer(
-    item: Item, garment: Image.Image, outline: np.ndarray, overshoot: bool, rng: np.random.Generator
+    item: Item,
+    garment: Image.Image,
+    outline: np.ndarray,
+    overshoot: bool,
+    rng: np.random.Generator,
+    nuisance: Nuisance = Nuisance(),
 ) -> tuple[Image.Image, tuple]:
     """Street photo: the garment worn, warped and rotated, in a cluttered scene, partly hidden."""
     size = _image_size(rng)
@@ -539,10 +621,27 @@ def _render_consumer(
     warped = garment.transform(size, Image.PERSPECTIVE, tuple((coeffs / coeffs[2, 2]).ravel()[:8]), Image.BILINEAR)
     box = _alpha_box(np.asarray(warped.getchannel("A")))  # the whole garment, occluded or not
 
-    image = _cluttered_background(size, rng)
+    image = _cluttered_background(size, rng, nuisance.clutter)
     image.paste(warped, (0, 0), warped)
-    _wearer(ImageDraw.Draw(image), item, hom, _canvas_scale(item), rng)
-    return _photometric(image, rng), box
+    _wearer(ImageDraw.Draw(image), item, hom, _canvas_scale(item), rng, nuisance.occlusion)
+    return _photometric(image, rng, nuisance.colour_cast), box
+
+
+def _jittered_box(box: tuple, size: tuple[int, int], z: np.ndarray, strength: float) -> tuple[int, int, int, int]:
+    """``box`` as a detector or a shopper would draw it: its centre shifted and its sides
+    rescaled by ``strength`` × the jitter's standard deviations × ``z`` (4 standard normals),
+    clipped to the image, at least 2 px a side."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    w, h = x2 - x1, y2 - y1
+    cx = (x1 + x2) / 2 + strength * JITTER_SHIFT * w * z[0]
+    cy = (y1 + y2) / 2 + strength * JITTER_SHIFT * h * z[1]
+    w, h = w * math.exp(strength * JITTER_SCALE * z[2]), h * math.exp(strength * JITTER_SCALE * z[3])
+    width, height = size
+    nx1 = int(np.clip(round(cx - w / 2), 0, width - 2))
+    ny1 = int(np.clip(round(cy - h / 2), 0, height - 2))
+    nx2 = int(np.clip(round(cx + w / 2), nx1 + 2, width))
+    ny2 = int(np.clip(round(cy + h / 2), ny1 + 2, height))
+    return nx1, ny1, nx2, ny2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,19 +654,31 @@ def _save_jpeg(image: Image.Image, path: Path, quality: int) -> None:
     image.save(path, "JPEG", quality=quality, optimize=False)
 
 
-def _render_item(root: Path, item: Item, rng: np.random.Generator) -> list[Record]:
-    """Render and save one item's shop and consumer images; return their bbox records."""
+def _render_item(
+    root: Path,
+    item: Item,
+    rng: np.random.Generator,
+    nuisance: Nuisance = Nuisance(),
+    jitter_rng: np.random.Generator | None = None,
+) -> list[Record]:
+    """Render and save one item's shop and consumer images; return their bbox records.
+    ``jitter_rng`` draws the box jitter (its own stream, so the images never depend on it)."""
     garment, outline = _render_garment(item, rng)
+    jitter = None
+    if nuisance.box_jitter > 0:
+        jitter = (jitter_rng or rng.spawn(1)[0]).standard_normal((item.n_consumer, 4))
     folder = f"img/{item.category}/{item.subcategory}/{item.item_id}"
     records = []
     for k in range(1, item.n_consumer + 1):
         sub = item.second_subcategory if (item.second_subcategory and k == 1) else item.subcategory
         path = f"img/{item.category}/{sub}/{item.item_id}/comsumer_{k:02d}.jpg"
         overshoot = item.overshoot and k == 1
-        image, box = _render_consumer(item, garment, outline, overshoot, rng)
+        image, box = _render_consumer(item, garment, outline, overshoot, rng, nuisance)
         if overshoot:  # the real lists put such corners one pixel past the edge
             x1, y1, x2, y2 = box
             box = (x1, y1, x2 + (x2 == image.width), y2 + (y2 == image.height))
+        if jitter is not None:
+            box = _jittered_box(box, image.size, jitter[k - 1], nuisance.box_jitter)
         _save_jpeg(image, root / path, CONSUMER_JPEG_QUALITY)
         records.append(Record(path, item.item_id, CONSUMER_SOURCE, item.clothes_type, box))
     for k in range(1, item.n_shop + 1):
@@ -576,6 +687,25 @@ def _render_item(root: Path, item: Item, rng: np.random.Generator) -> list[Recor
         _save_jpeg(image, root / path, SHOP_JPEG_QUALITY)
         records.append(Record(path, item.item_id, SHOP_SOURCE, item.clothes_type, box))
     return records
+
+
+def _render_job(job: tuple) -> list[Record]:
+    """:func:`_render_item` of one ``(root, item, rng, nuisance, jitter_rng)``, in a worker process."""
+    return _render_item(*job)
+
+
+def _render_all(jobs: list[tuple], workers: int, progress: bool) -> list[Record]:
+    """Every job's records, in job order, rendered by ``workers`` processes (1: in this one).
+    Each item draws from its own generator, so the files do not depend on ``workers``."""
+    bar = dict(total=len(jobs), desc="synthetic items", unit="item", disable=not progress)
+    if workers <= 1 or len(jobs) <= 1:
+        return [record for job in progress_bar(jobs, **bar) for record in _render_item(*job)]
+    # fork on Linux (as torch's loaders do): spawn would re-run a caller's script that lacks a
+    # __main__ guard; the workers only use numpy and PIL, never the caller's threads.
+    context = get_context("fork" if sys.platform.startswith("linux") else None)
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        done = progress_bar(pool.map(_render_job, jobs), **bar)
+        return [record for records in done for record in records]
 
 
 def _write_list(path: Path, header: str | None, rows: list[str]) -> None:
@@ -628,8 +758,24 @@ def _counts(items: list[Item], split_of: dict[str, str], pairs: list[tuple]) -> 
     return summary
 
 
-def generate_tree(root, n_items: int = 300, seed: int = 0, progress: bool = True) -> dict:
+def generate_tree(
+    root,
+    n_items: int = 300,
+    seed: int = 0,
+    progress: bool = True,
+    splits: tuple[int, int, int] | None = None,
+    nuisance: dict[str, float] | None = None,
+    only_splits: tuple[str, ...] | None = None,
+    workers: int | None = None,
+) -> dict:
     """Write a synthetic Consumer-to-Shop tree of ``n_items`` items under ``root``.
+
+    ``splits``: items of train, val and test (summing to ``n_items``); None: about 50/25/25 %.
+    ``nuisance``: strengths of the consumer photos' nuisances (:class:`Nuisance`; None: the
+    default, today's tree). ``only_splits``: write only the items of these splits (images and
+    lists), the same items as in the whole tree, e.g. a val-only tree to evaluate on.
+    ``workers``: processes rendering items (default ``min(2, os.cpu_count())``); the files are
+    the same for any number.
 
     ``root`` must not exist or be an empty folder: nothing a user has is overwritten. Images
     are written first and the lists last, so an interrupted run leaves no readable lists.
@@ -639,19 +785,28 @@ def generate_tree(root, n_items: int = 300, seed: int = 0, progress: bool = True
     root = Path(root)
     if isinstance(n_items, bool) or not isinstance(n_items, (int, np.integer)) or n_items < MIN_ITEMS:
         raise InputError(f"number of items must be an integer >= {MIN_ITEMS}, got {n_items!r}")
+    if splits is not None and (len(splits) != 3 or sum(splits) != n_items or splits[0] < 2 or min(splits[1:]) < 1):
+        raise InputError(f"splits must be (train >= 2, val >= 1, test >= 1) items summing to {n_items}, got {splits!r}")
+    strengths = Nuisance.from_strengths(nuisance)
+    if only_splits is not None and (not only_splits or set(only_splits) - set(SPLITS)):
+        raise InputError(f"only_splits must name some of {', '.join(SPLITS)}, got {only_splits!r}")
+    workers = min(2, os.cpu_count() or 1) if workers is None else int(workers)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise InputError(f"{root}: exists and is not an empty folder; choose a new output folder")
 
     rng = np.random.default_rng(seed)
     items = _plan_items(int(n_items), rng)
-    split_of = dict(zip((i.item_id for i in items), _assign_splits(len(items), rng)))
+    split_of = dict(zip((i.item_id for i in items), _assign_splits(len(items), rng, splits)))
     item_rngs = rng.spawn(len(items))
+    jitter_rngs = rng.spawn(len(items))  # spawned after the items': their streams stay the same
+
+    if only_splits is not None:  # the same items and generators, the others left out
+        kept = [i for i, item in enumerate(items) if split_of[item.item_id] in only_splits]
+        items, item_rngs, jitter_rngs = ([seq[i] for i in kept] for seq in (items, item_rngs, jitter_rngs))
+        split_of = {item.item_id: split_of[item.item_id] for item in items}
 
     root.mkdir(parents=True, exist_ok=True)
-    records: list[Record] = []
-    for item, item_rng in progress_bar(
-        list(zip(items, item_rngs)), desc="synthetic items", unit="item", disable=not progress
-    ):
-        records += _render_item(root, item, item_rng)
+    jobs = [(root, item, r, strengths, j) for item, r, j in zip(items, item_rngs, jitter_rngs)]
+    records = _render_all(jobs, workers, progress)
     pairs = _write_lists(root, records, split_of)
     return _counts(items, split_of, pairs)

@@ -245,17 +245,25 @@ def plot_learning_curves(history: pd.DataFrame, title: str) -> plt.Figure:
 VERDICT_COLOURS = {"better": "tab:green", "worse": "tab:red", "within noise": "tab:grey"}
 
 
-def plot_study_overview(rows: pd.DataFrame, metric: str = "recall@5") -> plt.Figure:
-    """The whole study in one forest plot: one row per variant (``rows`` indexed by
-    ``experiment: variant``, columns ``diff``, ``low``, ``high``, ``verdict``) with its paired
-    difference in val ``metric`` from its experiment's baseline and the interval that decided it,
-    coloured by the verdict, a dashed line at 0."""
-    y = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(8, 0.34 * len(rows) + 1.2))
+def plot_effects(effects: pd.DataFrame, metric: str = "Recall@5") -> plt.Figure:
+    """Every effect of a study ranked in one forest plot (``effects``: one row per comparison, as
+    :func:`helpers.experiments.family.effects` gives them, largest difference first): the paired
+    difference from the experiment's baseline in val ``metric`` points with the interval that
+    decides its verdict, coloured by the verdict; a filled dot for a primary test (Holm-corrected),
+    a hollow one for an exploratory test (uncorrected); a grey bar spans ± the test's minimum
+    detectable effect, so a dot inside its bar is a difference the design could not have told
+    from noise."""
+    y = np.arange(len(effects))
+    points = 100 * effects[["diff", "low", "high", "mde"]].astype(float)
+    fig, ax = plt.subplots(figsize=(8.5, 0.32 * len(effects) + 1.4))
+    mde = points["mde"].fillna(0)  # a table written before the MDE was recorded: no bar
+    ax.barh(y, 2 * mde, left=-mde, height=0.6, color="0.9", label="± minimum detectable effect")
     for verdict, colour in VERDICT_COLOURS.items():
-        chosen = (rows.verdict == verdict).to_numpy()
-        if chosen.any():
-            part = rows[chosen]
+        for role, face in (("primary", colour), ("exploratory", "white")):
+            chosen = ((effects.verdict == verdict) & (effects.role == role)).to_numpy()
+            if not chosen.any():
+                continue
+            part = points[chosen]
             ax.errorbar(
                 part["diff"],
                 y[chosen],
@@ -263,12 +271,14 @@ def plot_study_overview(rows: pd.DataFrame, metric: str = "recall@5") -> plt.Fig
                 fmt="o",
                 capsize=3,
                 color=colour,
-                label=verdict,
+                markerfacecolor=face,
+                label=f"{verdict} ({role})",
             )
     ax.axvline(0, color="grey", linestyle="--", linewidth=1)
-    ax.set(yticks=y, yticklabels=list(rows.index), xlabel=f"val {metric}: variant − baseline (deciding interval)")
+    labels = [f"{e}: {v}" for e, v in zip(effects.experiment, effects.variant)]
+    ax.set(yticks=y, yticklabels=labels, xlabel=f"val {metric}, variant − its baseline (points)")
     ax.invert_yaxis()
-    ax.legend(loc="lower left", fontsize=8, frameon=False)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
     fig.tight_layout()
     return fig
 

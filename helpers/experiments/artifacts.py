@@ -48,9 +48,11 @@ def results_root(profile: str) -> Path:
 # --------------------------------------------------------------------------- data
 
 
-def ensure_synthetic_tree(root: Path, n_items: int, seed: int, progress: bool = True) -> Path:
+def ensure_synthetic_tree(
+    root: Path, n_items: int, seed: int, progress: bool = True, splits: tuple[int, int, int] | None = None
+) -> Path:
     """Generate the synthetic tree at ``root`` unless the same one is already there."""
-    wanted = {"items": n_items, "seed": seed}
+    wanted = {"items": n_items, "seed": seed} | ({} if splits is None else {"splits": list(splits)})
     marker = root / SYNTHETIC_MARKER
     if marker.is_file():
         found = json.loads(marker.read_text())
@@ -67,7 +69,7 @@ def ensure_synthetic_tree(root: Path, n_items: int, seed: int, progress: bool = 
     # Generate beside the target and rename, so an interrupted run leaves no half tree behind.
     partial = root.with_name(root.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    synthetic.generate_tree(partial, n_items=n_items, seed=seed, progress=progress)
+    synthetic.generate_tree(partial, n_items=n_items, seed=seed, progress=progress, splits=splits)
     (partial / SYNTHETIC_MARKER).write_text(json.dumps(wanted))
     if root.exists():
         root.rmdir()
@@ -82,7 +84,9 @@ def data_root(cfg: Config, progress: bool = True) -> Path:
         if not root.is_dir():
             raise InputError(f"{root}: data root not found")
         return root
-    return ensure_synthetic_tree(cfg.work_dir / "data", cfg.synthetic_items, cfg.synthetic_seed, progress)
+    return ensure_synthetic_tree(
+        cfg.work_dir / "data", cfg.synthetic_items, cfg.synthetic_seed, progress, cfg.synthetic_splits
+    )
 
 
 def ensure_prepared(cfg: Config, progress: bool = True) -> tuple[Path, Path]:

@@ -45,10 +45,11 @@ RULE = (
 RECIPE_FIELDS = ("img_size", "epochs", "patience", "p_items", "k_images", "optimizer", "lr", "schedule")
 # Stated per-epoch estimates (train + val pass, seconds) for the projected-time print, used
 # until runs of the study have been measured: fixture from 5–17 s per 1-epoch run measured on
-# the shared 2-core machine (most of it evaluation); demo from a measured demo fit (about 23 s of
-# training and 3 s of val pass an epoch); full a guess for EfficientNet-B3 on a Colab T4 with the
-# 10 % TOPS+DRESSES sample.
-SECONDS_PER_EPOCH = {"fixture": 10.0, "demo": 27.0, "full": 60.0}
+# the shared 2-core machine (most of it evaluation); demo from the first epochs of a demo fit on
+# an idle 2-core AMD EPYC (27–28 s of training) plus its stop items' val pass (about 990 images at
+# roughly 110 images/s); full a guess for EfficientNet-B3 on a Colab T4 with the 10 % TOPS+DRESSES
+# sample.
+SECONDS_PER_EPOCH = {"fixture": 10.0, "demo": 36.0, "full": 60.0}
 
 # Post-processing (no training): each method alone against `none` on the final configuration's runs.
 POSTPROCESS = "postprocess"
@@ -63,22 +64,106 @@ POSTPROCESS_RULE = (
 @dataclass(frozen=True)
 class Experiment:
     """A named comparison: ``variants`` maps a variant's name to its config overrides on the
-    stage baseline (the baseline itself is the variant ``"baseline"``, no overrides)."""
+    stage baseline (the baseline itself is the variant ``"baseline"``, no overrides).
+
+    A variant named in ``exploratory`` is measured with the study's statistics but stays out of
+    Holm's family and cannot be adopted: its interval is uncorrected and says so, and it runs
+    on :data:`helpers.core.config.EXPLORATORY_SEEDS` seeds. The others are primary."""
 
     name: str
     stage: str
     question: str
     variants: dict
+    exploratory: tuple[str, ...] = ()
 
     @property
     def fields(self) -> set[str]:
         return {name for overrides in self.variants.values() for name in overrides}
+
+    @property
+    def primary(self) -> list[str]:
+        return [v for v in self.variants if v not in self.exploratory]
 
 
 def _levels(field: str, values) -> dict:
     """``{"field=value": {field: value}}`` for each value (the one equal to the baseline's
     value is dropped later, by :func:`resolve_variants`)."""
     return {f"{field}={value}": {field: value} for value in values}
+
+
+# Per profile and experiment: (primary levels, exploratory levels) of the field it varies.
+# demo (the 2-core CPU) asks every question of the original study with 8 primary tests, the
+# number at which 5 seeds × 400 val items reach a 0.05 minimum detectable Recall@5 difference at
+# Holm's strictest level (results/demo/power_plan.csv); each question's primary variant is the
+# one the original study claimed or a user would adopt; the rest are exploratory. full (a GPU)
+# runs the whole ladder as primary tests. fixture (CI) runs every code path within seconds; its
+# levels include the baseline's value, which is dropped, so its planned family is larger than
+# the family that runs (a path the statistics must handle).
+LEVELS = {
+    "resize": {"fixture": (("squash",), ()), "demo": (("squash",), ()), "full": (("squash",), ())},
+    "img_size": {"fixture": ((48,), (64,)), "demo": ((192,), (128,)), "full": ((224, None), ())},
+    "augment": {
+        "fixture": (("weak",), ("strong",)),
+        "demo": (("medium",), ("strong", "super_strong")),
+        "full": (("weak", "medium", "strong", "super_strong"), ()),
+    },
+    "box_margin": {"fixture": ((0.0,), (0.1,)), "demo": ((0.1,), ()), "full": ((0.1, 0.2), ())},
+    "photometric": {
+        "fixture": (("none",), ("grayworld",)),
+        "demo": (("grayworld",), ("clahe",)),
+        "full": (("clahe", "grayworld", "both"), ()),
+    },
+    "head": {"fixture": (("bnneck",), ()), "demo": ((), ("bnneck",)), "full": (("bnneck",), ())},
+    "loss": {
+        "fixture": (("batch_hard",), ("infonce",)),
+        "demo": (("semi_hard",), ("infonce",)),
+        "full": (("semi_hard", "infonce"), ()),
+    },
+    "embed_dim": {"fixture": ((32,), (64,)), "demo": ((), (128, 512)), "full": ((128, 512), ())},
+}
+
+
+def _question(field: str, profile: str) -> tuple[dict, tuple[str, ...]]:
+    """``(variants, exploratory names)`` of the experiment that varies ``field`` under ``profile``."""
+    primary, exploratory = LEVELS[field][profile]
+    variants = _levels(field, (*primary, *exploratory))
+    return variants, tuple(_levels(field, exploratory))
+
+
+def _recipe_experiments(profile: str) -> list[Experiment]:
+    """The recipe's own questions (demo and fixture): batch composition at a fixed number of
+    images per epoch, training length, and train data size. Length and data size are
+    exploratory: a shorter run or less data is never adopted, they measure what the recipe gets
+    from each. The demo's epochs hold 576 images (18 batches of 32); the fixture's 16."""
+    if profile == "full":
+        return []
+    images = {"fixture": 16, "demo": 576}[profile]
+    batch = {"fixture": {"P×K=2×4": (2, 4)}, "demo": {"P×K=16×2": (16, 2), "P×K=4×8": (4, 8)}}[profile]
+    length = {"fixture": 2, "demo": 10}[profile]
+    return [
+        Experiment(
+            "batch",
+            "03",
+            "Which batch composition: more items with fewer images each, or fewer items with more, at the same "
+            "batch size and images per epoch?",
+            {name: {"p_items": p, "k_images": k, "epoch_images": images} for name, (p, k) in batch.items()},
+            exploratory=("P×K=4×8",) if profile == "demo" else (),
+        ),
+        Experiment(
+            "length",
+            "03",
+            "How much does training until val Recall@5 levels off add over the shorter schedule used before?",
+            {f"epochs={length}": {"epochs": length}},
+            exploratory=(f"epochs={length}",),
+        ),
+        Experiment(
+            "data_size",
+            "03",
+            "How much does the recipe gain from more train items (a quarter, a half, all)?",
+            _levels("train_fraction", (0.25, 0.5) if profile == "demo" else (0.5,)),
+            exploratory=tuple(_levels("train_fraction", (0.25, 0.5) if profile == "demo" else (0.5,))),
+        ),
+    ]
 
 
 def experiments(profile: str) -> list[Experiment]:
@@ -89,7 +174,6 @@ def experiments(profile: str) -> list[Experiment]:
     EfficientNet-B3 at their native resolution and the DINOv2 ViT-S/14 foundation model (hub
     weights), under ``fixture`` two tiny random-init timm test networks.
     """
-    resolution = {"fixture": (48, 64), "demo": (128, 192), "full": (224, None)}[profile]
     backbone = {
         "fixture": {"backbone=test_resnet": {"backbone": "test_resnet"}},
         "demo": {"backbone=tf_efficientnet_lite1": {"backbone": "tf_efficientnet_lite1", "weights": "packaged"}},
@@ -108,50 +192,35 @@ def experiments(profile: str) -> list[Experiment]:
             },
         },
     }[profile]
-    # Variants per profile. full (a GPU) runs the whole ladder. demo keeps every question within
-    # its 3-hour CPU budget with 3 seeds by asking each yes/no question once: the project's
-    # former default augmentation (medium) against the recipe's flip, one box margin (10 % of the
-    # box side on each edge), both photometric corrections together, the original study's loss
-    # question (semi-hard against batch-hard; InfoNCE only under full) and the smaller dimension
-    # (128 against 256; 512 only under full).
-    # fixture (CI) runs every code path with one variant per experiment, within seconds; its
-    # levels include the baseline's value, which is dropped, so its planned family is larger than
-    # the family that runs (a path the statistics must handle).
-    augment = {"fixture": ("weak", "strong"), "demo": ("medium",), "full": ("weak", "medium", "strong", "super_strong")}
-    margin = {"fixture": (0.0, 0.1), "demo": (0.1,), "full": (0.1, 0.2)}
-    photometric = {"fixture": ("none", "grayworld"), "demo": ("both",), "full": ("clahe", "grayworld", "both")}
-    loss = {"fixture": ("batch_hard", "infonce"), "demo": ("semi_hard",), "full": ("semi_hard", "infonce")}
-    embed_dim = {"fixture": (32, 64), "demo": (128,), "full": (128, 512)}
-    augment, margin, photometric, loss, embed_dim = (
-        levels[profile] for levels in (augment, margin, photometric, loss, embed_dim)
-    )
+    crop_exploratory = ("crop=False",) if profile == "demo" else ()
+
+    def asked(name: str, stage: str, question: str, field: str) -> Experiment:
+        variants, exploratory = _question(field, profile)
+        return Experiment(name, stage, question, variants, exploratory)
+
     return [
         Experiment(
-            "crop", "02_1", "Does cropping to the garment box beat the whole photo?", {"crop=False": {"crop": False}}
-        ),
-        Experiment(
-            "resize",
+            "crop",
             "02_1",
-            "Does letterbox (aspect kept) beat the original study's squash resize?",
-            _levels("resize", ("squash",)),
+            "Does cropping to the garment box beat the whole photo?",
+            {"crop=False": {"crop": False}},
+            exploratory=crop_exploratory,
         ),
-        Experiment("resolution", "02_1", "Which input side?", _levels("img_size", resolution)),
-        Experiment("augment", "02_2", "Which augmentation preset?", _levels("augment", augment)),
-        Experiment(
-            "margin", "02_2", "Does growing the box (the consumer/shop 'box gap') help?", _levels("box_margin", margin)
-        ),
-        Experiment(
-            "photometric", "02_2", "Does photometric 'domain normalisation' help?", _levels("photometric", photometric)
-        ),
-        Experiment(
+        asked("resize", "02_1", "Does letterbox (aspect kept) beat the original study's squash resize?", "resize"),
+        asked("resolution", "02_1", "Which input side?", "img_size"),
+        asked("augment", "02_2", "Which augmentation preset?", "augment"),
+        asked("margin", "02_2", "Does growing the box (the consumer/shop 'box gap') help?", "box_margin"),
+        asked("photometric", "02_2", "Does photometric 'domain normalisation' help?", "photometric"),
+        asked(
             "head",
             "02_2",
             "BatchNorm in the head (bn, the original study's) or BNNeck? (L2 is always on: cosine retrieval needs it)",
-            _levels("head", ("bn", "bnneck")),
+            "head",
         ),
-        Experiment("loss", "03", "Which metric loss?", _levels("loss", loss)),
-        Experiment("embed_dim", "03", "Which embedding dimension?", _levels("embed_dim", embed_dim)),
+        asked("loss", "03", "Which metric loss?", "loss"),
+        asked("embed_dim", "03", "Which embedding dimension?", "embed_dim"),
         Experiment("backbone", "03", "Which backbone?", backbone),
+        *_recipe_experiments(profile),
     ]
 
 
@@ -197,9 +266,9 @@ def decided_fields(profile: str) -> list[str]:
 
 
 def planned_tests(profile: str) -> dict[str, int]:
-    """Recall@5 tests each experiment plans, in running order: one per listed variant (an upper
-    bound: a variant equal to its stage baseline is dropped when the experiment runs)."""
-    return {e.name: len(e.variants) for e in experiments(profile)}
+    """Primary Recall@5 tests each experiment plans, in running order: one per listed primary
+    variant (an upper bound: a variant equal to its stage baseline is dropped when it runs)."""
+    return {e.name: len(e.primary) for e in experiments(profile)}
 
 
 def earlier(profile: str, stage: str) -> list[Experiment]:

@@ -106,8 +106,9 @@ def stated_mde(test: statistics.CrossedTest, m: int) -> float:
     return statistics.planned_mde(test.components, test.n_seeds, test.n_items, m)["mde"]
 
 
-def test_columns(test: statistics.CrossedTest, metric: str) -> dict:
-    """The raw (unadjusted) columns of one test of ``metric``."""
+def test_columns(test: statistics.CrossedTest, metric: str, primary: bool = True) -> dict:
+    """The raw (unadjusted) columns of one test of ``metric``; ``primary``: the variant's Recall@5
+    test belongs to Holm's family (else it is exploratory on every metric)."""
     low, high = test.interval(ALPHA)
     row = {
         f"diff_{metric}": test.diff,
@@ -119,7 +120,7 @@ def test_columns(test: statistics.CrossedTest, metric: str) -> dict:
         f"p_{metric}": test.p_value,
         f"mde_{metric}": stated_mde(test, 1),
         f"verdict_{metric}": statistics.verdict(low, high),
-        f"role_{metric}": "primary" if metric == PRIMARY else "exploratory",
+        f"role_{metric}": "primary" if metric == PRIMARY and primary else "exploratory",
     }
     if metric == PRIMARY:
         parts = test.components
@@ -163,6 +164,7 @@ def compare(
     others=(),
     pending: int = 0,
     reference: str = "baseline",
+    exploratory=(),
 ) -> tuple[pd.DataFrame, statistics.HolmFamily]:
     """``(table, Holm family)``: one row per variant with its seeds' mean ± std and, against the
     reference on the seeds both have, per Recall@K the test's columns (:func:`test_columns`).
@@ -170,10 +172,11 @@ def compare(
     The Recall@5 tests join Holm's family with ``others`` (the raw p-values of the study's earlier
     finished Recall@5 tests) and ``pending`` planned tests counted as p = 1 (their p-values can
     only lower the adjusted ones, so a decision taken now stays valid); the family comes back too.
+    The ``exploratory`` variants stay out of the family: raw intervals only, labelled so.
     """
     summary = seed_summary(runs)
     tests = paired_tests(runs, ranks, reference=reference)
-    tested = [v for v in summary.index if v != reference]
+    tested = [v for v in summary.index if v != reference and v not in exploratory]
     family = statistics.holm_family(
         [*others, *(np.nan if tests[(v, PRIMARY_K)] is None else tests[(v, PRIMARY_K)].p_value for v in tested)],
         pending,
@@ -186,8 +189,8 @@ def compare(
             if test is None:
                 row[f"verdict_{metric}"] = "baseline" if variant == reference else "no pairs"
                 continue
-            row.update(test_columns(test, metric))
-            if k == PRIMARY_K:  # the verdict at Holm's level replaces the raw one
+            row.update(test_columns(test, metric, primary=variant in tested))
+            if k == PRIMARY_K and variant in tested:  # the verdict at Holm's level replaces the raw one
                 row.update(holm_columns(test, family, len(others) + tested.index(variant), final=False))
         rows[variant] = row
     return summary.join(comparison_frame(rows)), family
@@ -219,7 +222,8 @@ def read_comparison(path) -> pd.DataFrame:
 
 def decide(comparison: pd.DataFrame) -> tuple[str, str]:
     """``(winner, why)`` by the rule (:data:`helpers.experiments.catalogue.RULE`) from a :func:`compare` table."""
-    better = comparison[comparison[f"verdict_{PRIMARY}"] == "better"]
+    primary = comparison.get(f"role_{PRIMARY}", pd.Series("primary", index=comparison.index)) == "primary"
+    better = comparison[primary & (comparison[f"verdict_{PRIMARY}"] == "better")]
     if better.empty:
         return "baseline", f"no variant is `better` on val {PRIMARY}: the baseline is kept"
     winner = better[f"diff_{PRIMARY}"].idxmax()
@@ -238,8 +242,11 @@ def learned(result: dict) -> str:
         f"{variant}: {row[f'diff_{PRIMARY}']:+.3f} val R@5 [{row[f'low_adj_{PRIMARY}']:+.3f}, "
         f"{row[f'high_adj_{PRIMARY}']:+.3f}] at Holm's level, Holm p {row[f'p_holm_{PRIMARY}']:.4f}, "
         f"{row[f'verdict_{PRIMARY}']}"
-        for variant, row in comparison.drop(index=reference).iterrows()
         if pd.notna(row.get(f"p_holm_{PRIMARY}"))
+        else f"{variant} (exploratory, uncorrected): {row[f'diff_{PRIMARY}']:+.3f} val R@5 "
+        f"[{row[f'low_{PRIMARY}']:+.3f}, {row[f'high_{PRIMARY}']:+.3f}], {row[f'verdict_{PRIMARY}']}"
+        for variant, row in comparison.drop(index=reference).iterrows()
+        if pd.notna(row.get(f"p_holm_{PRIMARY}")) or pd.notna(row.get(f"p_{PRIMARY}"))
     ]
     base = comparison.loc[reference]
     n = int(base.n_seeds)

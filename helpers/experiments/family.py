@@ -26,10 +26,12 @@ import pandas as pd
 from helpers.core.errors import InputError
 from helpers.core.files import write_text_atomic
 from helpers.experiments import comparison, runs, statistics
-from helpers.experiments.catalogue import PRIMARY, PRIMARY_K, planned_tests
+from helpers.experiments.catalogue import PRIMARY, PRIMARY_K, experiments, get_experiment, planned_tests
 from helpers.experiments.statistics import ALPHA, POWER
 
 NOISE = "noise.csv"  # results/<profile>/noise.csv
+POWER_PLAN = "power_plan.csv"  # results/<profile>/power_plan.csv, written before the study's runs
+TARGET_MDE = 0.05  # every primary Recall@5 comparison must detect this difference with 80 % power
 POOLED = "pooled"
 SHARE_NAMES = {"seed": "seed", "item": "item", "interaction": "inter"}  # as the var_ columns name them
 
@@ -41,8 +43,15 @@ def finished_pvalues(root: Path, name: str) -> list[float] | None:
     folder = Path(root) / name
     if not (folder / "decision.json").is_file() or "test" not in json.loads((folder / "decision.json").read_text()):
         return None
-    table = comparison.read_comparison(folder / "comparison.csv")
-    return table[f"p_{PRIMARY}"].drop(index="baseline").tolist() if f"p_{PRIMARY}" in table.columns else []
+    table = primary_rows(comparison.read_comparison(folder / "comparison.csv"))
+    return table[f"p_{PRIMARY}"].tolist() if f"p_{PRIMARY}" in table.columns else []
+
+
+def primary_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """A comparison table's variants in Holm's family (not the baseline, not exploratory ones)."""
+    table = table.drop(index="baseline", errors="ignore")
+    role = f"role_{PRIMARY}"
+    return table[table[role] != "exploratory"] if role in table.columns else table
 
 
 def family_at_decision(profile: str, root: Path, current: str) -> tuple[list[dict], int]:
@@ -58,7 +67,7 @@ def family_at_decision(profile: str, root: Path, current: str) -> tuple[list[dic
         if found is None:
             pending += planned
             continue
-        table = comparison.read_comparison(Path(root) / name / "comparison.csv").drop(index="baseline")
+        table = primary_rows(comparison.read_comparison(Path(root) / name / "comparison.csv"))
         tests += [{"experiment": name, "variant": v, f"p_{PRIMARY}": p} for v, p in zip(table.index, found)]
     return tests, pending
 
@@ -69,14 +78,21 @@ def finished_study(profile: str, root: Path) -> list[str] | None:
     return None if any(finished_pvalues(root, name) is None for name in names) else names
 
 
-def study_tests(profile: str, root: Path) -> list[tuple[str, str, statistics.CrossedTest, pd.DataFrame]]:
-    """``(experiment, variant, Recall@5 test, its runs)`` for every test of the finished study,
-    recomputed from the runs' ``val_ranks.csv``."""
+def study_tests(
+    profile: str, root: Path, primary_only: bool = False
+) -> list[tuple[str, str, statistics.CrossedTest, pd.DataFrame]]:
+    """``(experiment, variant, Recall@5 test, its runs)`` for every test of the finished study
+    (``primary_only``: those in Holm's family), recomputed from the runs' ``val_ranks.csv``."""
     found = []
     for name in finished_study(profile, root) or []:
         table = pd.read_csv(Path(root) / name / "runs.csv")
         tests = comparison.paired_tests(table, runs.run_ranks(root, table), ks=(PRIMARY_K,))
-        found += [(name, variant, test, table) for (variant, _), test in tests.items() if test is not None]
+        exploratory = set(get_experiment(profile, name).exploratory) if primary_only else set()
+        found += [
+            (name, variant, test, table)
+            for (variant, _), test in tests.items()
+            if test is not None and variant not in exploratory
+        ]
     return found
 
 
@@ -88,7 +104,7 @@ def finalise(profile: str, root: Path) -> pd.DataFrame | None:
     names = finished_study(profile, root)
     if names is None:
         return None
-    found = study_tests(profile, root)
+    found = study_tests(profile, root, primary_only=True)
     family = statistics.holm_family([test.p_value for _, _, test, _ in found])
     for name in names:
         path = Path(root) / name / "comparison.csv"
@@ -100,7 +116,7 @@ def finalise(profile: str, root: Path) -> pd.DataFrame | None:
                 raise InputError(f"{path}: {variant}'s runs no longer give its p-value; rerun `study {name}`")
             for column, value in comparison.holm_columns(test, family, i, final=True).items():
                 table.loc[variant, column] = value
-        untested = ~table.index.isin([v for e, v, _, _ in found if e == name])  # baseline, no pairs
+        untested = ~table.index.isin([v for e, v, _, _ in found if e == name])  # baseline, exploratory, no pairs
         table.loc[untested, f"verdict_final_{PRIMARY}"] = table.loc[untested, f"verdict_{PRIMARY}"]
         text = comparison.integer_columns(table).to_csv(index_label="variant", lineterminator="\n")
         if text != path.read_text():
@@ -115,6 +131,39 @@ def finalise(profile: str, root: Path) -> pd.DataFrame | None:
             f"p_holm_final_{PRIMARY}": family.p_holm,
         }
     )
+
+
+def effects(profile: str, root: Path) -> pd.DataFrame:
+    """Every finished comparison of the study, one row each (``experiment``, ``variant``, ``role``,
+    ``n_seeds``): its val Recall@5 difference from its experiment's baseline, the interval that
+    decides its verdict (a primary test's at the level Holm's step gave it, an exploratory test's
+    raw 95 %), the verdict, and the minimum detectable effect at that test's level (a primary
+    test's at Holm's strictest, ``mde_holm``; an exploratory test's at 0.05), sorted by the
+    difference, largest first: the study's ranked effects."""
+    rows = []
+    for experiment in experiments(profile):
+        path = Path(root) / experiment.name / "comparison.csv"
+        if not path.is_file():
+            continue
+        table = comparison.read_comparison(path).drop(index="baseline", errors="ignore")
+        for variant, row in table.dropna(subset=[f"diff_{PRIMARY}"]).iterrows():
+            primary = row.get(f"role_{PRIMARY}", "primary") == "primary" and pd.notna(row.get(f"low_adj_{PRIMARY}"))
+            infix = "_adj" if primary else ""
+            rows.append(
+                {
+                    "experiment": experiment.name,
+                    "variant": variant,
+                    "role": "primary" if primary else "exploratory",
+                    "n_seeds": int(row.n_seeds),
+                    "diff": row[f"diff_{PRIMARY}"],
+                    "low": row[f"low{infix}_{PRIMARY}"],
+                    "high": row[f"high{infix}_{PRIMARY}"],
+                    "verdict": row[f"verdict_{PRIMARY}"],
+                    "mde": row.get(f"mde_holm_{PRIMARY}" if primary else f"mde_{PRIMARY}", float("nan")),
+                }
+            )
+    columns = ["experiment", "variant", "role", "n_seeds", "diff", "low", "high", "verdict", "mde"]
+    return pd.DataFrame(rows, columns=columns).sort_values("diff", ascending=False, ignore_index=True)
 
 
 def np_close(a: float, b: float) -> bool:
@@ -143,15 +192,16 @@ def noise_row(experiment: str, variant: str, test: statistics.CrossedTest) -> di
 
 def noise_table(profile: str, root: Path) -> pd.DataFrame | None:
     """Where each Recall@5 comparison's noise comes from (:func:`noise_row`), plus the pooled
-    components over every comparison (the row ``pooled``, the mean of their estimates, its SE at the
-    size of the study's middle comparison: every comparison of a study shares its seeds and val
-    items); None while an experiment has not finished."""
+    components over every comparison, exploratory ones included (the row ``pooled``, the mean of
+    their estimates, its SE at the size of the study's largest comparison, its primary design:
+    every comparison shares the val items, the primary ones all seeds); None while an experiment
+    has not finished."""
     found = study_tests(profile, root)
     if finished_study(profile, root) is None or not found:
         return None
     rows = [noise_row(name, variant, test) for name, variant, test, _ in found]
     pooled = statistics.pooled_components([test.components for _, _, test, _ in found])
-    typical = found[len(found) // 2][2]
+    typical = max((test for _, _, test, _ in found), key=lambda t: (t.n_seeds, t.n_items))  # the primary design
     summary = noise_row(POOLED, POOLED, typical) | {
         f"var_seed_{PRIMARY}": pooled.seed,
         f"var_item_{PRIMARY}": pooled.item,
@@ -206,6 +256,42 @@ def power_plan(components: statistics.Components, seeds, items, m: int, target: 
             if target is not None:
                 row["meets_target"] = bool(holm["mde"] <= target)
             rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def study_plan(
+    profile: str, components: statistics.Components, n_seeds: int, n_exploratory_seeds: int, n_items: int
+) -> pd.DataFrame:
+    """The power plan of a study before its runs: one row per planned comparison (experiment,
+    variant, role) with its seeds and val items, the level it may have to pass (a primary test:
+    Holm's strictest step, ``0.05 / m`` over the planned primary family; an exploratory one:
+    ``0.05``, uncorrected), and the minimum detectable Recall@5 difference (80 % power) there,
+    from the variance components of an earlier study; ``meets_target``: primary and MDE <= 0.05."""
+    m = sum(planned_tests(profile).values())
+    rows = []
+    for experiment in experiments(profile):
+        for variant in experiment.variants:
+            exploratory = variant in experiment.exploratory
+            seeds = min(n_seeds, n_exploratory_seeds) if exploratory else n_seeds
+            plan = statistics.planned_mde(components, seeds, n_items, 1 if exploratory else m)
+            rows.append(
+                {
+                    "experiment": experiment.name,
+                    "variant": variant,
+                    "role": "exploratory" if exploratory else "primary",
+                    "seeds": seeds,
+                    "val_items": n_items,
+                    "family_m": 0 if exploratory else m,
+                    "level": ALPHA if exploratory else ALPHA / m,
+                    "se": plan["se"],
+                    "df": plan["df"],
+                    f"mde_{PRIMARY}": plan["mde"],
+                    "meets_target": bool(not exploratory and plan["mde"] <= TARGET_MDE),
+                    f"var_seed_{PRIMARY}": components.seed,
+                    f"var_item_{PRIMARY}": components.item,
+                    f"var_inter_{PRIMARY}": components.interaction,
+                }
+            )
     return pd.DataFrame(rows)
 
 

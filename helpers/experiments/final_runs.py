@@ -2,15 +2,21 @@
 every seed with their checkpoints, their test numbers, and the seed that serves the demo.
 
 1. :func:`final_choice`: ``results/<profile>/final_config.json`` when the study has written
-   it, else the original study's final choice (batch-hard triplet, 256-d), saying which;
+   it, else the original study's final choice (:data:`ORIGINAL_CHOICE`), saying which;
    :func:`postprocess_choice`: the post-processing the study adopted.
-2. :func:`study_runs`: the study's runs of that configuration, every seed (checkpoints missing
-   here retrained under the recorded configuration, :func:`reproduction` checking they match);
-   without a finished study, :func:`ensure_checkpoint`: one run of the choice (the demo
-   pipeline's ``outputs/<profile>/run`` if it matches, else ``outputs/<profile>/final_run_<hash>``),
+2. :func:`study_runs`: the study's runs of that configuration, every seed. Checkpoints are not
+   committed: by default only the demo seed (:func:`demo_seed` of the study's record) is
+   retrained here when its ``best.pt`` is missing, ``retrain_all`` retrains every such seed;
+   :func:`reproduction` checks each retrain against the study's history. Without a finished
+   study, :func:`ensure_checkpoint`: one run of the choice (the demo pipeline's
+   ``outputs/<profile>/run`` if it matches, else ``outputs/<profile>/final_run_<hash>``),
    trained (resumably) only when the caller allows it.
-3. :func:`seed_table`: every seed's test numbers (:func:`test_metrics`: evaluated once, intervals
-   over items); :func:`demo_seed` (best val Recall@5) serves the index, the figure and the live demo.
+3. :func:`seed_table`: every seed's test numbers, labelled by where they come from: a run with
+   its checkpoint here is evaluated once (:func:`test_metrics`, intervals over items, written to
+   its ``metrics.json``: in the study's own run folder, committed, on the machine that ran the
+   study); a run not retrained here reads that committed ``metrics.json``
+   (:func:`committed_test_metrics`). :func:`demo_seed` (best val Recall@5) serves the index, the
+   figure and the live demo.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import pandas as pd
 from helpers.core.config import Config
 from helpers.core.errors import InputError
 from helpers.core.files import portable_path, sha256_bytes, sha256_file
+from helpers.core.progress import show_bars
 from helpers.evaluation import metrics
 from helpers.experiments import artifacts
 from helpers.experiments.catalogue import POSTPROCESS
@@ -35,6 +42,13 @@ from helpers.training import train
 # results/<profile>/final_config.json.
 ORIGINAL_CHOICE = {"loss": "batch_hard", "embed_dim": 256}
 
+# Where a seed's test numbers come from (the seed table's ``test result`` column, 04_demo's lines).
+EVALUATED = "evaluated on test here"
+COMMITTED = "committed study result, not re-evaluated here"
+SHORT = {"evaluated here": EVALUATED, "committed": COMMITTED}  # the mean and std rows count them
+# The 04_demo switch that retrains (when its checkpoint is missing) and evaluates every seed.
+RETRAIN_ALL_SWITCH = "RETRAIN_ALL_SEEDS = True"
+
 
 def final_choice(profile: str, results_root: Path | None = None) -> tuple[dict, str]:
     """``(config overrides, where they came from)`` for the profile's final model.
@@ -45,7 +59,8 @@ def final_choice(profile: str, results_root: Path | None = None) -> tuple[dict, 
     path = (results_root or artifacts.results_root(profile)) / "final_config.json"
     if not path.is_file():
         return dict(ORIGINAL_CHOICE), (
-            f"fallback: the original study's final choice (batch-hard triplet, 256-d), because "
+            f"fallback: the original study's final choice ({', '.join(f'{k}={v}' for k, v in ORIGINAL_CHOICE.items())}), "
+            "because "
             f"{portable_path(path)} "
             "does not exist yet"
         )
@@ -95,7 +110,7 @@ def final_run_dir(cfg: Config, choice: dict) -> Path:
 
 
 def ensure_checkpoint(
-    cfg: Config, choice: dict, table: Path, data_root: Path, train_if_missing: bool, progress: bool = True
+    cfg: Config, choice: dict, table: Path, data_root: Path, train_if_missing: bool, progress: bool | str = True
 ) -> tuple[Path, str]:
     """``(best.pt, how it was found)`` of a finished run trained with ``choice`` on ``cfg``'s
     profile (:func:`seed_table` evaluates it on test)."""
@@ -115,6 +130,9 @@ def ensure_checkpoint(
             + "); set TRAIN_IF_MISSING = True to train it here"
         )
     run_dir = final_run_dir(cfg, choice)
+    if progress and not artifacts.is_trained(run_dir):
+        epochs = replace(cfg, **choice).epochs
+        print(f"training the chosen configuration (epochs: at most {epochs}) into {portable_path(run_dir)}", flush=True)
     # An interrupted earlier attempt continues exactly (a changed choice is refused by fit).
     artifacts.ensure_trained(replace(cfg, **choice), table, data_root, run_dir, progress=progress)
     return (
@@ -124,52 +142,89 @@ def ensure_checkpoint(
 
 
 def study_runs(
-    cfg: Config, choice: dict, table: Path, data_root: Path, train_if_missing: bool, progress: bool = True
+    cfg: Config,
+    choice: dict,
+    table: Path,
+    data_root: Path,
+    train_if_missing: bool,
+    progress: bool | str = True,
+    retrain_all: bool = False,
 ) -> tuple[dict[int, Path], dict[int, Path], str]:
-    """``(runs, recorded, how)``: seed → run directory with ``best.pt`` of the final configuration,
-    seed → the study's own run directory (its history and metrics, committed), and a sentence.
+    """``(runs, recorded, how)``: seed → the run directory whose numbers stand for that seed of
+    the final configuration, seed → the study's own run directory (its history and metrics,
+    committed), and a sentence that says which seeds were retrained and which were not.
 
     When the study has finished, the final model *is* its runs of the final configuration,
     every seed, under the exact budget the study selected it with. Their checkpoints are local,
-    not committed: a seed whose ``best.pt`` is missing here is retrained from the run's recorded
+    not committed. A seed whose ``best.pt`` is missing here is retrained from the run's recorded
     configuration into ``outputs/<profile>/final_runs/`` (deterministic kernels reproduce it on
-    the same machine kind; :func:`reproduction` compares the two histories). Without a finished
-    study there is one run of ``choice`` (:func:`ensure_checkpoint`), and ``recorded`` is empty.
+    the same machine kind; :func:`reproduction` compares the two histories) when it is the
+    demo seed (:func:`demo_seed` of the study's record), or every such seed with ``retrain_all``;
+    any other seed maps to the study's run folder, without a checkpoint: :func:`seed_table`
+    reads its committed test result. ``progress="epochs"`` prints one line per epoch of a
+    retrain and no bar. Without a finished study there is one run of ``choice``
+    (:func:`ensure_checkpoint`), and ``recorded`` is empty.
     """
     root = artifacts.results_root(cfg.profile)
     if not (root / "final_config.json").is_file():
         checkpoint, how = ensure_checkpoint(cfg, choice, table, data_root, train_if_missing, progress)
         return {cfg.seed: checkpoint.parent}, {}, how
-    the_study = Study(cfg.profile, root=root, data_root=cfg.data_root, progress=progress, tables=(data_root, table))
+    the_study = Study(
+        cfg.profile, root=root, data_root=cfg.data_root, progress=show_bars(progress), tables=(data_root, table)
+    )
     recorded = the_study.final_runs(need_checkpoints=False)
-    final_cfg, runs, retrained = the_study.final_config(), {}, []
+    final_cfg, runs, retrained, committed = the_study.final_config(), {}, [], []
+    wanted = set(recorded) if retrain_all else {demo_seed(recorded)}
     for seed, run_dir in recorded.items():
         local = cfg.work_dir / "final_runs" / run_dir.name
         if (run_dir / "best.pt").is_file():
             runs[seed] = run_dir
+            continue
+        if seed not in wanted:
+            runs[seed], committed = run_dir, [*committed, seed]
             continue
         if not (local / "best.pt").is_file() and not train_if_missing:
             raise InputError(
                 f"{run_dir / 'best.pt'}: missing (checkpoints are not committed); set TRAIN_IF_MISSING = True to "
                 f"retrain seed {seed} under its recorded configuration"
             )
+        if progress and not artifacts.is_trained(local):
+            print(
+                f"seed {seed}: no checkpoint here ({portable_path(run_dir / 'best.pt')}); retraining it under its "
+                f"recorded configuration (epochs: at most {final_cfg.epochs}) into {portable_path(local)}",
+                flush=True,
+            )
         artifacts.ensure_trained(replace(final_cfg, seed=seed), table, data_root, local, progress=progress)
         runs[seed], retrained = local, [*retrained, seed]
-    how = f"the study's runs of the final configuration, seeds {', '.join(map(str, recorded))}" + (
-        f" (seeds {', '.join(map(str, retrained))} retrained here under the recorded configuration)"
-        if retrained
-        else ""
+    notes = [f"{_seeds(retrained)} retrained here under the recorded configuration"] if retrained else []
+    notes += [f"{_seeds(committed)}: {COMMITTED} ({RETRAIN_ALL_SWITCH} retrains them)"] if committed else []
+    how = f"the study's runs of the final configuration, {_seeds(list(recorded))}" + (
+        f" ({'; '.join(notes)})" if notes else ""
     )
     return runs, recorded, how
 
 
+def _seeds(seeds: list[int]) -> str:
+    """``seed 1`` or ``seeds 0, 2``."""
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
+
+
 def reproduction(runs: dict[int, Path], recorded: dict[int, Path]) -> pd.DataFrame:
     """Per seed: the largest difference over epochs between the run used here and the study's
-    recorded run, in training loss and val Recall@5 (0 where the study's own run is used)."""
+    recorded run, in training loss and val Recall@5 (0 where the study's own run is used, NaN
+    where the seed was not retrained here and has no checkpoint: nothing ran to compare)."""
     rows = {}
     for seed, run_dir in runs.items():
-        here = pd.read_csv(run_dir / "history.csv")
         there = pd.read_csv(recorded[seed] / "history.csv")
+        if run_dir == recorded[seed] and not (run_dir / "best.pt").is_file():
+            rows[seed] = {
+                "run": "not retrained here (committed result)",
+                "epochs (here / study)": f"- / {len(there)}",
+                "max |Δ loss|": float("nan"),
+                "max |Δ val R@5|": float("nan"),
+            }
+            continue
+        here = pd.read_csv(run_dir / "history.csv")
         same_length = len(here) == len(there)
         rows[seed] = {
             "run": "the study's own" if run_dir == recorded[seed] else "retrained here",
@@ -182,20 +237,29 @@ def reproduction(runs: dict[int, Path], recorded: dict[int, Path]) -> pd.DataFra
     return pd.DataFrame(rows).T.rename_axis("seed")
 
 
-def recipe_runs(cfg: Config, table: Path) -> dict[int, Path]:
+def recipe_runs(cfg: Config, table: Path, final: dict[int, Path] | None = None) -> dict[int, Path]:
     """seed → the study's finished runs of the profile's own config (the default recipe, the
-    study's stage-1 baseline), each replaced by its local retrain (``outputs/<profile>/final_runs``,
-    :func:`study_runs`) where the committed folder has no checkpoint; empty before the study has run it."""
+    study's stage-1 baseline); empty before the study has run it. A run that is also the final
+    configuration's (``final``, :func:`study_runs`: the recipe adopted as it is) is taken as
+    ``final`` has it, so both tables give that seed the same numbers from the same place; any
+    other is replaced by its local retrain (``outputs/<profile>/final_runs``) where the committed
+    folder has no checkpoint. A run left without a checkpoint gives its committed test result."""
     root = artifacts.results_root(cfg.profile)
     found = runs_of(cfg, root, sha256_file(table)) if root.is_dir() else {}
-    local = {seed: cfg.work_dir / "final_runs" / run_dir.name for seed, run_dir in found.items()}
-    return {
-        seed: local[seed] if not (run_dir / "best.pt").is_file() and (local[seed] / "best.pt").is_file() else run_dir
-        for seed, run_dir in found.items()
-    }
+    runs = {}
+    for seed, run_dir in found.items():
+        same = (final or {}).get(seed)
+        local = cfg.work_dir / "final_runs" / run_dir.name
+        if same is not None and same.name == run_dir.name:
+            runs[seed] = same
+        elif not (run_dir / "best.pt").is_file() and (local / "best.pt").is_file():
+            runs[seed] = local
+        else:
+            runs[seed] = run_dir
+    return runs
 
 
-def test_metrics(run_dir: Path, table: Path, data_root: Path, progress: bool = True) -> dict:
+def test_metrics(run_dir: Path, table: Path, data_root: Path, progress: bool | str = True) -> dict:
     """The run's test ``metrics.json`` (official protocol) with intervals that resample items:
     evaluated once with its ``best.pt`` (:func:`helpers.training.train.evaluate_run`) when missing
     or written with per-query intervals; a run without its checkpoint keeps what it recorded."""
@@ -210,24 +274,69 @@ def test_metrics(run_dir: Path, table: Path, data_root: Path, progress: bool = T
     return recorded
 
 
-def seed_table(runs: dict[int, Path], table: Path, data_root: Path, progress: bool = True) -> pd.DataFrame:
+def committed_test_metrics(run_dir: Path, seed: int) -> dict:
+    """The test result committed in the study's run folder (``metrics.json``, written by
+    :func:`test_metrics` in ``04_demo`` on the machine that holds the study's checkpoints), for a
+    seed not retrained here: test split, intervals over items, the fit's ``best_epoch`` and
+    ``val``. Anything else is a one-line error that names the file and the switch to set."""
+    path = Path(run_dir) / "metrics.json"
+    fix = (
+        f"set {RETRAIN_ALL_SWITCH} (with TRAIN_IF_MISSING = True) to retrain and evaluate seed {seed} here, or "
+        "run 04_demo where the study's checkpoints are, which writes it"
+    )
+    if not path.is_file():
+        raise InputError(f"{path}: missing, the committed test result of seed {seed} (no best.pt here); {fix}")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: not readable JSON ({error}); {fix}") from None
+    usable = (
+        isinstance(record, dict)
+        and record.get("split") == "test"
+        and metrics.INTERVALS["items"] in record.get("ci", "")
+        and "best_epoch" in record
+        and "val" in record
+    )
+    if not usable:
+        raise InputError(f"{path}: not a test result of seed {seed} with intervals over items; {fix}")
+    return record
+
+
+def seed_table(runs: dict[int, Path], table: Path, data_root: Path, progress: bool | str = True) -> pd.DataFrame:
     """One row per seed: best epoch, val Recall@5 at it, and test Recall@1/5/10 (official
-    protocol, :func:`test_metrics`) with each seed's 95 % bootstrap interval over items; then the
-    mean and the sample std over seeds."""
+    protocol) with each seed's 95 % bootstrap interval over items, and where the test numbers
+    come from (``test result``): :data:`EVALUATED` for a run with its checkpoint here
+    (:func:`test_metrics`), :data:`COMMITTED` for one without (:func:`committed_test_metrics`);
+    then the mean and the sample std over seeds (their ``test result``: how many of each, e.g.
+    ``1 evaluated here, 2 committed``)."""
     rows = {}
     for seed, run_dir in runs.items():
-        result = test_metrics(run_dir, table, data_root, progress)
+        here = (Path(run_dir) / "best.pt").is_file()
+        result = test_metrics(run_dir, table, data_root, progress) if here else committed_test_metrics(run_dir, seed)
         row = {"best_epoch": result["best_epoch"], "val_recall@5": result["val"]["recall@5"]}
         for k in (1, 5, 10):
             low, high = result[f"recall@{k}_ci"]
             row[f"test_recall@{k}"] = result[f"recall@{k}"]
             row[f"test_recall@{k}_ci"] = f"[{low:.3f}, {high:.3f}]"
-        rows[seed] = row
+        rows[seed] = {**row, "test result": EVALUATED if here else COMMITTED}
     frame = pd.DataFrame(rows).T.rename_axis("seed")
-    numeric = [c for c in frame.columns if not c.endswith("_ci")]
+    numeric = [c for c in frame.columns if not c.endswith("_ci") and c != "test result"]
     frame[numeric] = frame[numeric].astype(float)
     summary = pd.DataFrame({"mean": frame[numeric].mean(), "std": frame[numeric].std(ddof=1)}).T
+    counts = {word: int((frame["test result"] == label).sum()) for word, label in SHORT.items()}
+    summary["test result"] = ", ".join(f"{n} {word}" for word, n in counts.items() if n)
     return pd.concat([frame, summary])
+
+
+def source_line(table: pd.DataFrame) -> str:
+    """Which seeds of a :func:`seed_table` were evaluated here and which are committed results,
+    e.g. ``seed 1: evaluated on test here; seeds 0, 2: committed study result, ...``."""
+    per_seed = table.drop(index=["mean", "std"])["test result"]
+    return "; ".join(
+        f"{_seeds([s for s, v in per_seed.items() if v == label])}: {label}"
+        for label in (EVALUATED, COMMITTED)
+        if (per_seed == label).any()
+    )
 
 
 def demo_seed(runs: dict[int, Path]) -> int:

@@ -185,16 +185,20 @@ def projected_seconds(root: Path, profile: str, n_runs: int, epochs: int) -> tup
 
 def runs_summary(root: Path) -> dict:
     """Over the study's distinct runs (a run shared by several experiments counted once): how many
-    had their best val Recall@5 at their last epoch (still rising: the budget may be short), how
+    had their best val Recall@5 at their last epoch, or among their last two (still rising: the
+    budget may be short; a run stopped early after its patience has its best further back), how
     many stopped early, and the summed wall time."""
     runs = pd.concat([pd.read_csv(p) for p in sorted(Path(root).glob("*/runs.csv"))])
     runs = runs[runs.experiment != POSTPROCESS].drop_duplicates("run_dir")  # postprocess lists the final runs again
     at_last = int((runs.best_epoch == runs.epochs_run).sum())
+    last_two = int((runs.best_epoch >= runs.epochs_run - 1).sum())
     budget = [json.loads((Path(root) / d / "config.json").read_text())["config"]["epochs"] for d in runs.run_dir]
     return {
         "distinct_runs": len(runs),
         "best_at_last_epoch": at_last,
         "best_at_last_epoch_percent": round(100 * at_last / len(runs), 1),
+        "best_in_last_two_epochs": last_two,
+        "best_in_last_two_epochs_percent": round(100 * last_two / len(runs), 1),
         "stopped_early": int((runs.epochs_run.to_numpy() < np.array(budget)).sum()),
         "wall_hours": round(float(runs.wall_s.sum()) / 3600, 2),
     }

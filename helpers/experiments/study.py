@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from helpers.core import identity, repro
-from helpers.core.config import PROFILES, STUDY_SEEDS, Config, check, get_config
+from helpers.core.config import EXPLORATORY_SEEDS, PROFILES, STUDY_SEEDS, Config, check, get_config
 from helpers.core.errors import InputError
 from helpers.core.files import sha256_file, write_text_atomic
 from helpers.core.progress import progress_bar
@@ -166,9 +166,20 @@ class Study:
 
     # ----------------------------------------------------------------- planning and running
 
+    def seeds_of(self, experiment: Experiment, variant: str) -> int:
+        """How many seeds a variant runs: the study's, or at most EXPLORATORY_SEEDS for an exploratory one."""
+        if variant in experiment.exploratory:
+            return min(self.n_seeds, EXPLORATORY_SEEDS[self.profile])
+        return self.n_seeds
+
     def jobs(self, experiment: Experiment, strict: bool = True) -> list[tuple[str, int, Config]]:
         configs = self.configs(experiment, strict)
-        return [(v, s, replace(cfg, seed=s)) for s in range(self.n_seeds) for v, cfg in configs.items()]
+        return [
+            (v, s, replace(cfg, seed=s))
+            for s in range(self.n_seeds)
+            for v, cfg in configs.items()
+            if s < self.seeds_of(experiment, v)
+        ]
 
     def plan(self) -> pd.DataFrame:
         """Per experiment: configurations, runs, and runs still to train (not finished anywhere in
@@ -180,7 +191,7 @@ class Study:
             keys = {identity.run_key(cfg, table_sha) for _, _, cfg in self.jobs(experiment, strict=False)}
             todo = {k for k in keys if not runs.is_finished(known.get(k, self.root / "-"))} - seen
             seen |= keys  # a run shared by several experiments (a stage's baseline) is trained once
-            configs = len(keys) // self.n_seeds
+            configs = len(self.configs(experiment, strict=False))
             rows.append({"stage": experiment.stage, "experiment": experiment.name, "configs": configs})
             rows[-1].update(runs=len(keys), to_train=len(todo))
         undecided = sum(
@@ -219,9 +230,10 @@ class Study:
         if train:
             epochs = configs["baseline"].epochs
             seconds, source = runs.projected_seconds(self.root, self.profile, len(todo), epochs)
+            seeds = sorted({self.seeds_of(experiment, v) for v in configs}, reverse=True)
             print(
-                f"{experiment.name}: {len(jobs)} runs ({len(configs)} variants × {self.n_seeds} seed"
-                f"{'s' * (self.n_seeds != 1)}), {len(todo)} to train; projected ≤ {seconds / 60:.1f} min "
+                f"{experiment.name}: {len(jobs)} runs ({len(configs)} variants × {' or '.join(map(str, seeds))} "
+                f"seeds), {len(todo)} to train; projected ≤ {seconds / 60:.1f} min "
                 f"({len(todo)} × ≤ {epochs} epochs × {source})",
                 flush=True,
             )
@@ -251,7 +263,9 @@ class Study:
         statistics from the runs' val ranks: rerunning an experiment whose runs all exist only
         recomputes them)."""
         tests, pending = family.family_at_decision(self.profile, self.root, experiment.name)
-        table_cmp, holm = comparison.compare(table, ranks, [t[f"p_{PRIMARY}"] for t in tests], pending)
+        table_cmp, holm = comparison.compare(
+            table, ranks, [t[f"p_{PRIMARY}"] for t in tests], pending, exploratory=experiment.exploratory
+        )
         winner, why = decide(table_cmp)
         decision = {
             "experiment": experiment.name,
@@ -357,6 +371,31 @@ class Study:
         family.write_noise(self.profile, self.root)
         return record
 
+    def compare_items(self) -> int:
+        """The val items the study compares runs on: val's items less the early-stopping ones."""
+        table = pd.read_csv(self.prepared()[1], usecols=["item_id", "split"])
+        return int(table.loc[table.split == "val", "item_id"].nunique()) - self.config.stop_items
+
+    def write_power_plan(self, noise: Path | None = None) -> pd.DataFrame:
+        """``power_plan.csv``: each planned comparison's minimum detectable Recall@5 difference at this
+        study's seeds and val items, from the pooled variance components of an earlier study's
+        ``noise.csv`` (default: this profile's committed one). Written once, before the runs: an
+        existing plan is read back, never recomputed from the study's own, later noise."""
+        path = self.root / family.POWER_PLAN
+        if path.is_file():
+            return pd.read_csv(path)
+        source = Path(noise or artifacts.results_root(self.profile) / NOISE)
+        plan = family.study_plan(
+            self.profile,
+            family.pooled_from(source),
+            self.n_seeds,
+            EXPLORATORY_SEEDS[self.profile],
+            self.compare_items(),
+        )
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, plan.to_csv(index=False, lineterminator="\n"))
+        return plan
+
     def write_data_summary(self) -> dict:
         """``data_summary.json`` beside the experiments, so the report needs nothing but results/."""
         cfg, table_path = self.config, self.prepared()[1]
@@ -374,6 +413,8 @@ class Study:
             "categories": summary.get("categories"),
             "parameters": summary.get("parameters"),
             "table_sha256": summary.get("table_sha256"),
+            "val_stop_items": cfg.stop_items,
+            "val_compare_items": self.compare_items(),
         }
         self.root.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.root / "data_summary.json", json.dumps(record, indent=2) + "\n")

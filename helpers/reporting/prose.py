@@ -15,8 +15,18 @@ from helpers.experiments import study
 
 # The paper's title: written like its sections; the HTML and the PDFs carry it too.
 TITLE = "# Consumer-to-shop clothing retrieval: re-examining a course study's recipe"
+AUTHORS = "Authors: <names> · <course, term>"  # placeholders the team fills in
 PROSE_DIR = REPO_ROOT / "report" / "prose"  # the prose's one home; another only when asked for by name
-PROSE_SECTIONS = ("abstract", "introduction", "method", "discussion", "limitations", "conclusion")
+PROSE_SECTIONS = (
+    "abstract",
+    "introduction",
+    "related_work",
+    "method",
+    "discussion",
+    "limitations",
+    "running",  # "Running on DeepFashion": the full study's commands, around its generated plan
+    "conclusion",
+)
 TALK = "talk.md"  # the slides: written, one message per slide, merged with generated figures and tables
 # {tab:crop} / {fig:crop_curves} in prose: a reference; {def:tab:crop} in generated text: where Table N is.
 _LABEL = re.compile(r"\{(tab|fig):(\w+)\}")

@@ -12,43 +12,27 @@ from pathlib import Path
 
 import pandas as pd
 
-from helpers.evaluation import plots
-from helpers.experiments import study
+from helpers.evaluation import failures, plots
+from helpers.experiments import family, robustness, robustness_study, study
 from helpers.reporting.prose import prose_lines
 from helpers.reporting.sections import copied_figure, save_figure
-from helpers.reporting.tables import experiment_table, final_rows, md_table, seed_rows
-
-
-def overview_rows(loaded: dict) -> pd.DataFrame:
-    """Every tested variant of the study: its val Recall@5 difference from its experiment's
-    baseline with the interval that decided it (Holm-adjusted where the table has it) and verdict."""
-    primary, rows = study.PRIMARY, {}
-    for experiment, result in loaded["finished"]:
-        table = result["comparison"].drop(index="baseline").dropna(subset=[f"diff_{primary}"])
-        low, high = (f"low_adj_{primary}", f"high_adj_{primary}")
-        if low not in table.columns:
-            low, high = f"low_{primary}", f"high_{primary}"
-        for variant, row in table.iterrows():
-            rows[f"{experiment.name}: {variant}"] = {
-                "diff": row[f"diff_{primary}"],
-                "low": row[low],
-                "high": row[high],
-                "verdict": row[f"verdict_{primary}"],
-            }
-    return pd.DataFrame(rows).T
+from helpers.reporting.tables import difference, experiment_table, final_rows, md_table, seed_rows
 
 
 def overview_lines(loaded: dict, tag: str, figures: Path) -> list[str]:
-    """The whole study in one figure, and what its runs say about the budget."""
-    lines = []
-    rows = overview_rows(loaded) if loaded["finished"] else pd.DataFrame()
+    """The baseline's learning curve (how long to train), the whole study in one ranked figure, and
+    what its runs say about the budget."""
+    lines = curve_lines(loaded, tag, figures)
+    rows = family.effects(loaded["profile"], loaded["root"])
     if len(rows):
-        target = save_figure(plots.plot_study_overview(rows), figures / f"{loaded['profile']}_overview.png")
+        target = save_figure(plots.plot_effects(rows), figures / f"{loaded['profile']}_overview.png")
         lines += [
-            f"![the study at a glance](figures/{target.name})",
+            f"![the study's effects, ranked](figures/{target.name})",
             "",
-            f"*{{def:fig:{tag}overview}}: every variant of the study against its experiment's baseline: the "
-            "difference in val Recall@5 with the interval that decided its verdict (Holm-adjusted; colour: verdict).*",
+            f"*{{def:fig:{tag}overview}}: every effect of the study, ranked: each variant's difference in val "
+            "Recall@5 points from its experiment's baseline with the interval that decides its verdict (filled: "
+            "primary, at the level of its Holm step; hollow: exploratory, uncorrected 95 %); grey: ± the "
+            "comparison's minimum detectable effect.*",
             "",
         ]
     record = loaded["root"] / "final_config.json"
@@ -56,12 +40,37 @@ def overview_lines(loaded: dict, tag: str, figures: Path) -> list[str]:
     if summary:
         lines += [
             f"**Budget.** Of the study's {summary['distinct_runs']} distinct runs, {summary['best_at_last_epoch']} "
-            f"({summary['best_at_last_epoch_percent']} %) had their best val Recall@5 at their last epoch, i.e. were "
-            f"still improving when the epochs ran out; {summary['stopped_early']} stopped early. Their summed wall "
-            f"time was {summary['wall_hours']} h.",
+            f"({summary['best_at_last_epoch_percent']} %) had their best val Recall@5 at their last epoch and "
+            f"{summary.get('best_in_last_two_epochs', summary['best_at_last_epoch'])} "
+            f"({summary.get('best_in_last_two_epochs_percent', summary['best_at_last_epoch_percent'])} %) in their "
+            f"last two, i.e. were still improving when they ended; {summary['stopped_early']} stopped early. "
+            f"Their summed wall time was {summary['wall_hours']} h.",
             "",
         ]
     return lines
+
+
+def curve_lines(loaded: dict, tag: str, figures: Path) -> list[str]:
+    """The study's first figure: its baseline recipe's learning curve over seeds, which answers how
+    long the recipe needs to train by itself."""
+    first = study.experiments(loaded["profile"])[0].name
+    if not (loaded["root"] / first / "runs.csv").is_file():
+        return []
+    history = study.experiment_history(loaded["root"], first)
+    history = history[history.variant == "baseline"]
+    best = history[history.best].epoch
+    target = save_figure(
+        plots.plot_learning_curves(history, "the baseline recipe"), figures / f"{loaded['profile']}_baseline_curve.png"
+    )
+    return [
+        f"![the baseline recipe's learning curve](figures/{target.name})",
+        "",
+        f"*{{def:fig:{tag}curve}}: how long to train: the baseline recipe over its {history.seed.nunique()} seeds, "
+        "train loss and val Recall@5 per epoch (val: the items that choose each run's epoch); each run stops "
+        "after its patience without a better val Recall@5, and its best epochs range from "
+        f"{best.min()} to {best.max()}.*",
+        "",
+    ]
 
 
 def results_lines(loaded: dict, tag: str, figures: Path, texts: dict, level: str = "###") -> list[str]:
@@ -173,12 +182,13 @@ def final_lines(loaded: dict, tag: str, figures: Path, level: str) -> list[str]:
     if not metrics_path.is_file():
         return lines + ["Test: not evaluated yet (`04_demo` writes `final/metrics.json`).", ""]
     final = json.loads(metrics_path.read_text())
+    over = "items" if "over items" in final["protocols"].get("official", {}).get("ci", "over items") else "queries"
     lines += [f"{level} Test: the final configuration, evaluated once", ""]
     if final.get("seeds"):
         lines += [
             f"*{{def:tab:{tag}test_seeds}}: split test, official protocol; data: {source}; profile `{profile}`; "
             "each seed's run of the final configuration (its `best.pt`, chosen on val), with that seed's 95 % "
-            "percentile bootstrap interval over queries; then mean and sample std over seeds"
+            f"percentile bootstrap interval over {over}; then mean and sample std over seeds"
             + (
                 "; below, the same for the default recipe (the study's baseline)"
                 if final.get("default_recipe_seeds")
@@ -197,7 +207,7 @@ def final_lines(loaded: dict, tag: str, figures: Path, level: str) -> list[str]:
             else "one training run, "
         )
         + "under every protocol, beside the same backbone untrained (zero-shot); 95 % percentile bootstrap intervals "
-        "over queries. The original study's row is its published number under its own pair-row protocol on "
+        f"over {over}. The original study's row is its published number under its own pair-row protocol on "
         "DeepFashion.*",
         "",
         md_table(final_rows(final, source, profile)),
@@ -238,7 +248,7 @@ def final_lines(loaded: dict, tag: str, figures: Path, level: str) -> list[str]:
             ),
             "",
         ]
-    return lines + copied_figure(
+    lines += copied_figure(
         root / "final" / "success_failure.png",
         figures / f"{profile}_success_failure.png",
         "successes and failures",
@@ -246,6 +256,69 @@ def final_lines(loaded: dict, tag: str, figures: Path, level: str) -> list[str]:
         f"not by hand; {table_subject(final)}): the garment crop, then its top-5 shop images; green: the query's "
         "own item.*",
     )
+    return lines + failure_lines(loaded, tag, figures, final) + robustness_lines(loaded, tag, figures, level)
+
+
+FAILURE_GROUPS = {"category": "the category of the query's item", "box_area": "the share of the photo its box covers"}
+
+
+def failure_lines(loaded: dict, tag: str, figures: Path, final: dict) -> list[str]:
+    """Where the final model fails on test: Recall@5 per group (``04_demo``'s ``failures_by_*.csv``)."""
+    lines = []
+    for name, what in FAILURE_GROUPS.items():
+        path = loaded["root"] / "final" / f"failures_by_{name}.csv"
+        if not path.is_file():
+            continue
+        summary = pd.read_csv(path, index_col=0)
+        overall = final["protocols"]["official"]["recall@5"]
+        figure = failures.plot_recall_by(summary, title=f"test Recall@5 by {what}", overall=overall)
+        target = save_figure(figure, figures / f"{loaded['profile']}_failures_{name}.png")
+        lines += [
+            f"![test Recall@5 by {name}](figures/{target.name})",
+            "",
+            f"*{{def:fig:{tag}failures_{name}}}: where the final model fails: test Recall@5 ({table_subject(final)}, "
+            f"official protocol) by {what}, with 95 % bootstrap intervals over items; hollow grey: a group of few "
+            "items; dashed: the whole test split.*",
+            "",
+        ]
+    return lines
+
+
+def robustness_lines(loaded: dict, tag: str, figures: Path, level: str) -> list[str]:
+    """The robustness experiment: val Recall@5 as each nuisance is turned up, per contrast."""
+    tables = robustness_study.load_robustness(loaded["root"])
+    if tables is None:
+        return []
+    target = save_figure(
+        robustness.plot_dose_response(tables["recall"]), figures / f"{loaded['profile']}_robustness.png"
+    )
+    differences = tables["differences"]
+    rows = pd.DataFrame(
+        {
+            "contrast": differences.variant + " − " + differences.reference,
+            "nuisance": differences.nuisance,
+            "strength": differences.strength,
+            "ΔR@5 [95 % CI]": [
+                difference(d, lo, hi, v)
+                for d, lo, hi, v in zip(differences["diff"], differences.low, differences.high, differences.verdict)
+            ],
+        }
+    )
+    return [
+        f"{level} Robustness: when do the crop and the photometric normalisation matter?",
+        "",
+        f"![robustness](figures/{target.name})",
+        "",
+        f"*{{def:fig:{tag}robustness}}: val Recall@5 of runs evaluated, without retraining, on val trees whose consumer "
+        "photos carry one nuisance at several strengths (synthetic data; the dotted line: the strength the runs "
+        "trained on), with intervals over seeds × items.*",
+        "",
+        f"*{{def:tab:{tag}robustness}}: each contrast's paired difference at each strength (uncorrected 95 % "
+        "intervals: exploratory).*",
+        "",
+        md_table(rows),
+        "",
+    ]
 
 
 def table_subject(final: dict) -> str:

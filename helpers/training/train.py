@@ -9,6 +9,11 @@ hash and ``env_info``), ``history.csv`` (one row per epoch), ``best.pt`` / ``las
 average precision under ``best.pt``, official protocol, sorted by path: from the validation
 pass that selected it, so val is never embedded again for it) and ``fit.json`` (the best
 epoch, its val metrics, why training stopped early; written last, it marks a finished fit).
+With ``stop_items`` > 0 the val queries split in two by item, both searched against every val
+shop photo (:func:`helpers.data.sampling.split_stop_items`): early stopping, ``best.pt``'s choice,
+``history.csv``'s val columns and ``stop_ranks.csv`` use the stop items' queries;
+``val_ranks.csv`` and ``fit.json``'s ``val`` are ``best.pt`` on the other items' queries, which no
+choice has seen (``fit.json``'s ``stop`` keeps the stop items' numbers).
 :func:`evaluate_run` adds ``metrics.json`` (the test split, official protocol, with
 ``fit.json``'s fields; the val numbers used for selection are kept apart under ``"val"``).
 
@@ -43,9 +48,9 @@ from helpers.core import identity, repro, runtime
 from helpers.core.config import Config
 from helpers.core.errors import InputError
 from helpers.core.files import copy_atomic, portable_path, sha256_file, write_text_atomic
-from helpers.core.progress import progress_bar
+from helpers.core.progress import progress_bar, show_bars
 from helpers.core.schema import read_table
-from helpers.data import datasets, store, transforms
+from helpers.data import datasets, sampling, store, transforms
 from helpers.evaluation import inference, metrics
 from helpers.modeling import checkpoints, distributed, losses, models
 from helpers.modeling.checkpoints import read_checkpoint, save_checkpoint
@@ -205,7 +210,9 @@ def _build(
     # layout tensor cores want.
     embedder.to(device).to(memory_format=torch.channels_last)
 
-    train_rows = table.loc[table.split == "train"].reset_index(drop=True)
+    stop_table, _ = _val_tables(cfg, table)
+    train_rows = sampling.train_subset(table, cfg.train_fraction, cfg.split_seed)
+    train_rows = train_rows.loc[train_rows.split == "train"].reset_index(drop=True)
     if train_rows.empty:
         raise InputError(f"{table_path}: the train split is empty")
     transform = transforms.create_transform(cfg, embedder.data_config, cfg.augment)
@@ -217,7 +224,10 @@ def _build(
     train_set = datasets.C2SDataset(
         train_rows.iloc[kept].reset_index(drop=True), data_root, transform, store=crops, store_rows=kept
     )
-    sampler = datasets.PKSampler((train_set.labels, train_set.domains), cfg.p_items, cfg.k_images, seed=cfg.seed)
+    epoch_len = None if cfg.epoch_images is None else max(1, cfg.epoch_images // (cfg.p_items * cfg.k_images))
+    sampler = datasets.PKSampler(
+        (train_set.labels, train_set.domains), cfg.p_items, cfg.k_images, epoch_len=epoch_len, seed=cfg.seed
+    )
     batches = datasets.SampleSeeds(sampler, cfg.seed)
     # Under DDP each rank loads only its share (whole items) of every global batch.
     shares = distributed.ShardedBatches(batches, cfg.k_images, cfg.p_items, ctx.rank, ctx.world_size)
@@ -246,7 +256,7 @@ def _build(
         amp=amp,
         batches=batches,
         loader=loader,
-        validate=_val_evaluator(cfg, embedder, table, data_root, device, folder, ctx, progress),
+        validate=_val_evaluator(cfg, embedder, stop_table, data_root, device, folder, ctx, progress),
         state=state,
         ctx=ctx,
         model=_training_module(cfg, embedder, ctx, device),
@@ -285,6 +295,20 @@ def _val_evaluator(
     return inference.ProtocolEvaluator(
         cfg, embedder.data_config, table, data_root, "val", "official", device, crops=crops
     )
+
+
+def _val_tables(cfg: Config, table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """``(stop, compare)``: the tables whose val split early stopping and the reported val numbers
+    use; compare is None when ``stop_items`` is 0 (one val does both)."""
+    if not cfg.stop_items:
+        return table, None
+    return sampling.split_stop_items(table, cfg.stop_items, cfg.split_seed)
+
+
+def _ranks_file(cfg: Config) -> str:
+    """The per-query ranks of the validation that picks ``best.pt``: val's own, or the stop items'
+    (val_ranks.csv then holds the compare items', written by :func:`_finish`)."""
+    return "stop_ranks.csv" if cfg.stop_items else "val_ranks.csv"
 
 
 def _training_module(cfg: Config, embedder: models.Embedder, ctx: distributed.Context, device: str) -> torch.nn.Module:
@@ -350,7 +374,7 @@ def _restore(run: Run) -> None:
     if state["epoch"] >= 0:
         if state["bad_epochs"] == 0:
             copy_atomic(run.run_dir / "last.pt", run.run_dir / "best.pt")
-        _write_val_ranks(run.run_dir / "val_ranks.csv", state["val_ranks"])
+        _write_val_ranks(run.run_dir / _ranks_file(run.cfg), state["val_ranks"])
     _write_history(run.run_dir / "history.csv", state["history"])
 
 
@@ -375,13 +399,14 @@ def _save(run: Run, epoch: int, val: dict | None) -> None:
     save_checkpoint(run.run_dir / "last.pt", run.state)
     if val is not None and run.state["bad_epochs"] == 0:
         copy_atomic(run.run_dir / "last.pt", run.run_dir / "best.pt")
-        _write_val_ranks(run.run_dir / "val_ranks.csv", run.state["val_ranks"])
+        _write_val_ranks(run.run_dir / _ranks_file(run.cfg), run.state["val_ranks"])
     _write_history(run.run_dir / "history.csv", run.state["history"])
     distributed.barrier()
 
 
-def _train_epoch(run: Run, epoch: int, progress: bool) -> dict:
-    """One epoch and its validation; returns the val metrics."""
+def _train_epoch(run: Run, epoch: int, progress: bool | str) -> dict:
+    """One epoch and its validation; returns the val metrics. ``progress``: True draws the epoch's
+    bar and prints its line, ``"epochs"`` prints the line only (:func:`helpers.core.progress.show_bars`)."""
     cfg, state = run.cfg, run.state
     torch.manual_seed(cfg.seed * 100_003 + epoch)  # any model-side randomness = f(seed, epoch)
     run.batches.set_epoch(epoch)
@@ -400,7 +425,7 @@ def _train_epoch(run: Run, epoch: int, progress: bool) -> dict:
         run.device,
         run.amp,
         cfg.grad_clip,
-        progress and run.ctx.is_main,
+        show_bars(progress) and run.ctx.is_main,
         desc=f"epoch {epoch + 1}/{cfg.epochs}",
     )
     images_seen *= run.ctx.world_size  # every rank saw an equal share of each global batch
@@ -414,7 +439,11 @@ def _train_epoch(run: Run, epoch: int, progress: bool) -> dict:
     )
     _save(run, epoch, val)
     if progress and run.ctx.is_main:
-        print(f"epoch {epoch + 1}: loss {loss:.4f}  val R@1 {val['recall@1']:.3f}  R@5 {val['recall@5']:.3f}")
+        print(
+            f"epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}  val R@1 {val['recall@1']:.3f}  "
+            f"R@5 {val['recall@5']:.3f}  ({seconds:.0f} s training)",
+            flush=True,
+        )
     return val
 
 
@@ -428,7 +457,7 @@ def _check_collapse(run: Run, val: dict, epoch: int) -> None:
         )
 
 
-def _train_epochs(run: Run, progress: bool, stop_after_epoch: int | None) -> tuple[bool, str | None]:
+def _train_epochs(run: Run, progress: bool | str, stop_after_epoch: int | None) -> tuple[bool, str | None]:
     """Epochs from the one after the state's, until the last, early stop or ``stop_after_epoch``.
     Returns (finished, why it stopped early or None)."""
     for epoch in range(run.state["epoch"] + 1, run.cfg.epochs):
@@ -441,12 +470,27 @@ def _train_epochs(run: Run, progress: bool, stop_after_epoch: int | None) -> tup
     return True, None
 
 
+def _compare_val(run: Run, weights: dict) -> tuple[dict, pd.DataFrame]:
+    """Metrics and per-query ranks of ``weights`` on the compare items (``stop_items`` > 0)."""
+    run.embedder.load_state_dict(weights)
+    _, compare = _val_tables(run.cfg, read_table(run.table_path))
+    folder = Path(run.table_path).parent / "stores"
+    evaluator = _val_evaluator(run.cfg, run.embedder, compare, run.data_root, run.device, folder, run.ctx, False)
+    distributed.broadcast_buffers(run.embedder)
+    return distributed.broadcast_object(evaluator.with_ranks(run.embedder, progress=False))
+
+
 def _finish(run: Run, stopped: str | None) -> dict:
     """``fit.json``: the best epoch (1-based), its val metrics and why training stopped early
     (None: it ran every epoch). Written last, so it marks a finished fit; every rank returns it
     once it is written (a caller may go on to :func:`evaluate_run` at once)."""
     best = read_checkpoint(run.run_dir / "best.pt")  # written by rank 0 before its last barrier
     result = {"best_epoch": best["epoch"] + 1, "val": best["val"], "stopped": stopped}
+    if run.cfg.stop_items:  # the reported val: best.pt on the val items no choice has seen
+        val, ranks = _compare_val(run, best["model"])
+        result = {**result, "val": val, "stop": best["val"]}
+        if run.ctx.is_main:
+            _write_val_ranks(run.run_dir / "val_ranks.csv", ranks.to_dict("list"))
     if run.ctx.is_main:
         write_text_atomic(run.run_dir / "fit.json", json.dumps(result, indent=2) + "\n")
     distributed.barrier()
@@ -459,11 +503,14 @@ def fit(
     data_root: str | Path,
     run_dir: str | Path,
     resume: bool = False,
-    progress: bool = True,
+    progress: bool | str = True,
     stop_after_epoch: int | None = None,
 ) -> dict | None:
     """Train and select ``best.pt`` on val Recall@5 with early stopping; returns ``fit.json``'s
     ``{"best_epoch", "val", "stopped"}``. Test is not looked at (see :func:`evaluate_run`).
+
+    ``progress``: True draws bars and prints a line per epoch, ``"epochs"`` prints the line per
+    epoch only, False prints nothing; it never changes what the run computes.
 
     ``stop_after_epoch`` ends the call after that epoch as an interruption would (returns None,
     no ``fit.json``); ``resume=True`` later continues the same run.
@@ -472,7 +519,7 @@ def fit(
     run_dir, table_path, data_root = Path(run_dir), Path(table_path), Path(data_root)
     run_dir.mkdir(parents=True, exist_ok=True)
     state = _open_run(run_dir, cfg, table_path, resume)
-    run = _build(cfg, table_path, data_root, run_dir, state, progress)
+    run = _build(cfg, table_path, data_root, run_dir, state, show_bars(progress))
     distributed.barrier()  # every rank has checked the run directory before rank 0 writes to it
     if run.state is None:
         _baseline(run)
@@ -493,7 +540,11 @@ def metrics_name(split: str) -> str:
 
 
 def evaluate_run(
-    run_dir: str | Path, table_path: str | Path, data_root: str | Path, split: str = "test", progress: bool = True
+    run_dir: str | Path,
+    table_path: str | Path,
+    data_root: str | Path,
+    split: str = "test",
+    progress: bool | str = True,
 ) -> dict:
     """``best.pt`` of the finished fit in ``run_dir`` evaluated once on ``split`` (official
     protocol, the run's own config), with ``fit.json``'s fields added, written to
@@ -513,7 +564,7 @@ def evaluate_run(
         split=split,
         protocol="official",
         device=device,
-        progress=progress and ctx.is_main,
+        progress=show_bars(progress) and ctx.is_main,
     )
     result = distributed.broadcast_object({**evaluated, **fitted})
     if ctx.is_main:

@@ -1,0 +1,93 @@
+"""The robustness experiment of a study (no training): the runs of the crop experiment (box crop
+against the whole photo) and of the photometric experiment (its baseline against its primary
+normalisation) evaluated on val trees whose consumer photos carry one nuisance at several
+strengths (:mod:`helpers.experiments.robustness`), so the dose-response shows when the box crop
+and the photometric normalisation matter. Synthetic data only: a real tree cannot be rewritten
+with a nuisance turned up.
+
+Writes ``results/<profile>/robustness/``: ``recall.csv`` (per nuisance, strength and variant, val
+Recall@5 with its seeds × items interval), ``differences.csv`` (each variant against its
+experiment's baseline at each dose, the study's paired test) and ``run.json`` (the runs, the
+strengths, the wall time). The per-query ranks stay in the local cache (they are large).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from helpers.core.errors import InputError
+from helpers.core.files import portable_path, write_text_atomic
+from helpers.experiments import robustness
+from helpers.experiments.study import Study
+
+ROBUSTNESS = "robustness"
+# Strengths per nuisance: 1 (box jitter 0) is the tree the runs trained on; 0 removes the nuisance,
+# 2 doubles it; box jitter 1 is about a detector's box error (median IoU 0.73 with the true box).
+STRENGTHS = {
+    "clutter": (0.0, 1.0, 2.0),
+    "occlusion": (0.0, 1.0, 2.0),
+    "colour_cast": (0.0, 1.0, 2.0),
+    "box_jitter": (0.0, 0.5, 1.0, 2.0),
+}
+# (experiment, variant): each variant against its own experiment's baseline.
+CONTRASTS = (("crop", "crop=False"), ("photometric", "photometric=grayworld"))
+MAX_SEEDS = 3  # the whole-photo runs are exploratory: 3 seeds; the others are cut to match
+
+
+def contrast_runs(study: Study) -> tuple[dict[str, list[Path]], list[tuple[str, str]]]:
+    """``({variant key: run folders}, [(variant key, reference key)])`` from the finished
+    experiments' ``runs.csv``, at most :data:`MAX_SEEDS` seeds each; a baseline two experiments
+    share (no stage between them adopted anything) is evaluated once, as ``baseline``."""
+    runs, pairs = {}, []
+    for experiment, variant in CONTRASTS:
+        path = study.root / experiment / "runs.csv"
+        if not path.is_file():
+            raise InputError(f"{path}: missing; run `python -m helpers study {experiment}` first")
+        table = pd.read_csv(path)
+
+        def folders(name: str) -> list[Path]:
+            rows = table.loc[table.variant == name].sort_values("seed").head(MAX_SEEDS)
+            if rows.empty:
+                raise InputError(f"{path}: lists no run of {name!r}")
+            return [study.root / d for d in rows.run_dir]
+
+        base = folders("baseline")
+        known = [key for key, found in runs.items() if found == base]
+        base_key = known[0] if known else "baseline" if "baseline" not in runs else f"{experiment} baseline"
+        runs[base_key], runs[variant] = base, folders(variant)
+        pairs.append((variant, base_key))
+    return runs, pairs
+
+
+def run_robustness(study: Study, cache: Path | None = None) -> dict[str, pd.DataFrame]:
+    """Evaluate the contrasts' runs at every strength and write the experiment's tables."""
+    runs, pairs = contrast_runs(study)
+    cache = Path(cache or study.config.work_dir / ROBUSTNESS)
+    started = time.perf_counter()
+    result = robustness.evaluate_robustness(runs, STRENGTHS, cache, device=study.config.device, progress=study.progress)
+    recall = robustness.recall_intervals(result)
+    differences = pd.concat([robustness.paired_differences(result, v, r) for v, r in pairs], ignore_index=True)
+    out = study.root / ROBUSTNESS
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "recall.csv", recall.to_csv(index=False, lineterminator="\n"))
+    write_text_atomic(out / "differences.csv", differences.to_csv(index=False, lineterminator="\n"))
+    record = {
+        "runs": {key: [portable_path(p) for p in folders] for key, folders in runs.items()},
+        "contrasts": [{"variant": v, "reference": r} for v, r in pairs],
+        "strengths": {k: list(v) for k, v in STRENGTHS.items()},
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    write_text_atomic(out / "run.json", json.dumps(record, indent=2) + "\n")
+    return {"recall": recall, "differences": differences}
+
+
+def load_robustness(root: Path) -> dict[str, pd.DataFrame] | None:
+    """The committed tables, or None when the experiment has not run."""
+    folder = Path(root) / ROBUSTNESS
+    if not (folder / "differences.csv").is_file():
+        return None
+    return {name: pd.read_csv(folder / f"{name}.csv") for name in ("recall", "differences")}

@@ -221,7 +221,7 @@ def test_the_report_shows_the_holm_columns_and_the_noise(tmp_path):
     crop = load_experiment(results, "crop")["comparison"].loc["crop=False"]
     assert f"{crop['p_recall@5']:.4f} / {crop['p_holm_recall@5']:.4f}" in text
     assert f"[{crop['low_adj_recall@5']:+.3f}, {crop['high_adj_recall@5']:+.3f}] better" in text
-    assert check.untraceable_numbers(text, results) == []
+    assert check.untraceable_numbers(compose.results_text(text), results) == []
     noise = " ".join(sections.noise_lines(results))
     assert "from their interaction" in noise and "twice the val items" in noise
     assert check.untraceable_numbers(noise, results) == []

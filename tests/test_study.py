@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -127,6 +128,14 @@ def test_experiments_share_their_baseline_and_write_runs_csv(tmp_path, prepared,
     assert json.loads((tmp_path / "crop" / "decision.json").read_text())["winner"] in ("baseline", "crop=False")
     assert (tmp_path / "data_summary.json").is_file()
     assert crop["comparison"].loc["crop=False", "verdict_recall@5"] in ("better", "worse", "within noise")
+
+    # The projection of 4 more runs of at most 10 epochs, from the 2 finished ones: the bound from
+    # their median seconds per epoch, the expectation from their median run.
+    walls = table.wall_s.to_numpy()
+    per_epoch = walls / [pd.read_csv(tmp_path / d / "history.csv").epoch.max() for d in table.run_dir]
+    seconds, how = runs.projected_seconds(tmp_path, "fixture", 4, 10)
+    assert seconds == pytest.approx(4 * 10 * np.median(per_epoch))
+    assert f"median of 2 finished runs); expected ~{4 * np.median(walls) / 60:.0f} min" in how
 
     resize = study.run_experiment("resize")
     baseline = resize["runs"].set_index("variant").loc["baseline"]

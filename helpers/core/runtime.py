@@ -14,8 +14,11 @@ import torch
 from helpers.core.config import Config
 from helpers.core.errors import InputError
 
-# Measured on the 2-core CPU (docs/benchmarks.md): smaller inference batches are faster per
-# image there (allocator page faults grow with the batch); a GPU wants large batches.
+# CPU batch 16: chosen when glibc's default allocator made larger batches slower per image
+# (page faults grow with the batch). With the tuned allocator batch 64 measured ~16 % faster on
+# the 2-core CPU (benchmarks/results/embed/allocator_2026-11-30.txt); 16 is kept so that val
+# passes, and so the committed study's early-stopping decisions, stay identical to the digit.
+# A GPU wants large batches.
 CPU_EMBED_BATCH = 16
 GPU_EMBED_BATCH = 256
 
@@ -51,8 +54,8 @@ def resolve_embed_batch(cfg: Config, device: str) -> int:
 
 def resolve_num_workers(cfg: Config, device: str) -> int:
     """``num_workers`` as configured; ``None`` (auto): on the CPU no workers on a machine of
-    2 cores or fewer, where decoding costs 3–5 % of a step and workers only compete with
-    torch's threads (docs/benchmarks.md), else one per core beyond the first; on a GPU one
+    2 cores or fewer, where decoding costs about 4 % of a step and workers only compete with
+    torch's threads (benchmarks/results/train/store_allocator_2026-11-30.txt), else one per core beyond the first; on a GPU one
     per core (the model no longer needs them); at most 8."""
     if cfg.num_workers is not None:
         return cfg.num_workers
@@ -76,7 +79,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 def tune_allocator() -> bool:
     """Make glibc keep freed memory instead of returning it to the kernel after each batch.
 
-    Measured on the 2-core CPU (docs/benchmarks.md): with glibc's defaults every step
+    Measured on the 2-core CPU (benchmarks/results/train/ and embed/, allocator runs of
+    2026-11-30): with glibc's defaults every step
     re-faults hundreds of thousands of zeroed pages, about half of inference's CPU time. Two
     settings (the same as ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``) remove
     that: no trimming of the heap, and no blocks of their own for large requests. A training
@@ -84,7 +88,7 @@ def tune_allocator() -> bool:
     largest mmap threshold glibc accepts (32 MiB), so they would otherwise be mapped and unmapped
     on every step, ~40,000 page faults and up to 250 ms of system time per step. Freed memory
     stays with the process for its next batch (a demo fit's peak RSS measured no higher than
-    with a 32 MiB mmap threshold, docs/benchmarks.md). Process-wide and idempotent; returns whether it
+    with a 32 MiB mmap threshold, benchmarks/results/train/allocator_rss_2026-11-30.txt). Process-wide and idempotent; returns whether it
     applied. ``C2S_MALLOPT=0`` turns it off; other C libraries are left alone.
     """
     if os.environ.get("C2S_MALLOPT", "1") == "0" or not sys.platform.startswith("linux"):

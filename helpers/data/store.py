@@ -1,8 +1,8 @@
 """The decoded-crop store: each training and val image decoded, cropped to its box and resized
 once per preprocessing, kept as uint8, and reused by every epoch, seed and study run that shares it.
 
-Without it every epoch decodes the same JPEGs again: on the 2-core CPU that was ~150 ms of a
-32-image step (docs/benchmarks.md), and on a GPU the input pipeline, not the model, set the pace.
+Without it every epoch decodes the same JPEGs again: on the 2-core CPU the loop ran ~230 ms a
+32-image step behind the bare model (benchmarks/results/train/before_store_2026-11-30.txt), and on a GPU the input pipeline, not the model, set the pace.
 Val (the official protocol's rows, eval transform) has a store of its own: a fit's first val pass
 reads it instead of decoding, and so does every pass of a val split too large for
 :class:`helpers.evaluation.inference.TableEmbedder`'s in-memory cache.

@@ -25,7 +25,7 @@ from helpers.modeling import distributed, models
 # TableEmbedder keeps the preprocessed batches of its first pass in memory, up to this budget
 # (MiB; env C2S_EVAL_CACHE_MB, 0 turns it off), and later passes skip decoding and resizing:
 # on the 2-core CPU loading costs ~2.4 ms per image of one core against ~8 ms for the model
-# (docs/benchmarks.md). Beyond the budget (e.g. a full-size val split) every pass streams.
+# (benchmarks/results/embed/decode_thread_2026-11-29.txt). Beyond the budget (e.g. a full-size val split) every pass streams.
 EVAL_CACHE_MB = 1024
 
 

@@ -32,7 +32,7 @@ import pandas as pd
 from helpers.core import runtime, schema
 from helpers.core.config import Config, config_from_dict
 from helpers.core.files import portable_path, write_text_atomic
-from helpers.core.progress import progress_bar
+from helpers.core.progress import progress_bar, show_bars
 from helpers.evaluation import inference, metrics, postprocess
 from helpers.evaluation.metrics import METRICS
 from helpers.experiments import artifacts
@@ -331,12 +331,13 @@ def model_config(checkpoint: Path) -> dict:
     return json.loads((Path(checkpoint).parent / "config.json").read_text())["model"]
 
 
-def ensure_final_index(cfg: Config, train_if_missing: bool, progress: bool = True) -> tuple[Path, dict]:
+def ensure_final_index(cfg: Config, train_if_missing: bool, progress: bool | str = True) -> tuple[Path, dict]:
     """Data, choice, the final runs and the demo seed's test index, searched with the adopted
     post-processing (:func:`postprocess_choice`), in one call (``05_live_demo`` uses it; ``04_demo``
     runs the same steps one cell at a time). Returns the index folder and a record of where each
-    piece came from."""
-    data_root, table = artifacts.ensure_prepared(cfg, progress)
+    piece came from. ``progress="epochs"``: a retrain prints a line per epoch, and no step draws a bar."""
+    bars = show_bars(progress)
+    data_root, table = artifacts.ensure_prepared(cfg, bars)
     choice, source = final_choice(cfg.profile)
     # Only the demo seed is retrained where its checkpoint is missing (the index needs no other).
     runs, recorded, how = study_runs(cfg, choice, table, data_root, train_if_missing, progress)
@@ -348,7 +349,7 @@ def ensure_final_index(cfg: Config, train_if_missing: bool, progress: bool = Tru
         table,
         data_root,
         cfg.work_dir / "final_index",
-        progress=progress,
+        progress=bars,
         postprocess=postprocess.create_postprocess(method),
     )
     return index_dir, {

@@ -168,17 +168,21 @@ def experiment_history(root: Path, name: str) -> pd.DataFrame:
 
 
 def projected_seconds(root: Path, profile: str, n_runs: int, epochs: int) -> tuple[float, str]:
-    """``(seconds, where the per-epoch time came from)`` for training ``n_runs`` runs of at most
-    ``epochs`` epochs: measured from this study's finished runs when there are any (their
-    median wall time per epoch run), else :data:`SECONDS_PER_EPOCH`'s stated estimate."""
-    per_epoch = [
-        marker(run_dir)["wall_s"] / max(1, pd.read_csv(run_dir / "history.csv").epoch.max())
-        for run_dir in find_runs(root).values()
-        if is_finished(run_dir)
-    ]
-    if per_epoch:
-        seconds = float(np.median(per_epoch))
-        return n_runs * epochs * seconds, f"{seconds:.1f} s/epoch measured (median of {len(per_epoch)} finished runs)"
+    """``(seconds, how)`` for training ``n_runs`` runs of at most ``epochs`` epochs: an upper bound
+    from the per-epoch time of this study's finished runs when there are any (their median wall
+    time per epoch run), else :data:`SECONDS_PER_EPOCH`'s stated estimate; ``how`` says where it
+    came from and, once runs have finished, adds the expected time (``n_runs`` × their median wall
+    time: early stopping ends most runs well before ``epochs``)."""
+    done = [d for d in find_runs(root).values() if is_finished(d)]
+    finished = np.array([marker(d)["wall_s"] for d in done])
+    epochs_run = np.array([max(1, pd.read_csv(d / "history.csv").epoch.max()) for d in done])
+    if len(done):
+        seconds = float(np.median(finished / epochs_run))
+        expected = n_runs * float(np.median(finished)) / 60
+        return n_runs * epochs * seconds, (
+            f"{seconds:.1f} s/epoch measured (median of {len(finished)} finished runs); expected ~{expected:.0f} min "
+            f"at their median run of {np.median(finished) / 60:.1f} min"
+        )
     seconds = SECONDS_PER_EPOCH[profile]
     return n_runs * epochs * seconds, f"{seconds:.1f} s/epoch stated estimate (no finished run measured yet)"
 

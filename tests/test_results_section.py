@@ -45,9 +45,18 @@ def test_failures_and_robustness_sections_read_their_committed_tables(tmp_path):
             | {"diff": -0.2, "low": -0.26, "high": -0.14, "verdict": "worse"}
             for n, s in doses
         ]
+        # box jitter has a strength clutter lacks, and is written first
+        + [
+            {"nuisance": "box_jitter", "strength": 0.5, "variant": "crop=False", "reference": "baseline", "k": 5}
+            | {"diff": 0.01, "low": -0.05, "high": 0.07, "verdict": "within noise"}
+        ]
     )
     differences.to_csv(root / "robustness" / "differences.csv", index=False)
     lines = results_section.robustness_lines(loaded, "", figures, "###")
     assert lines[0] == "### Robustness: when do the crop and the photometric normalisation matter?"
-    assert "| crop=False − baseline | clutter | 2.0 | -0.200 [-0.260, -0.140] worse |" in "\n".join(lines)
+    table = "\n".join(lines)
+    worse = "**-0.200** [-0.260, -0.140]"
+    assert "| contrast | nuisance | strength 0 | strength 0.5 | strength 1 | strength 2 |" in table
+    assert f"| crop=False − baseline | clutter | {worse} | — | {worse} | {worse} |" in table
+    assert "| crop=False − baseline | box_jitter | — | +0.010 [-0.050, +0.070] | — | — |" in table
     assert (figures / "demo_robustness.png").is_file()

@@ -12,6 +12,7 @@ import shlex
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -85,7 +86,9 @@ def test_the_required_slides(deck):
         and (out / "figures/demo_overview_slide.png").is_file()
     )
     failures = _slide(slides, "Where the model fails")
-    if not (DEMO / "final" / "failures.png").is_file():  # the failure analysis's figure is not there yet: words
+    if (DEMO / "final" / "failures_by_category.csv").is_file():
+        assert "![failures](figures/demo_failures_slide.png)" in failures
+    else:  # the failure analysis's tables are not there yet: words
         assert "Test Recall@5 by category, hardest first: CLOTHING 0.656 (32 queries)" in failures
         assert "- Hardest test queries" in failures
     cost = _slide(slides, "What the study cost")
@@ -147,6 +150,26 @@ def test_results_not_there_yet_are_a_note_not_an_error(tmp_path):
     assert "The next study's plan: not written yet" in slides[5]
     with pytest.raises(Exception, match=r"unknown figure 'batch_curve'"):
         build_talk(root, text.replace("batch_curves", "batch_curve"), tmp_path / "out")
+
+
+def test_the_failures_slide_draws_04_demos_tables_at_the_slides_size(tmp_path):
+    root = tmp_path / "results" / "demo"
+    (root / "final").mkdir(parents=True)
+    shutil.copy(DEMO / "data_summary.json", root)
+    (root / "final" / "metrics.json").write_text(
+        '{"protocols": {"official": {"recall@1": 0.3, "recall@5": 0.61, "recall@10": 0.7}}}'
+    )
+    for name, groups in (("category", ["DRESSES", "TOPS"]), ("box_area", ["< 0.3", "0.3-0.6", ">= 0.6"])):
+        n = len(groups)
+        table = pd.DataFrame(
+            {"recall@5": [0.5] * n, "low": [0.4] * n, "high": [0.6] * n, "n_queries": [40] * n, "n_items": [12] * n},
+            index=pd.Index(groups, name=name),
+        ).assign(few_items=False)
+        table.to_csv(root / "final" / f"failures_by_{name}.csv")
+    slides = build_talk(root, "# A talk\n\n---\n\n## Fails\n\n[[figure failures]]\n", tmp_path / "out")
+    assert slides[1].startswith("## Fails\n\n![failures](figures/demo_failures_slide.png)") and TAG in slides[1]
+    with Image.open(tmp_path / "out" / "figures" / "demo_failures_slide.png") as image:  # drawn for the slide
+        assert abs(image.width - talk.SLIDE_FIGURE_PX[0]) <= 2 and image.height <= talk.SLIDE_FIGURE_PX[1] + 2
 
 
 # --------------------------------------------------------------------------- rendered by Chromium

@@ -269,7 +269,7 @@ def plot_recall_by(
             (1.02, yi),
             xycoords=("axes fraction", "data"),
             va="center",
-            fontsize=7,
+            fontsize="small",
             annotation_clip=False,
         )
     if overall is not None:
@@ -285,7 +285,19 @@ def plot_recall_by(
     )
     ax.invert_yaxis()
     if few.any() or overall is not None:
-        ax.legend(loc="lower left", fontsize=7, frameon=False)
+        ax.legend(loc="lower left", fontsize="small", frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_recall_by_groups(
+    summaries: dict[str, pd.DataFrame], overall: float | None = None, figsize: tuple[float, float] = (11.6, 5.4)
+) -> plt.Figure:
+    """Several :func:`recall_by` tables side by side (title → table), one panel each, sharing the
+    dashed ``overall`` line: the failure analysis at a glance (the talk's slide)."""
+    fig, axes = plt.subplots(1, len(summaries), figsize=figsize, squeeze=False)
+    for ax, (title, summary) in zip(axes[0], summaries.items()):
+        plot_recall_by(summary, title=title, overall=overall, ax=ax)
     fig.tight_layout()
     return fig
 

@@ -16,7 +16,7 @@ from helpers.evaluation import failures, plots
 from helpers.experiments import family, robustness, robustness_study, study
 from helpers.reporting.prose import prose_lines
 from helpers.reporting.sections import copied_figure, save_figure
-from helpers.reporting.tables import difference, experiment_table, final_rows, md_table, seed_rows
+from helpers.reporting.tables import experiment_table, final_rows, md_table, seed_rows
 
 
 def overview_lines(loaded: dict, tag: str, figures: Path) -> list[str]:
@@ -262,15 +262,18 @@ def final_lines(loaded: dict, tag: str, figures: Path, level: str) -> list[str]:
 FAILURE_GROUPS = {"category": "the category of the query's item", "box_area": "the share of the photo its box covers"}
 
 
+def failure_summaries(root: Path) -> dict[str, pd.DataFrame]:
+    """``04_demo``'s ``final/failures_by_*.csv`` that exist: group name → Recall@5 per group."""
+    paths = {name: Path(root) / "final" / f"failures_by_{name}.csv" for name in FAILURE_GROUPS}
+    return {name: pd.read_csv(path, index_col=0) for name, path in paths.items() if path.is_file()}
+
+
 def failure_lines(loaded: dict, tag: str, figures: Path, final: dict) -> list[str]:
     """Where the final model fails on test: Recall@5 per group (``04_demo``'s ``failures_by_*.csv``)."""
     lines = []
-    for name, what in FAILURE_GROUPS.items():
-        path = loaded["root"] / "final" / f"failures_by_{name}.csv"
-        if not path.is_file():
-            continue
-        summary = pd.read_csv(path, index_col=0)
-        overall = final["protocols"]["official"]["recall@5"]
+    overall = final["protocols"]["official"]["recall@5"]
+    for name, summary in failure_summaries(loaded["root"]).items():
+        what = FAILURE_GROUPS[name]
         figure = failures.plot_recall_by(summary, title=f"test Recall@5 by {what}", overall=overall)
         target = save_figure(figure, figures / f"{loaded['profile']}_failures_{name}.png")
         lines += [
@@ -292,18 +295,18 @@ def robustness_lines(loaded: dict, tag: str, figures: Path, level: str) -> list[
     target = save_figure(
         robustness.plot_dose_response(tables["recall"]), figures / f"{loaded['profile']}_robustness.png"
     )
-    differences = tables["differences"]
-    rows = pd.DataFrame(
-        {
-            "contrast": differences.variant + " − " + differences.reference,
-            "nuisance": differences.nuisance,
-            "strength": differences.strength,
-            "ΔR@5 [95 % CI]": [
-                difference(d, lo, hi, v)
-                for d, lo, hi, v in zip(differences["diff"], differences.low, differences.high, differences.verdict)
-            ],
-        }
+    differences = tables["differences"].assign(
+        contrast=lambda t: t.variant + " − " + t.reference,
+        cell=lambda t: [
+            f"**{d:+.3f}** [{lo:+.3f}, {hi:+.3f}]" if v in ("better", "worse") else f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+            for d, lo, hi, v in zip(t["diff"], t.low, t.high, t.verdict)
+        ],
     )
+    # One row per contrast and nuisance, one column per strength: the dose-response reads across.
+    rows = differences.pivot_table(
+        index=["contrast", "nuisance"], columns="strength", values="cell", aggfunc="first", sort=False
+    )
+    rows = rows[sorted(rows.columns)].rename(columns=lambda s: f"strength {s:g}").fillna("—").reset_index()
     return [
         f"{level} Robustness: when do the crop and the photometric normalisation matter?",
         "",
@@ -313,8 +316,9 @@ def robustness_lines(loaded: dict, tag: str, figures: Path, level: str) -> list[
         "photos carry one nuisance at several strengths (synthetic data; the dotted line: the strength the runs "
         "trained on), with intervals over seeds × items.*",
         "",
-        f"*{{def:tab:{tag}robustness}}: each contrast's paired difference at each strength (uncorrected 95 % "
-        "intervals: exploratory).*",
+        f"*{{def:tab:{tag}robustness}}: each contrast's paired difference in val Recall@5 at each strength, with "
+        "its uncorrected 95 % interval (exploratory); bold: the interval excludes 0; —: a strength not written for "
+        "that nuisance.*",
         "",
         md_table(rows),
         "",

@@ -4,10 +4,9 @@ profile's results (:func:`talk_slides`), so the talk can never disagree with the
 
 * A **figure** is a PNG the report wrote under ``figures/`` (``<profile>_NAME.png``), the pipeline,
   the live demo's screenshot, or one drawn here for the slide's size (``overview``: the study's
-  ranked effects, :func:`helpers.evaluation.plots.plot_effects`). ``failures``, the failure
-  analysis's figure, is taken from ``figures/<profile>_failures.png`` or
-  ``results/<profile>/final/failures.png``; until one exists its slide shows the list
-  ``failures`` instead.
+  ranked effects, :func:`helpers.evaluation.plots.plot_effects`; ``failures``: test Recall@5 by
+  category and by box area, from ``04_demo``'s ``final/failures_by_*.csv``); until those tables
+  exist the ``failures`` slide shows the list ``failures`` instead.
 * A **table** is one of :func:`talk_tables`; a **list** (:func:`talk_lists`) is a few generated
   bullets: the data's source, the study's cost, the worst test queries.
 * A name the talk may use whose results do not exist yet (an experiment not run, no test
@@ -28,9 +27,10 @@ from matplotlib import pyplot
 
 from helpers.core.config import REPO_ROOT
 from helpers.core.errors import InputError
-from helpers.evaluation import plots
+from helpers.evaluation import failures, plots
 from helpers.experiments import family, study
 from helpers.reporting.prose import _LABEL
+from helpers.reporting.results_section import FAILURE_GROUPS, failure_summaries
 from helpers.reporting.tables import data_table, md_table, mean_std, with_ci
 
 # A line of the talk that is only `[[figure NAME]]`, `[[table NAME]]` or `[[list NAME]]`: replaced by what it names.
@@ -136,6 +136,12 @@ def slide_figures(loaded: dict, wanted: set[str]) -> dict:
         effects = family.effects(profile, root)
         if len(effects):
             drawn["overview"] = lambda: plots.plot_effects(effects)
+    summaries = failure_summaries(root)
+    metrics = root / "final" / "metrics.json"
+    if FAILURES in wanted and summaries and metrics.is_file():
+        overall = json.loads(metrics.read_text())["protocols"]["official"]["recall@5"]
+        panels = {f"by {FAILURE_GROUPS[name]}": summary for name, summary in summaries.items()}
+        drawn[FAILURES] = lambda: _failures_figure(panels, overall)
     for experiment, _ in loaded["finished"]:
         name = f"{experiment.name}_curves"
         if name in wanted:
@@ -143,6 +149,12 @@ def slide_figures(loaded: dict, wanted: set[str]) -> dict:
                 study.experiment_history(root, e), f"{e} ({profile})"
             )
     return drawn
+
+
+def _failures_figure(panels: dict[str, pd.DataFrame], overall: float):
+    # 12 pt text: the panels' small annotations (10 pt) stay legible at the slide's size.
+    with pyplot.rc_context({"font.size": 12}):
+        return failures.plot_recall_by_groups(panels, overall)
 
 
 def talk_figures(loaded: dict, figures: Path, wanted: set[str] = frozenset()) -> dict[str, str]:
@@ -166,10 +178,6 @@ def talk_figures(loaded: dict, figures: Path, wanted: set[str] = frozenset()) ->
     for name, draw in slide_figures(loaded, wanted).items():
         figure = draw()
         found[name] = _save(figure, figures / f"{prefix}{name}_slide.png", slide_dpi(figure))
-    failures = root / "final" / f"{FAILURES}.png"
-    if FAILURES not in found and failures.is_file():
-        (figures / f"{prefix}{FAILURES}.png").write_bytes(failures.read_bytes())
-        found[FAILURES] = f"{prefix}{FAILURES}.png"
     return found
 
 
@@ -245,9 +253,9 @@ def failure_lines(loaded: dict, n: int = 3) -> list[str]:
 def talk_lists(loaded: dict) -> dict[str, list[str]]:
     """The generated bullet lists a slide may show (those whose results exist)."""
     lists = {"source": source_lines(loaded), "cost": cost_lines(loaded)}
-    failures = failure_lines(loaded)
-    if failures:
-        lists[FAILURES] = failures
+    worst = failure_lines(loaded)
+    if worst:
+        lists[FAILURES] = worst
     return lists
 
 

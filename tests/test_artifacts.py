@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import pandas as pd
 import pytest
 
 from helpers.core import config
 from helpers.core.errors import InputError
+from helpers.data import synthetic
 from helpers.experiments import artifacts
 from helpers.modeling import checkpoints
 
@@ -103,3 +105,31 @@ def test_comparison_table_shows_values_with_their_intervals():
     assert table.loc["b", "recall@5"] == "0.125" and table.loc["b", "recall@1"] == "—"
     assert table.loc["a", "n_queries"] == 8 and table.loc["b", "n_gallery"] == "—"
     assert list(table.columns[:1]) == ["protocol"]
+
+
+def test_a_tree_without_measured_nuisances_gets_them_redrawn_never_written_into_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "OUTPUTS", tmp_path / "outputs")
+    cfg = config.get_config("fixture")
+    root = tmp_path / "tree"
+    synthetic.generate_tree(
+        root, cfg.synthetic_items, seed=cfg.synthetic_seed, progress=False, splits=cfg.synthetic_splits
+    )
+    written = synthetic.read_nuisance(root)
+    pd.testing.assert_frame_equal(artifacts.measured_nuisance(cfg, root), written)
+
+    (root / synthetic.NUISANCE_FILE).unlink()  # as a tree written before the generator measured
+    redrawn = artifacts.measured_nuisance(cfg, root)
+    assert 0 < len(redrawn) < len(written) and redrawn.path.str.contains("comsumer").all()
+    expected = written.set_index("path").loc[redrawn.path].reset_index()
+    pd.testing.assert_frame_equal(redrawn, expected, check_exact=False, atol=1e-6)  # the file holds 6 decimals
+    kept = cfg.work_dir / f"test_{synthetic.NUISANCE_FILE}"
+    assert kept.is_file() and not (root / synthetic.NUISANCE_FILE).exists()
+
+    kept.unlink()
+    changed = root / redrawn.path[0]
+    photo = bytearray(changed.read_bytes())
+    photo[len(photo) // 2] ^= 0xFF
+    changed.write_bytes(bytes(photo))  # another photo under the same name
+    with pytest.raises(InputError, match=f"{changed}: not the photo the generator draws for this tree"):
+        artifacts.measured_nuisance(cfg, root)
+    assert artifacts.measured_nuisance(replace(cfg, data_root=str(root)), root) is None  # real data: none

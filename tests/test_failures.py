@@ -223,6 +223,9 @@ def test_tied_values_make_fewer_quantile_bins_not_lost_queries():
     summary = failures.recall_by(frame, "box_area_share", bins=4, n_boot=50)
     assert summary.n_queries.sum() == len(frame)
     assert len(summary) <= 2
+    frame["box_area_share"] = 0.25  # all tied: one group, not a query lost
+    summary = failures.recall_by(frame, "box_area_share", bins=4, n_boot=50)
+    assert list(summary.index) == ["0.25"] and summary.n_queries.sum() == len(frame)
 
 
 def test_explicit_bin_edges_must_cover_the_queries():
@@ -269,6 +272,41 @@ def test_plot_recall_by_draws_one_row_per_group():
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == list(summary.index)
     assert "Recall@5" in ax.get_xlabel()
+    plt.close(fig)
+
+
+def test_measured_nuisances_join_by_path_and_group_like_any_column():
+    table = make_table()
+    out = failures.failure_table(make_ranks(table), table)
+    queries = list(out.path)
+    measured = pd.DataFrame(
+        {
+            "path": queries[::-1] + ["img/other/comsumer_01.jpg"],  # any order; photos not queried are ignored
+            "occluded_share": [0.01 * i for i in range(len(queries))][::-1] + [0.9],
+            "background_contrast": 0.2,
+            "colour_cast": 0.3,
+        }
+    )
+    joined = failures.join_measured(out, measured)
+    assert joined.occluded_share.tolist() == pytest.approx([0.01 * i for i in range(len(queries))])
+    assert (joined.background_contrast == 0.2).all() and list(joined.path) == queries
+
+    groups = failures.recall_by_groups(joined, n_boot=50)
+    assert list(groups) == ["category", "box_area", "occlusion", "clutter", "colour_cast"]
+    assert groups["occlusion"].n_queries.sum() == len(queries) and len(groups["occlusion"]) == 4
+    pd.testing.assert_frame_equal(groups["category"], failures.recall_by(joined, "category", n_boot=50))
+    assert list(failures.recall_by_groups(out, n_boot=50)) == ["category", "box_area"]  # nothing measured: DeepFashion
+
+    with pytest.raises(InputError, match=r"query 'img/i1/comsumer_01.jpg' has no measured nuisances \(1 of 11"):
+        failures.join_measured(out, measured[measured.path != "img/i1/comsumer_01.jpg"])
+
+
+def test_plot_recall_by_groups_draws_a_panel_per_table_and_hides_the_rest():
+    frame = _random_failures()
+    summary = failures.recall_by(frame, "category", n_boot=50)
+    fig = failures.plot_recall_by_groups({"by a": summary, "by b": summary, "by c": summary}, overall=0.4, ncols=2)
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in shown] == ["by a", "by b", "by c"] and len(fig.axes) == 4
     plt.close(fig)
 
 

@@ -23,10 +23,14 @@ def test_failures_and_robustness_sections_read_their_committed_tables(tmp_path):
         index=pd.Index(["DRESSES", "TOPS"], name="category"),
     ).assign(few_items=lambda t: t.n_items < 10)
     summary.to_csv(root / "final" / "failures_by_category.csv")
+    summary.rename_axis("occluded_share").to_csv(root / "final" / "failures_by_occlusion.csv")
     lines = results_section.failure_lines(loaded, "", figures, final)
-    assert lines[0] == "![test Recall@5 by category](figures/demo_failures_category.png)"
-    assert "seed 2, official protocol) by the category of the query's item" in lines[2]
-    assert (figures / "demo_failures_category.png").is_file()
+    assert lines[0] == "![where the final model fails](figures/demo_failures.png)"
+    assert (
+        "test Recall@5 (seed 2, official protocol) by group (category: the category of the query's item, occluded "
+        "share: the share of the garment an arm or strap hides) (the nuisances as measured" in lines[2]
+    )
+    assert (figures / "demo_failures.png").is_file()
 
     assert results_section.robustness_lines(loaded, "", figures, "###") == []
     (root / "robustness").mkdir()

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from helpers.core.errors import InputError
+from helpers.data import synthetic
 from helpers.data.synthetic import CATEGORIES, SUBCATEGORIES, Nuisance, generate_tree
 
 N_ITEMS = 16  # >= 12 guarantees every quirk; >= 16 guarantees four families, so all categories
@@ -52,10 +53,11 @@ def lists(tree):
 
 
 def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every image and list (the measured nuisances beside them aside)."""
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != synthetic.NUISANCE_FILE
     }
 
 
@@ -347,3 +349,28 @@ def test_refuses_unknown_nuisances_strengths_and_splits(tmp_path):
             generate_tree(tmp_path / "new", 4, progress=False, only_splits=bad)
     assert not (tmp_path / "new").exists()
     assert Nuisance.from_strengths(None) == Nuisance() and Nuisance().box_jitter == 0.0
+
+
+def test_each_consumer_photo_has_its_nuisances_measured(tmp_path):
+    """The sidecar lists every consumer photo once (no shop photo); each measure is 0 where its
+    nuisance is turned off, grows with its strength on the same photos, and the photos' own
+    files do not depend on it being written."""
+    default = generate_tree_at(tmp_path / "default")
+    measured = synthetic.read_nuisance(default)
+    bbox = read_list(default / "Anno/list_bbox_consumer2shop.txt", BBOX_HEADER, 7)
+    assert sorted(measured.path) == sorted(row[0] for row in bbox if row[2] == "2")
+    assert list(measured.columns) == ["path", "occluded_share", "background_contrast", "colour_cast"]
+    assert (measured.occluded_share > 0).all() and (measured.occluded_share < 0.5).all()
+    assert (measured.background_contrast > 0.02).all() and (measured.colour_cast > 0).all()
+
+    off = synthetic.read_nuisance(
+        generate_tree_at(tmp_path / "off", nuisance={"clutter": 0, "occlusion": 0, "colour_cast": 0})
+    )
+    assert (off.occluded_share == 0).all() and (off.background_contrast == 0).all() and (off.colour_cast == 0).all()
+    strong = synthetic.read_nuisance(
+        generate_tree_at(tmp_path / "strong", nuisance={"clutter": 2, "occlusion": 2, "colour_cast": 2})
+    )
+    assert (strong.path == measured.path).all()
+    for column in ("occluded_share", "background_contrast", "colour_cast"):
+        assert (strong[column] > measured[column]).all(), column
+    assert synthetic.read_nuisance(tmp_path) is None  # a tree without the file: DeepFashion's

@@ -38,6 +38,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
 from helpers.core.errors import InputError
@@ -53,6 +54,8 @@ NAME_WIDTH = 72  # the lists pad image names to a fixed column, as the real file
 
 SPLIT_FRACTIONS = (0.5, 0.25, 0.25)
 SHOP_SOURCE, CONSUMER_SOURCE = 1, 2  # ``source_type`` codes of the bbox list
+# Beside the lists (no DeepFashion file): each consumer photo's measured nuisances (ConsumerNuisance).
+NUISANCE_FILE = "synthetic_nuisance.csv"
 
 # category -> (clothes_type: 1 upper, 2 lower, 3 full body; silhouette drawn for it)
 CATEGORIES = {
@@ -169,6 +172,20 @@ class Record:
     source_type: int
     clothes_type: int
     box: tuple[int, int, int, int]
+    measured: ConsumerNuisance | None = None  # consumer photos: their nuisances, as measured
+
+
+@dataclass(frozen=True)
+class ConsumerNuisance:
+    """What one consumer photo's nuisances came to, measured as it was drawn (written to
+    :data:`NUISANCE_FILE`, so failures can be grouped by them): ``occluded_share``, the share of
+    the garment's pixels the wearer's arm or strap hides; ``background_contrast``, the standard
+    deviation of the background's grey level (0-1) before the garment is pasted; ``colour_cast``,
+    the spread of the per-channel gains in log terms (0: a neutral cast)."""
+
+    occluded_share: float
+    background_contrast: float
+    colour_cast: float
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,8 +562,9 @@ def _wearer(
     scale: float,
     rng: np.random.Generator,
     occlusion: float = 1.0,
-) -> None:
-    """The person wearing the garment, drawn over and around it.
+) -> tuple | None:
+    """The person wearing the garment, drawn over and around it; returns the arm or strap
+    ``(start, end, width)`` it drew, None when ``occlusion`` left none.
 
     A head above the neckline (or a shirt above the waistband of trousers) puts the garment in
     context, and an arm or bag strap across it occludes part of it, as in consumer photos; its
@@ -576,15 +594,23 @@ def _wearer(
     if occlusion != 1.0:
         width = int(round(width * occlusion))
         if width < 1:
-            return
-    draw.line([tuple(start), tuple(end)], fill=colour, width=width)
-    draw.ellipse([end[0] - 0.6 * width, end[1] - 0.6 * width, end[0] + 0.6 * width, end[1] + 0.6 * width], fill=colour)
+            return None
+    arm = (tuple(start), tuple(end), width)
+    _draw_arm(draw, arm, colour)
+    return arm
 
 
-def _photometric(image: Image.Image, rng: np.random.Generator, colour_cast: float = 1.0) -> Image.Image:
+def _draw_arm(draw: ImageDraw.ImageDraw, arm: tuple, fill) -> None:
+    """The arm or strap ``(start, end, width)``: a line ending in a hand."""
+    start, end, width = arm
+    draw.line([start, end], fill=fill, width=width)
+    draw.ellipse([end[0] - 0.6 * width, end[1] - 0.6 * width, end[0] + 0.6 * width, end[1] + 0.6 * width], fill=fill)
+
+
+def _photometric(image: Image.Image, rng: np.random.Generator, colour_cast: float = 1.0) -> tuple[Image.Image, float]:
     """Phone-camera look: blur, directional light, colour cast, exposure, noise and gamma; the
     light, cast, exposure and gamma scaled by ``colour_cast`` in log terms (drawn the same at
-    any strength)."""
+    any strength). Returns the photo and its cast's spread (:class:`ConsumerNuisance`)."""
     w, h = image.size
     a = rng.uniform(0, 2 * np.pi)
     x = np.linspace(-0.5, 0.5, w, dtype=np.float32)[None, :]
@@ -601,7 +627,7 @@ def _photometric(image: Image.Image, rng: np.random.Generator, colour_cast: floa
     light = 1.0 + np.float32(slope) * (x * np.cos(a) + y * np.sin(a))
     rgb = rgb * (light[..., None] * cast) + noise[..., None]
     curve = (255.0 * (np.arange(256) / 255.0) ** gamma).round().astype(np.uint8)
-    return Image.fromarray(curve[rgb.clip(0, 255).astype(np.uint8)])
+    return Image.fromarray(curve[rgb.clip(0, 255).astype(np.uint8)]), float(np.ptp(np.log(cast)))
 
 
 def _render_consumer(
@@ -611,8 +637,9 @@ def _render_consumer(
     overshoot: bool,
     rng: np.random.Generator,
     nuisance: Nuisance = Nuisance(),
-) -> tuple[Image.Image, tuple]:
-    """Street photo: the garment worn, warped and rotated, in a cluttered scene, partly hidden."""
+) -> tuple[Image.Image, tuple, ConsumerNuisance]:
+    """Street photo: the garment worn, warped and rotated, in a cluttered scene, partly hidden;
+    with its box and its measured nuisances."""
     size = _image_size(rng)
     hom = _consumer_pose(garment, outline, size, overshoot, rng)
     if rng.random() < 0.3:  # mirror selfie: pocket and logo swap sides
@@ -622,9 +649,21 @@ def _render_consumer(
     box = _alpha_box(np.asarray(warped.getchannel("A")))  # the whole garment, occluded or not
 
     image = _cluttered_background(size, rng, nuisance.clutter)
+    contrast = float(np.asarray(image.convert("L"), np.float32).std() / 255.0)
     image.paste(warped, (0, 0), warped)
-    _wearer(ImageDraw.Draw(image), item, hom, _canvas_scale(item), rng, nuisance.occlusion)
-    return _photometric(image, rng, nuisance.colour_cast), box
+    arm = _wearer(ImageDraw.Draw(image), item, hom, _canvas_scale(item), rng, nuisance.occlusion)
+    photo, cast = _photometric(image, rng, nuisance.colour_cast)
+    return photo, box, ConsumerNuisance(_occluded_share(warped, arm), contrast, cast)
+
+
+def _occluded_share(warped: Image.Image, arm: tuple | None) -> float:
+    """The share of the garment's pixels (alpha > 127) that ``arm`` covers."""
+    garment = np.asarray(warped.getchannel("A")) > 127
+    if arm is None or not garment.any():
+        return 0.0
+    mask = Image.new("L", warped.size, 0)
+    _draw_arm(ImageDraw.Draw(mask), arm, 255)
+    return float((np.asarray(mask) > 0)[garment].mean())
 
 
 def _jittered_box(box: tuple, size: tuple[int, int], z: np.ndarray, strength: float) -> tuple[int, int, int, int]:
@@ -673,14 +712,14 @@ def _render_item(
         sub = item.second_subcategory if (item.second_subcategory and k == 1) else item.subcategory
         path = f"img/{item.category}/{sub}/{item.item_id}/comsumer_{k:02d}.jpg"
         overshoot = item.overshoot and k == 1
-        image, box = _render_consumer(item, garment, outline, overshoot, rng, nuisance)
+        image, box, measured = _render_consumer(item, garment, outline, overshoot, rng, nuisance)
         if overshoot:  # the real lists put such corners one pixel past the edge
             x1, y1, x2, y2 = box
             box = (x1, y1, x2 + (x2 == image.width), y2 + (y2 == image.height))
         if jitter is not None:
             box = _jittered_box(box, image.size, jitter[k - 1], nuisance.box_jitter)
         _save_jpeg(image, root / path, CONSUMER_JPEG_QUALITY)
-        records.append(Record(path, item.item_id, CONSUMER_SOURCE, item.clothes_type, box))
+        records.append(Record(path, item.item_id, CONSUMER_SOURCE, item.clothes_type, box, measured))
     for k in range(1, item.n_shop + 1):
         path = f"{folder}/shop_{k:02d}.jpg"
         image, box = _render_shop(garment, rng)
@@ -739,6 +778,22 @@ def _write_lists(root: Path, records: list[Record], split_of: dict[str, str]) ->
         [f"{c:<{width}}{s:<{width}}{i}  {split}" for c, s, i, split in pairs],
     )
     return pairs
+
+
+def _write_nuisance(path: Path, records: list[Record]) -> None:
+    """:data:`NUISANCE_FILE`: one row per consumer photo, its path and measured nuisances."""
+    columns = [f.name for f in fields(ConsumerNuisance)]
+    rows = [",".join(["path", *columns])] + [
+        ",".join([r.path, *(f"{getattr(r.measured, c):.6f}" for c in columns)]) for r in records if r.measured
+    ]
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
+def read_nuisance(root: str | Path) -> pd.DataFrame | None:
+    """A generated tree's :data:`NUISANCE_FILE` (``path`` and the :class:`ConsumerNuisance`
+    columns), or None where the tree has none (DeepFashion, or a tree written before it existed)."""
+    path = Path(root) / NUISANCE_FILE
+    return pd.read_csv(path) if path.is_file() else None
 
 
 def _counts(items: list[Item], split_of: dict[str, str], pairs: list[tuple]) -> dict:
@@ -808,5 +863,6 @@ def generate_tree(
     root.mkdir(parents=True, exist_ok=True)
     jobs = [(root, item, r, strengths, j) for item, r, j in zip(items, item_rngs, jitter_rngs)]
     records = _render_all(jobs, workers, progress)
+    _write_nuisance(root / NUISANCE_FILE, records)
     pairs = _write_lists(root, records, split_of)
     return _counts(items, split_of, pairs)

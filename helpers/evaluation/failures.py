@@ -15,8 +15,11 @@ Definitions, as in :mod:`helpers.evaluation.metrics`: a query is a hit at K when
 first-hit rank is < K; Recall@K of a group is the mean hit over its queries; the 95 % interval
 is a percentile bootstrap over the group's *items* (all its queries of a drawn item together).
 
-Per-image nuisance strengths (clutter, occlusion, colour cast) are not recorded by the synthetic
-generator: failures by nuisance are :mod:`helpers.experiments.robustness`'s dose-response.
+On a synthetic tree each consumer photo's nuisances were measured as it was drawn
+(:data:`helpers.data.synthetic.NUISANCE_FILE`: the share of the garment an arm hides, the
+background's contrast, the colour cast's spread); :func:`join_measured` adds them, and
+:data:`GROUPS` names every grouping :func:`recall_by_groups` computes. Turning a nuisance up on
+the same photos is :mod:`helpers.experiments.robustness`'s dose-response.
 """
 
 from __future__ import annotations
@@ -35,6 +38,23 @@ from helpers.evaluation.metrics import bootstrap_ci
 from helpers.evaluation.plots import _framed, _show
 
 MIN_ITEMS = 10  # a group with fewer items gets ``few_items``: its interval says little
+MEASURED = ("occluded_share", "background_contrast", "colour_cast")  # synthetic.ConsumerNuisance's fields
+# name → (column of the failure table, bins: None groups by value, an int by quantiles) and what it is, in words.
+GROUPS = {
+    "category": ("category", None, "the category of the query's item"),
+    "box_area": ("box_area_share", 4, "the share of the photo its box covers"),
+    "occlusion": ("occluded_share", 4, "the share of the garment an arm or strap hides"),
+    "clutter": ("background_contrast", 4, "the background's contrast (clutter)"),
+    "colour_cast": ("colour_cast", 4, "the colour cast's spread (log gain)"),
+}
+# A panel's title in a figure of several (the caption says what each is).
+SHORT = {
+    "category": "category",
+    "box_area": "box area share",
+    "occlusion": "occluded share",
+    "clutter": "background contrast",
+    "colour_cast": "colour cast",
+}
 
 
 # ----------------------------------------------------------------------------------------
@@ -132,6 +152,21 @@ def failure_table(
     return out
 
 
+def join_measured(failures: pd.DataFrame, measured: pd.DataFrame) -> pd.DataFrame:
+    """``failures`` with the :data:`MEASURED` columns of ``measured`` (one row per consumer photo,
+    by ``path``: :func:`helpers.data.synthetic.read_nuisance`); InputError naming the first query
+    the measures lack."""
+    check_columns(measured, ("path", *MEASURED), "measured nuisances")
+    rows = measured.drop_duplicates("path").set_index("path").reindex(failures["path"])
+    missing = rows[list(MEASURED)].isna().any(axis=1).to_numpy()
+    if missing.any():
+        raise InputError(
+            f"query {failures['path'].iloc[int(np.flatnonzero(missing)[0])]!r} has no measured nuisances "
+            f"({int(missing.sum())} of {len(failures)} queries)"
+        )
+    return failures.assign(**{c: rows[c].to_numpy(np.float64) for c in MEASURED})
+
+
 # ----------------------------------------------------------------------------------------
 # Recall@K by group
 # ----------------------------------------------------------------------------------------
@@ -159,6 +194,9 @@ def group_labels(failures: pd.DataFrame, column: str, bins: int | Sequence[float
     if isinstance(bins, (int, np.integer)):
         if bins < 1:
             raise InputError(f"bins must be >= 1, got {bins}")
+        if numbers.nunique() == 1:  # qcut would leave every query without a bin
+            name = _edge(float(numbers.iloc[0]))
+            return pd.Series(pd.Categorical([name] * len(numbers), categories=[name], ordered=True), index=values.index)
         cut = pd.qcut(numbers, int(bins), duplicates="drop")
     else:
         edges = np.asarray(bins, dtype=np.float64)
@@ -227,6 +265,16 @@ def recall_by(
     return pd.DataFrame.from_records(records).set_index(column)
 
 
+def recall_by_groups(failures: pd.DataFrame, k: int = 5, **kwargs) -> dict[str, pd.DataFrame]:
+    """:func:`recall_by` for every grouping of :data:`GROUPS` whose column ``failures`` has
+    (the measured nuisances only after :func:`join_measured`), name → table."""
+    return {
+        name: recall_by(failures, column, bins=bins, k=k, **kwargs)
+        for name, (column, bins, _) in GROUPS.items()
+        if column in failures.columns
+    }
+
+
 def _recall_column(summary: pd.DataFrame) -> str:
     found = [c for c in summary.columns if str(c).startswith("recall@")]
     if len(found) != 1:
@@ -291,14 +339,25 @@ def plot_recall_by(
 
 
 def plot_recall_by_groups(
-    summaries: dict[str, pd.DataFrame], overall: float | None = None, figsize: tuple[float, float] = (11.6, 5.4)
+    summaries: dict[str, pd.DataFrame],
+    overall: float | None = None,
+    figsize: tuple[float, float] | None = None,
+    ncols: int = 2,
 ) -> plt.Figure:
-    """Several :func:`recall_by` tables side by side (title → table), one panel each, sharing the
-    dashed ``overall`` line: the failure analysis at a glance (the talk's slide)."""
-    fig, axes = plt.subplots(1, len(summaries), figsize=figsize, squeeze=False)
-    for ax, (title, summary) in zip(axes[0], summaries.items()):
+    """Several :func:`recall_by` tables (title → table), one panel each, ``ncols`` a row,
+    sharing the dashed ``overall`` line: the failure analysis at a glance (``figsize``
+    default: 11 inches wide, 2.6 a row of panels)."""
+    ncols = min(ncols, len(summaries))
+    nrows = -(-len(summaries) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=figsize or (11, 0.6 + 2.6 * nrows), squeeze=False)
+    for i, (ax, (title, summary)) in enumerate(zip(axes.flat, summaries.items())):
         plot_recall_by(summary, title=title, overall=overall, ax=ax)
-    fig.tight_layout()
+        ax.set(xlabel=f"Recall@{_recall_column(summary).split('@', 1)[1]}", ylabel="")
+        if i and ax.get_legend():  # one legend for the figure: the first panel's
+            ax.get_legend().remove()
+    for ax in axes.flat[len(summaries) :]:
+        ax.set_visible(False)
+    fig.tight_layout(w_pad=4)
     return fig
 
 

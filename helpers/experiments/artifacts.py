@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -87,6 +88,41 @@ def data_root(cfg: Config, progress: bool = True) -> Path:
     return ensure_synthetic_tree(
         cfg.work_dir / "data", cfg.synthetic_items, cfg.synthetic_seed, progress, cfg.synthetic_splits
     )
+
+
+def measured_nuisance(cfg: Config, root: Path, split: str = "test", progress: bool = False) -> pd.DataFrame | None:
+    """The measured nuisances of the synthetic tree's consumer photos
+    (:func:`helpers.data.synthetic.read_nuisance`); None on real data. A tree generated before the
+    generator wrote them gets them back: its ``split`` is drawn again in a temporary folder, each
+    redrawn consumer photo must be byte-identical to the tree's (or InputError names the first that
+    is not), and the measures are kept in ``outputs/<profile>/`` (the tree is not touched)."""
+    if cfg.data_root:
+        return None
+    found = synthetic.read_nuisance(root)
+    if found is not None:
+        return found
+    kept = cfg.work_dir / f"{split}_{synthetic.NUISANCE_FILE}"
+    if kept.is_file():
+        return pd.read_csv(kept)
+    cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cfg.work_dir) as scratch:
+        redrawn = Path(scratch) / "tree"
+        synthetic.generate_tree(
+            redrawn,
+            n_items=cfg.synthetic_items,
+            seed=cfg.synthetic_seed,
+            progress=progress,
+            splits=cfg.synthetic_splits,
+            only_splits=(split,),
+        )
+        measured = synthetic.read_nuisance(redrawn)
+        for path in measured.path:
+            if (redrawn / path).read_bytes() != (root / path).read_bytes():
+                raise InputError(
+                    f"{root / path}: not the photo the generator draws for this tree; its nuisances are unknown"
+                )
+    write_text_atomic(kept, measured.to_csv(index=False, lineterminator="\n"))
+    return measured
 
 
 def ensure_prepared(cfg: Config, progress: bool = True) -> tuple[Path, Path]:

@@ -259,32 +259,38 @@ def final_lines(loaded: dict, tag: str, figures: Path, level: str) -> list[str]:
     return lines + failure_lines(loaded, tag, figures, final) + robustness_lines(loaded, tag, figures, level)
 
 
-FAILURE_GROUPS = {"category": "the category of the query's item", "box_area": "the share of the photo its box covers"}
-
-
 def failure_summaries(root: Path) -> dict[str, pd.DataFrame]:
-    """``04_demo``'s ``final/failures_by_*.csv`` that exist: group name → Recall@5 per group."""
-    paths = {name: Path(root) / "final" / f"failures_by_{name}.csv" for name in FAILURE_GROUPS}
+    """``04_demo``'s ``final/failures_by_*.csv`` that exist, in :data:`failures.GROUPS`' order:
+    group name → Recall@5 per group."""
+    paths = {name: Path(root) / "final" / f"failures_by_{name}.csv" for name in failures.GROUPS}
     return {name: pd.read_csv(path, index_col=0) for name, path in paths.items() if path.is_file()}
 
 
+def failure_panels(root: Path) -> dict[str, pd.DataFrame]:
+    """:func:`failure_summaries` titled for a figure of panels: short title → table."""
+    return {failures.SHORT[name]: summary for name, summary in failure_summaries(root).items()}
+
+
 def failure_lines(loaded: dict, tag: str, figures: Path, final: dict) -> list[str]:
-    """Where the final model fails on test: Recall@5 per group (``04_demo``'s ``failures_by_*.csv``)."""
-    lines = []
-    overall = final["protocols"]["official"]["recall@5"]
-    for name, summary in failure_summaries(loaded["root"]).items():
-        what = FAILURE_GROUPS[name]
-        figure = failures.plot_recall_by(summary, title=f"test Recall@5 by {what}", overall=overall)
-        target = save_figure(figure, figures / f"{loaded['profile']}_failures_{name}.png")
-        lines += [
-            f"![test Recall@5 by {name}](figures/{target.name})",
-            "",
-            f"*{{def:fig:{tag}failures_{name}}}: where the final model fails: test Recall@5 ({table_subject(final)}, "
-            f"official protocol) by {what}, with 95 % bootstrap intervals over items; hollow grey: a group of few "
-            "items; dashed: the whole test split.*",
-            "",
-        ]
-    return lines
+    """Where the final model fails on test: one figure, a panel of Recall@5 per grouping of
+    ``04_demo``'s ``failures_by_*.csv``."""
+    panels = failure_panels(loaded["root"])
+    if not panels:
+        return []
+    names = list(failure_summaries(loaded["root"]))
+    measured = {"occlusion", "clutter", "colour_cast"} & set(names)
+    how = " (the nuisances as measured when each synthetic photo was drawn)" if measured else ""
+    groups = ", ".join(f"{failures.SHORT[n]}: {failures.GROUPS[n][2]}" for n in names)
+    figure = failures.plot_recall_by_groups(panels, overall=final["protocols"]["official"]["recall@5"])
+    target = save_figure(figure, figures / f"{loaded['profile']}_failures.png")
+    return [
+        f"![where the final model fails](figures/{target.name})",
+        "",
+        f"*{{def:fig:{tag}failures}}: where the final model fails: test Recall@5 ({table_subject(final)}, official "
+        f"protocol) by group ({groups}){how}, numbers in quartile bins, with 95 % bootstrap intervals over items; "
+        "hollow grey: a group of few items; dashed: the whole test split.*",
+        "",
+    ]
 
 
 def robustness_lines(loaded: dict, tag: str, figures: Path, level: str) -> list[str]:

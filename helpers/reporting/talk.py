@@ -5,8 +5,8 @@ profile's results (:func:`talk_slides`), so the talk can never disagree with the
 * A **figure** is a PNG the report wrote under ``figures/`` (``<profile>_NAME.png``), the pipeline,
   the live demo's screenshot, or one drawn here for the slide's size (``overview``: the study's
   ranked effects, :func:`helpers.evaluation.plots.plot_effects`; ``failures``: test Recall@5 by
-  category and by box area, from ``04_demo``'s ``final/failures_by_*.csv``); until those tables
-  exist the ``failures`` slide shows the list ``failures`` instead.
+  category, box area and the measured nuisances, from ``04_demo``'s ``final/failures_by_*.csv``);
+  until those tables exist the ``failures`` slide shows the list ``failures`` instead.
 * A **table** is one of :func:`talk_tables`; a **list** (:func:`talk_lists`) is a few generated
   bullets: the data's source, the study's cost, the worst test queries.
 * A name the talk may use whose results do not exist yet (an experiment not run, no test
@@ -30,7 +30,7 @@ from helpers.core.errors import InputError
 from helpers.evaluation import failures, plots
 from helpers.experiments import family, study
 from helpers.reporting.prose import _LABEL
-from helpers.reporting.results_section import FAILURE_GROUPS, failure_summaries
+from helpers.reporting.results_section import failure_panels
 from helpers.reporting.tables import data_table, md_table, mean_std, with_ci
 
 # A line of the talk that is only `[[figure NAME]]`, `[[table NAME]]` or `[[list NAME]]`: replaced by what it names.
@@ -136,11 +136,10 @@ def slide_figures(loaded: dict, wanted: set[str]) -> dict:
         effects = family.effects(profile, root)
         if len(effects):
             drawn["overview"] = lambda: plots.plot_effects(effects)
-    summaries = failure_summaries(root)
+    panels = failure_panels(root)
     metrics = root / "final" / "metrics.json"
-    if FAILURES in wanted and summaries and metrics.is_file():
+    if FAILURES in wanted and panels and metrics.is_file():
         overall = json.loads(metrics.read_text())["protocols"]["official"]["recall@5"]
-        panels = {f"by {FAILURE_GROUPS[name]}": summary for name, summary in summaries.items()}
         drawn[FAILURES] = lambda: _failures_figure(panels, overall)
     for experiment, _ in loaded["finished"]:
         name = f"{experiment.name}_curves"
@@ -154,7 +153,7 @@ def slide_figures(loaded: dict, wanted: set[str]) -> dict:
 def _failures_figure(panels: dict[str, pd.DataFrame], overall: float):
     # 12 pt text: the panels' small annotations (10 pt) stay legible at the slide's size.
     with pyplot.rc_context({"font.size": 12}):
-        return failures.plot_recall_by_groups(panels, overall)
+        return failures.plot_recall_by_groups(panels, overall, figsize=(11.6, 5.4), ncols=2 if len(panels) <= 2 else 3)
 
 
 def talk_figures(loaded: dict, figures: Path, wanted: set[str] = frozenset()) -> dict[str, str]:

@@ -14,7 +14,6 @@ import pandas as pd
 
 from helpers.evaluation import failures, plots
 from helpers.experiments import family, robustness, robustness_study, study
-from helpers.reporting.prose import prose_lines
 from helpers.reporting.sections import copied_figure, save_figure
 from helpers.reporting.tables import experiment_table, final_rows, md_table, seed_rows
 
@@ -71,17 +70,6 @@ def curve_lines(loaded: dict, tag: str, figures: Path) -> list[str]:
         f"{best.min()} to {best.max()}.*",
         "",
     ]
-
-
-def results_lines(loaded: dict, tag: str, figures: Path, texts: dict, level: str = "###") -> list[str]:
-    lines = overview_lines(loaded, tag, figures)
-    results = dict((e.name, r) for e, r in loaded["finished"])
-    for stage in study.STAGES:
-        lines += [f"{level} Stage `{stage}`", ""]  # in backticks: a name, not a number
-        lines += prose_lines(texts, f"findings_{stage}")
-        for experiment in (e for e in study.experiments(loaded["profile"]) if e.stage == stage):
-            lines += experiment_lines(loaded, experiment, results.get(experiment.name), tag, figures, level)
-    return lines + final_lines(loaded, tag, figures, level)
 
 
 def experiment_lines(

@@ -7,6 +7,8 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from safetensors import safe_open
 
 from helpers.core import config, identity
 from helpers.core.errors import InputError
@@ -16,6 +18,7 @@ from helpers.experiments import final, final_runs
 from helpers.experiments.catalogue import POSTPROCESS
 from helpers.experiments.runs import runs_of
 from helpers.experiments.study import Study
+from helpers.modeling import checkpoints, models
 
 
 def _run(folder, seed, val_r5, test, best_epoch=3, loss=(0.3, 0.2, 0.1)):
@@ -167,10 +170,13 @@ def three_seed_study(tmp_path, monkeypatch):
     monkeypatch.setattr(final_runs.artifacts, "results_root", lambda profile: root)
     trained = []
 
-    def fake_fit(cfg, table_path, data_root, run_dir, progress=True):
+    def fake_fit(cfg, table_path, data_root, run_dir, progress=True, stop_after_epoch=None):
         if final_runs.artifacts.is_trained(run_dir):  # as ensure_trained: a finished run is read back
             return
-        trained.append((cfg.embed_dim, cfg.seed, progress))
+        trained.append((cfg.embed_dim, cfg.seed, progress) + ((stop_after_epoch,) if stop_after_epoch else ()))
+        if stop_after_epoch:  # epochs 0..stop_after_epoch and no checkpoint of a finished run
+            _run(run_dir, cfg.seed, 0.7, (0.5, 0.7, 0.8), loss=(0.3, 0.2, 0.1)[: stop_after_epoch + 1])
+            return
         _run(run_dir, cfg.seed, 0.7, (0.5 + cfg.seed / 100, 0.7, 0.8))  # the retrain's own test numbers
         for name in ("best.pt", "config.json", "fit.json"):
             (run_dir / name).write_text("{}")
@@ -277,8 +283,11 @@ def test_where_the_study_checkpoints_are_each_seed_is_evaluated_into_its_committ
         return json.loads((run_dir / "metrics.json").read_text())
 
     monkeypatch.setattr(final_runs.train, "evaluate_run", fake_evaluate)
+    exported = []
+    monkeypatch.setattr(final_runs, "export_weights", exported.append)
     runs, _, how = final_runs.study_runs(base, {"embed_dim": 64}, table, data, True)
     assert runs == recorded and study["trained"] == [] and "retrained" not in how and "committed" not in how
+    assert exported == [recorded[1]]  # the demo seed's weights, to be committed with the results
     assert set(final_runs.seed_table(runs, table, data)["test result"][:3]) == {final_runs.EVALUATED}
     assert evaluated == list(recorded.values())
     for run_dir in recorded.values():  # a fresh clone: no checkpoint, the committed result
@@ -403,3 +412,42 @@ def test_the_recorded_commit_ignores_rewritten_results(tmp_path, monkeypatch):
     assert repro.git_commit() == head
     (tmp_path / "code.py").write_text("x = 2\n")
     assert repro.git_commit() == head + "+changes"
+
+
+def test_a_fresh_clone_rebuilds_the_demo_seed_from_its_committed_weights_and_checks_its_first_epochs(
+    three_seed_study,
+):
+    study = three_seed_study
+    base, table, data, recorded = study["base"], study["table"], study["data"], study["recorded"]
+    chosen = replace(base, embed_dim=64, seed=1)
+    model = models.create_embedder(chosen.backbone, chosen.embed_dim, chosen.weights, chosen.head)
+    model = model.to(memory_format=torch.channels_last)  # as fit trains it
+    run = recorded[1]
+    (run / "config.json").write_text(json.dumps({"config": chosen.to_dict(), "model": model.config}))
+    state = {"model": model.state_dict(), "config": chosen.to_dict(), "model_config": model.config}
+    checkpoints.save_checkpoint(run / "best.pt", state | {"epoch": 2, "table_sha256": sha256_file(table)})
+    weights = final_runs.export_weights(run)
+    (run / "best.pt").unlink()  # as a fresh clone has it: the weights, no checkpoint
+    assert safe_open(str(weights), "pt").metadata() == {"best_epoch": "3", "table_sha256": sha256_file(table)}
+
+    runs, _, how = final_runs.study_runs(base, {"embed_dim": 64}, table, data, True)
+    local = data / "outputs" / "fixture" / "final_runs" / run.name
+    assert runs[1] == local and study["trained"] == [(64, 1, True, final_runs.CHECK_EPOCHS)]  # the check only
+    rebuilt, _ = checkpoints.load_embedder(local / "best.pt")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[name], tensor), name
+    checked = "1 epoch" if base.epochs == 1 else "2 epochs"  # at most the run's length
+    assert (
+        f"seed 1: the study's checkpoint rebuilt from its committed weights (model.safetensors), its first {checked}"
+        in how
+    )
+    check = final_runs.reproduction(runs, recorded).loc[1]
+    assert check["run"] == "committed weights; first 2 epochs retrained here"
+    assert check["epochs (here / study)"] == "3 / 3" and check["max |Δ loss|"] == 0
+    assert check["max |Δ val R@5|"] == pytest.approx(0.04)  # 0.70 retrained against 0.74 recorded at epoch 2
+
+    final_runs.study_runs(base, {"embed_dim": 64}, table, data, True)  # again: nothing retrained or rebuilt
+    assert len(study["trained"]) == 1
+    (run / final_runs.WEIGHTS_FILE).write_bytes(weights.read_bytes()[:-8])  # changed weights: rebuilt, or refused
+    with pytest.raises(InputError, match=r"model\.safetensors: not the weights of the model its config\.json records"):
+        final_runs.study_runs(base, {"embed_dim": 64}, table, data, True)

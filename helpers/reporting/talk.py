@@ -39,7 +39,16 @@ SCREENSHOT = REPO_ROOT / "05_live_demo" / "screenshot.jpg"
 
 # Figures a slide may name besides each experiment's `NAME` and `NAME_curves`: the report's
 # (written under figures/ when their results exist), and the failure analysis's.
-FIGURES = ("pipeline", "screenshot", "pairs", "box_geometry", "baseline_curve", "overview", "success_failure")
+FIGURES = (
+    "pipeline",
+    "screenshot",
+    "pairs",
+    "box_geometry",
+    "baseline_curve",
+    "overview",
+    "success_failure",
+    "robustness",
+)
 FAILURES = "failures"
 TABLES = ("data", "design", "final")
 LISTS = ("source", "cost", FAILURES)

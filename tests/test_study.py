@@ -4,6 +4,7 @@ baseline, runs.csv), the carried configuration and final_config.json, and the st
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pandas as pd
@@ -187,3 +188,27 @@ def test_a_terminated_study_records_the_wall_time_of_its_run_and_exits_130(tmp_p
     record = runs.marker(tmp_path / "exp" / "run")
     assert record["finished"] is False and record["wall_s"] >= 0.0
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is the study's only
+
+
+def test_a_training_run_keeps_its_wall_time_up_to_date_in_case_it_is_killed(tmp_path, monkeypatch):
+    """A machine taken back kills without a signal: the marker already holds the time spent."""
+    from helpers.experiments import artifacts
+
+    table = tmp_path / "images.csv"
+    table.write_text("path\n")
+    seen = []
+
+    def training(*args, **kwargs):  # reads its own marker as a killed process would leave it
+        start = time.perf_counter()
+        time.sleep(0.35)
+        seen.append((runs.marker(tmp_path / "exp" / "run"), time.perf_counter() - start))
+
+    monkeypatch.setattr(artifacts, "ensure_trained", training)
+    monkeypatch.setattr(runs, "WALL_CLOCK_S", 0.05)
+    assert runs.ensure_run(config.get_config("fixture"), table, tmp_path, tmp_path / "exp" / "run", tmp_path)[1] == (
+        "interrupted"
+    )
+    during, elapsed = seen[0]
+    assert during["finished"] is False and 0 < during["wall_s"] <= elapsed + 0.05  # written while it trained
+    final = runs.marker(tmp_path / "exp" / "run")
+    assert final["finished"] is False and final["wall_s"] >= elapsed and final["key"] == during["key"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -35,11 +36,21 @@ from helpers.training import train
 
 MARKER = "study_run.json"
 VAL_RANKS = "val_ranks.csv"
+# While a run trains, its marker's wall time is brought up to date this often (seconds): a
+# process killed without warning (a machine taken back) loses at most this much of it.
+WALL_CLOCK_S = 30.0
 HISTORY_COLUMNS = ("loss", f"val_{PRIMARY}")
 
 
 def slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "-" for c in text)
+
+
+def _keep_wall_time(path: Path, record: dict, started: float, stop: threading.Event) -> None:
+    """Every :data:`WALL_CLOCK_S` until ``stop``: ``record`` (unfinished) with its wall time so far."""
+    while not stop.wait(WALL_CLOCK_S):
+        wall_s = round(record["wall_s"] + time.perf_counter() - started, 1)
+        write_text_atomic(path, json.dumps(record | {"wall_s": wall_s}, indent=2) + "\n")
 
 
 def find_runs(root: Path) -> dict[str, Path]:
@@ -82,7 +93,9 @@ def ensure_run(
     record.update(finished=False, wall_s=record.get("wall_s", 0.0))
     resume = (run_dir / "last.pt").is_file()
     write_text_atomic(run_dir / MARKER, json.dumps(record, indent=2) + "\n")
-    started = time.perf_counter()
+    started, stop = time.perf_counter(), threading.Event()
+    clock = threading.Thread(target=_keep_wall_time, args=(run_dir / MARKER, dict(record), started, stop), daemon=True)
+    clock.start()
     try:
         result = artifacts.ensure_trained(cfg, table_path, data_root, run_dir, progress, stop_after_epoch)
         if result is None:
@@ -91,6 +104,8 @@ def ensure_run(
             raise InputError(f"{run_dir / VAL_RANKS}: missing after a finished fit")
         record["finished"] = True
     finally:  # wall time adds up over every session that worked on the run
+        stop.set()
+        clock.join()
         record["wall_s"] = round(record["wall_s"] + time.perf_counter() - started, 1)
         write_text_atomic(run_dir / MARKER, json.dumps(record, indent=2) + "\n")
     # last.pt (weights + optimiser state) only serves a resume; best.pt stays for analysis.

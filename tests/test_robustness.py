@@ -172,6 +172,10 @@ def test_recall_intervals_and_the_dose_response_plot(study):
     lines = [line for line in figure.axes[0].get_lines() if line.get_marker() == "o"]
     assert [line.get_label() for line in lines] == list(VARIANTS)
     assert sorted(lines[0].get_xdata()) == sorted(STRENGTHS["clutter"])
+    # the talk's layout: a grid of panels, a row at most ncols wide
+    grid = robustness.plot_dose_response(robustness.recall_intervals(result), ncols=1, figsize=(6, 6))
+    assert [ax.get_title() for ax in grid.axes] == ["clutter", "box jitter"]
+    assert grid.axes[0].get_position().y0 > grid.axes[1].get_position().y1  # stacked, not side by side
 
 
 def test_the_cache_is_reused_and_never_overwrites(study, monkeypatch, tmp_path):

@@ -258,14 +258,26 @@ def recall_intervals(result: Robustness, k: int = 5, alpha: float = statistics.A
     return pd.DataFrame(rows).rename(columns={"diff": f"recall@{k}"})
 
 
-def plot_dose_response(table: pd.DataFrame, k: int = 5, variants: Sequence[str] | None = None) -> plt.Figure:
-    """One panel per nuisance: val Recall@``k`` (y) against the nuisance's strength (x), a line
-    per variant with its crossed seed × item 95 % interval (``table``: :func:`recall_intervals`'
-    rows, as committed); a dotted line at the strength the runs were trained with (1; box jitter 0)."""
+def plot_dose_response(
+    table: pd.DataFrame,
+    k: int = 5,
+    variants: Sequence[str] | None = None,
+    ncols: int | None = None,
+    figsize: tuple[float, float] | None = None,
+) -> plt.Figure:
+    """One panel per nuisance (``ncols`` a row, default all in one): val Recall@``k`` (y) against
+    the nuisance's strength (x), a line per variant with its crossed seed × item 95 % interval
+    (``table``: :func:`recall_intervals`' rows, as committed); a dotted line at the strength the
+    runs were trained with (1; box jitter 0)."""
     variants = list(variants or table.variant.unique())
     nuisances = list(table.nuisance.unique())
-    fig, axes = plt.subplots(1, len(nuisances), figsize=(4 * len(nuisances), 3.4), sharey=True, squeeze=False)
-    for ax, nuisance in zip(axes[0], nuisances):
+    ncols = min(ncols or len(nuisances), len(nuisances))
+    nrows = -(-len(nuisances) // ncols)
+    size = figsize or (4 * ncols, 3.4 * nrows)
+    fig, axes = plt.subplots(nrows, ncols, figsize=size, sharey=True, squeeze=False)
+    for ax in axes.flat[len(nuisances) :]:
+        ax.set_visible(False)
+    for ax, nuisance in zip(axes.flat, nuisances):
         for variant in variants:
             rows = table.loc[(table.nuisance == nuisance) & (table.variant == variant)].sort_values("strength")
             (line,) = ax.plot(rows.strength, rows[f"recall@{k}"], marker="o", label=variant)
@@ -273,7 +285,8 @@ def plot_dose_response(table: pd.DataFrame, k: int = 5, variants: Sequence[str] 
             ax.fill_between(rows.strength, *band, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.axvline(getattr(synthetic.Nuisance(), nuisance), color="grey", linestyle=":", linewidth=1)
         ax.set(title=nuisance.replace("_", " "), xlabel="strength (trained at the dotted line)")
-    axes[0][0].set_ylabel(f"val Recall@{k}, 95 % interval (seeds × items)")
-    axes[0][0].legend(fontsize=8, frameon=False)
+    for row in axes:
+        row[0].set_ylabel(f"val Recall@{k}, 95 % CI" if nrows > 1 else f"val Recall@{k}, 95 % interval (seeds × items)")
+    axes[0][0].legend(fontsize="small", frameon=False)
     fig.tight_layout()
     return fig

@@ -28,7 +28,7 @@ from matplotlib import pyplot
 from helpers.core.config import REPO_ROOT
 from helpers.core.errors import InputError
 from helpers.evaluation import failures, plots
-from helpers.experiments import family, study
+from helpers.experiments import family, robustness, robustness_study, study
 from helpers.reporting.prose import _LABEL
 from helpers.reporting.results_section import failure_panels
 from helpers.reporting.tables import data_table, md_table, mean_std, with_ci
@@ -150,6 +150,9 @@ def slide_figures(loaded: dict, wanted: set[str]) -> dict:
     if FAILURES in wanted and panels and metrics.is_file():
         overall = json.loads(metrics.read_text())["protocols"]["official"]["recall@5"]
         drawn[FAILURES] = lambda: _failures_figure(panels, overall)
+    tables = robustness_study.load_robustness(root) if "robustness" in wanted else None
+    if tables is not None:
+        drawn["robustness"] = lambda: robustness.plot_dose_response(tables["recall"], ncols=2, figsize=(11.6, 5.4))
     for experiment, _ in loaded["finished"]:
         name = f"{experiment.name}_curves"
         if name in wanted:

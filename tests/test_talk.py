@@ -172,6 +172,25 @@ def test_the_failures_slide_draws_04_demos_tables_at_the_slides_size(tmp_path):
         assert abs(image.width - talk.SLIDE_FIGURE_PX[0]) <= 2 and image.height <= talk.SLIDE_FIGURE_PX[1] + 2
 
 
+def test_the_verdicts_list_is_read_from_the_comparisons(monkeypatch):
+    effects = pd.DataFrame(
+        [
+            ("crop", "crop=False", "exploratory", 3, -0.150, -0.210, -0.090, "worse", 0.051),
+            ("batch", "P×K=16×2", "primary", 5, 0.061, 0.012, 0.110, "better", 0.047),
+            ("resize", "resize=squash", "primary", 5, -0.004, -0.040, 0.032, "within noise", 0.046),
+            ("length", "epochs=10", "exploratory", 3, -0.020, -0.070, 0.030, "within noise", 0.055),
+        ],
+        columns=["experiment", "variant", "role", "n_seeds", "diff", "low", "high", "verdict", "mde"],
+    )
+    monkeypatch.setattr(talk.family, "effects", lambda profile, root: effects)
+    assert talk.verdict_lines({"profile": "demo", "root": DEMO}) == [
+        "- Primary (2 tests, at Holm's level): 1 better, 1 within noise: `P×K=16×2` +0.061 [+0.012, +0.110]",
+        "- The primary tests could see 0.046 to 0.047 of Recall@5 (at Holm's strictest level): smaller effects stay open",
+        "- Exploratory (2 tests, uncorrected 95 %): 1 worse, 1 within noise: `crop=False` -0.150 [-0.210, -0.090]",
+        "- The exploratory tests could see 0.051 to 0.055 of Recall@5 (at level 0.05): smaller effects stay open",
+    ]
+
+
 # --------------------------------------------------------------------------- rendered by Chromium
 
 

@@ -51,7 +51,7 @@ FIGURES = (
 )
 FAILURES = "failures"
 TABLES = ("data", "design", "final")
-LISTS = ("source", "cost", FAILURES)
+LISTS = ("source", "cost", "verdicts", FAILURES)
 NOT_FROM_RESULTS = {("figure", "pipeline"), ("list", "source")}  # a slide holding only these gets no data tag
 
 # The free area a figure fills on a 1280×720 slide, under its title and above one line of text
@@ -236,6 +236,35 @@ def cost_lines(loaded: dict) -> list[str]:
     return lines
 
 
+def verdict_lines(loaded: dict) -> list[str]:
+    """The study's verdicts in a few bullets, per role: how many tests, how many of each verdict,
+    the variants that left the noise with their intervals, and the range of effects the tests
+    could have seen (the minimum detectable effect at each test's level), as ``comparison.csv``
+    holds them: no slide types these numbers by hand."""
+    rows, lines = family.effects(loaded["profile"], loaded["root"]), []
+    for role, level, mde in (
+        ("primary", "at Holm's level", "at Holm's strictest level"),
+        ("exploratory", "uncorrected 95 %", "at level 0.05"),
+    ):
+        tests = rows[rows.role == role]
+        if not len(tests):
+            continue
+        found = tests.verdict.value_counts()
+        counts = ", ".join(f"{found[v]} {v}" for v in ("better", "worse", "within noise") if v in found)
+        decided = [
+            f"`{r.variant}` {r.diff:+.3f} [{r.low:+.3f}, {r.high:+.3f}]"
+            for r in tests[tests.verdict != "within noise"].itertuples()
+        ]
+        lines.append(
+            f"- {role.capitalize()} ({len(tests)} tests, {level}): {counts}"
+            + (": " + "; ".join(decided) if decided else "")
+        )
+        lines.append(
+            f"- The {role} tests could see {_span(tests.mde, '.3f')} of Recall@5 ({mde}): smaller effects stay open"
+        )
+    return lines
+
+
 def _span(values: pd.Series, spec: str) -> str:
     """``5`` or ``3 to 5``: the values' range as the file holds them, in ``spec``."""
     low, high = values.min(), values.max()
@@ -264,6 +293,9 @@ def failure_lines(loaded: dict, n: int = 3) -> list[str]:
 def talk_lists(loaded: dict) -> dict[str, list[str]]:
     """The generated bullet lists a slide may show (those whose results exist)."""
     lists = {"source": source_lines(loaded), "cost": cost_lines(loaded)}
+    verdicts = verdict_lines(loaded)
+    if verdicts:
+        lists["verdicts"] = verdicts
     worst = failure_lines(loaded)
     if worst:
         lists[FAILURES] = worst

@@ -345,6 +345,50 @@ def test_resume_refuses_a_changed_table(prepared, tmp_path):
         train.fit(fixture_cfg(), changed, root, run, resume=True, progress=False)
 
 
+def test_resume_refuses_a_checkpoint_from_before_the_tie_break(prepared, tmp_path):
+    root, table = prepared
+    run = tmp_path / "run"
+    train.fit(fixture_cfg(), table, root, run, progress=False, stop_after_epoch=0)
+    state = checkpoints.read_checkpoint(run / "last.pt")
+    del state["best_map"]  # as fit wrote it before ties on Recall@5 were broken by mAP
+    checkpoints.save_checkpoint(run / "last.pt", state)
+    with pytest.raises(InputError, match=r"last\.pt: written before ties on val Recall@5 were broken by val mAP"):
+        train.fit(fixture_cfg(), table, root, run, resume=True, progress=False)
+
+
+@pytest.mark.parametrize(
+    "recall, mean_ap, better",
+    [
+        (0.625, 0.40, True),  # a higher Recall@5 wins whatever its mAP
+        (0.620, 0.50, True),  # a tie on Recall@5 (one query's step), a higher mAP: still improving
+        (0.620, 0.45, False),  # a tie and the same mAP: no improvement
+        (0.620, 0.44, False),
+        (0.617, 0.60, False),  # a lower Recall@5 loses whatever its mAP
+    ],
+)
+def test_an_epoch_is_better_by_recall_at_5_then_by_map(recall, mean_ap, better):
+    assert train.better_epoch({"recall@5": recall, "map": mean_ap}, 0.620, 0.45) is better
+
+
+def test_the_history_replays_the_stopping_rule(prepared, tmp_path):
+    """Its early stop, replayed from history.csv by an explicit loop: the best epoch is the last that
+    raised Recall@5 or tied it with a higher mAP, and the run stops `patience` epochs after it."""
+    root, table = prepared
+    cfg = fixture_cfg(epochs=6, patience=2)
+    result = train.fit(cfg, table, root, tmp_path / "run", progress=False)
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    best, best_map, best_epoch, bad = -1.0, -1.0, 0, 0
+    for row in history.to_dict("records")[1:]:  # epoch 0: the untrained model
+        recall, mean_ap = row["val_recall@5"], row["val_map"]
+        if recall > best or (recall == best and mean_ap > best_map):
+            best, best_map, best_epoch, bad = recall, mean_ap, row["epoch"], 0
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    assert result["best_epoch"] == best_epoch and history.epoch.max() == row["epoch"]
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

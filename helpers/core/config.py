@@ -132,7 +132,7 @@ class Config:
     schedule: str = _opt("cosine", "cosine (after warm-up) | constant")
     warmup_epochs: int = _opt(1, "linear warm-up epochs")
     grad_clip: float = _opt(5.0, "gradient norm clip")
-    patience: int = _opt(5, "early stop after this many epochs without a better val recall@5")
+    patience: int = _opt(5, "early stop after this many epochs without a better val recall@5 (ties: a better mAP)")
     amp: str = _opt("auto", "auto: bf16 on a GPU that has it, else fp16; off: fp32 (always fp32 on CPU)")
     seed: int = _opt(0, "seed of initialisation, batches and augmentation")
     deterministic: bool = _opt(True, "deterministic kernels (same-seed reruns identical)")

@@ -183,6 +183,11 @@ def _open_run(run_dir: Path, cfg: Config, table_path: Path, resume: bool) -> dic
         )
     if state["epoch"] >= 0 and "val_ranks" not in state:
         raise InputError(f"{last}: written before fit kept the val ranks (val_ranks.csv); start a new --out instead")
+    if "best_map" not in state:
+        raise InputError(
+            f"{last}: written before ties on val Recall@5 were broken by val mAP (its best epoch may differ under "
+            "the current rule); start a new --out instead"
+        )
     return state
 
 
@@ -334,6 +339,7 @@ def _baseline(run: Run) -> None:
     run.state = {
         "epoch": -1,
         "best": -1.0,
+        "best_map": -1.0,
         "bad_epochs": 0,
         "initial_norm": initial["mean_embedding_norm"],
         "history": [_history_row(0, float("nan"), run.cfg.lr, initial, float("nan"))],
@@ -430,8 +436,11 @@ def _train_epoch(run: Run, epoch: int, progress: bool | str) -> dict:
     )
     images_seen *= run.ctx.world_size  # every rank saw an equal share of each global batch
     val, ranks = _validate(run)
-    improved = val["recall@5"] > state["best"]
-    state["best"], state["bad_epochs"] = (val["recall@5"], 0) if improved else (state["best"], state["bad_epochs"] + 1)
+    improved = better_epoch(val, state["best"], state["best_map"])
+    if improved:
+        state["best"], state["best_map"], state["bad_epochs"] = val["recall@5"], val["map"], 0
+    else:
+        state["bad_epochs"] += 1
     if improved:  # the best epoch's ranks, as plain lists: checkpoints are read with weights_only
         state["val_ranks"] = ranks.to_dict("list")
     state["history"].append(
@@ -445,6 +454,15 @@ def _train_epoch(run: Run, epoch: int, progress: bool | str) -> dict:
             flush=True,
         )
     return val
+
+
+def better_epoch(val: dict, best_recall: float, best_map: float) -> bool:
+    """Whether an epoch's val beats the best so far: a higher Recall@5, or the same Recall@5 with a
+    higher mAP. Recall@5 over a few hundred queries moves in steps of one query, so equal values
+    are common while a run still improves; mAP, which every rank moves, breaks the tie (a tie
+    that counted as no improvement stopped runs still rising)."""
+    recall = val["recall@5"]
+    return recall > best_recall or (recall == best_recall and val["map"] > best_map)
 
 
 def _check_collapse(run: Run, val: dict, epoch: int) -> None:
@@ -462,7 +480,10 @@ def _train_epochs(run: Run, progress: bool | str, stop_after_epoch: int | None) 
     Returns (finished, why it stopped early or None)."""
     for epoch in range(run.state["epoch"] + 1, run.cfg.epochs):
         if run.state["bad_epochs"] >= run.cfg.patience:
-            return True, f"early stop: val recall@5 did not improve for {run.cfg.patience} epochs"
+            return (
+                True,
+                f"early stop: val recall@5 (ties broken by val mAP) did not improve for {run.cfg.patience} epochs",
+            )
         val = _train_epoch(run, epoch, progress)
         _check_collapse(run, val, epoch)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
@@ -506,7 +527,8 @@ def fit(
     progress: bool | str = True,
     stop_after_epoch: int | None = None,
 ) -> dict | None:
-    """Train and select ``best.pt`` on val Recall@5 with early stopping; returns ``fit.json``'s
+    """Train and select ``best.pt`` on val Recall@5 (ties broken by val mAP: :func:`better_epoch`)
+    with early stopping; returns ``fit.json``'s
     ``{"best_epoch", "val", "stopped"}``. Test is not looked at (see :func:`evaluate_run`).
 
     ``progress``: True draws bars and prints a line per epoch, ``"epochs"`` prints the line per

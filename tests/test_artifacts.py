@@ -132,4 +132,7 @@ def test_a_tree_without_measured_nuisances_gets_them_redrawn_never_written_into_
     changed.write_bytes(bytes(photo))  # another photo under the same name
     with pytest.raises(InputError, match=f"{changed}: not the photo the generator draws for this tree"):
         artifacts.measured_nuisance(cfg, root)
+    changed.unlink()  # a photo missing: the same one-line reason, no traceback
+    with pytest.raises(InputError, match=f"{changed}: not the photo the generator draws for this tree"):
+        artifacts.measured_nuisance(cfg, root)
     assert artifacts.measured_nuisance(replace(cfg, data_root=str(root)), root) is None  # real data: none

@@ -431,7 +431,7 @@ def test_a_fresh_clone_rebuilds_the_demo_seed_from_its_committed_weights_and_che
     assert safe_open(str(weights), "pt").metadata() == {"best_epoch": "3", "table_sha256": sha256_file(table)}
 
     runs, _, how = final_runs.study_runs(base, {"embed_dim": 64}, table, data, True)
-    local = data / "outputs" / "fixture" / "final_runs" / run.name
+    local = data / "outputs" / "fixture" / "final_runs" / f"{run.name}.weights"  # never a full retrain's folder
     assert runs[1] == local and study["trained"] == [(64, 1, True, final_runs.CHECK_EPOCHS)]  # the check only
     rebuilt, _ = checkpoints.load_embedder(local / "best.pt")
     for name, tensor in model.state_dict().items():
@@ -448,6 +448,9 @@ def test_a_fresh_clone_rebuilds_the_demo_seed_from_its_committed_weights_and_che
 
     final_runs.study_runs(base, {"embed_dim": 64}, table, data, True)  # again: nothing retrained or rebuilt
     assert len(study["trained"]) == 1
+    everything, _, _ = final_runs.study_runs(base, {"embed_dim": 64}, table, data, True, retrain_all=True)
+    assert everything[1] == local.with_name(run.name) and (64, 1, True) in study["trained"]  # a full retrain, apart
+    assert final_runs.study_runs(base, {"embed_dim": 64}, table, data, True)[0][1] == local  # the rebuilt one again
     (run / final_runs.WEIGHTS_FILE).write_bytes(weights.read_bytes()[:-8])  # changed weights: rebuilt, or refused
     with pytest.raises(InputError, match=r"model\.safetensors: not the weights of the model its config\.json records"):
         final_runs.study_runs(base, {"embed_dim": 64}, table, data, True)

@@ -39,21 +39,14 @@ from helpers.evaluation.plots import _framed, _show
 
 MIN_ITEMS = 10  # a group with fewer items gets ``few_items``: its interval says little
 MEASURED = ("occluded_share", "background_contrast", "colour_cast")  # synthetic.ConsumerNuisance's fields
-# name → (column of the failure table, bins: None groups by value, an int by quantiles) and what it is, in words.
+# name → (column of the failure table, bins: None groups by value, an int by quantiles, a panel's
+# title in a figure of several, what it is in words for the caption).
 GROUPS = {
-    "category": ("category", None, "the category of the query's item"),
-    "box_area": ("box_area_share", 4, "the share of the photo its box covers"),
-    "occlusion": ("occluded_share", 4, "the share of the garment an arm or strap hides"),
-    "clutter": ("background_contrast", 4, "the background's contrast (clutter)"),
-    "colour_cast": ("colour_cast", 4, "the colour cast's spread (log gain)"),
-}
-# A panel's title in a figure of several (the caption says what each is).
-SHORT = {
-    "category": "category",
-    "box_area": "box area share",
-    "occlusion": "occluded share",
-    "clutter": "background contrast",
-    "colour_cast": "colour cast",
+    "category": ("category", None, "category", "the category of the query's item"),
+    "box_area": ("box_area_share", 4, "box area share", "the share of the photo its box covers"),
+    "occlusion": ("occluded_share", 4, "occluded share", "the share of the garment an arm or strap hides"),
+    "clutter": ("background_contrast", 4, "background contrast", "the background's contrast (clutter)"),
+    "colour_cast": ("colour_cast", 4, "colour cast", "the colour cast's spread (log gain)"),
 }
 
 
@@ -270,7 +263,7 @@ def recall_by_groups(failures: pd.DataFrame, k: int = 5, **kwargs) -> dict[str, 
     (the measured nuisances only after :func:`join_measured`), name → table."""
     return {
         name: recall_by(failures, column, bins=bins, k=k, **kwargs)
-        for name, (column, bins, _) in GROUPS.items()
+        for name, (column, bins, _, _) in GROUPS.items()
         if column in failures.columns
     }
 

@@ -117,10 +117,9 @@ def measured_nuisance(cfg: Config, root: Path, split: str = "test", progress: bo
         )
         measured = synthetic.read_nuisance(redrawn)
         for path in measured.path:
-            if (redrawn / path).read_bytes() != (root / path).read_bytes():
-                raise InputError(
-                    f"{root / path}: not the photo the generator draws for this tree; its nuisances are unknown"
-                )
+            mine = root / path
+            if not mine.is_file() or (redrawn / path).read_bytes() != mine.read_bytes():
+                raise InputError(f"{mine}: not the photo the generator draws for this tree; its nuisances are unknown")
     write_text_atomic(kept, measured.to_csv(index=False, lineterminator="\n"))
     return measured
 

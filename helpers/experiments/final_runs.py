@@ -198,7 +198,8 @@ def study_runs(
             runs[seed], committed = run_dir, [*committed, seed]
             continue
         if not retrain_all and (run_dir / WEIGHTS_FILE).is_file():
-            runs[seed] = from_weights(replace(final_cfg, seed=seed), run_dir, local, table, data_root, progress)
+            rebuilt_dir = local.with_name(f"{local.name}.weights")  # never a full retrain's folder
+            runs[seed] = from_weights(replace(final_cfg, seed=seed), run_dir, rebuilt_dir, table, data_root, progress)
             rebuilt = [*rebuilt, seed]
             continue
         if not (local / "best.pt").is_file() and not train_if_missing:
@@ -250,9 +251,8 @@ def from_weights(run_cfg: Config, run_dir: Path, local: Path, table: Path, data_
     (deterministic kernels give the same epochs on the same machine kind)."""
     weights = Path(run_dir) / WEIGHTS_FILE
     recorded = json.loads((Path(run_dir) / "config.json").read_text())
-    if not (local / "best.pt").is_file() or json.loads((local / FROM_WEIGHTS).read_text())["sha256"] != sha256_file(
-        weights
-    ):
+    record = local / FROM_WEIGHTS
+    if not record.is_file() or json.loads(record.read_text())["sha256"] != sha256_file(weights):
         local.mkdir(parents=True, exist_ok=True)
         for name in ("config.json", "fit.json", "history.csv"):
             (local / name).write_bytes((Path(run_dir) / name).read_bytes())
@@ -264,14 +264,14 @@ def from_weights(run_cfg: Config, run_dir: Path, local: Path, table: Path, data_
                 f"{weights}: not the weights of the model its config.json records ({type(error).__name__})"
             ) from None
         checkpoints.save_checkpoint(local / "best.pt", state)
-    check = local.with_name(f"{local.name}.first{CHECK_EPOCHS}")
+    check = local.with_name(f"{Path(run_dir).name}.first{CHECK_EPOCHS}")
     done = check / "history.csv"
     if not done.is_file() or len(pd.read_csv(done)) <= CHECK_EPOCHS:
         if progress:
             print(f"checking the rebuilt checkpoint: retraining its first epochs into {portable_path(check)}")
         artifacts.ensure_trained(run_cfg, table, data_root, check, progress=progress, stop_after_epoch=CHECK_EPOCHS)
-    record = {"weights": portable_path(weights), "sha256": sha256_file(weights), "check": portable_path(check)}
-    write_text_atomic(local / FROM_WEIGHTS, json.dumps(record, indent=2) + "\n")
+    written = {"weights": portable_path(weights), "sha256": sha256_file(weights), "check": portable_path(check)}
+    write_text_atomic(record, json.dumps(written, indent=2) + "\n")
     return local
 
 

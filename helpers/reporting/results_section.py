@@ -254,22 +254,23 @@ def failure_summaries(root: Path) -> dict[str, pd.DataFrame]:
     return {name: pd.read_csv(path, index_col=0) for name, path in paths.items() if path.is_file()}
 
 
-def failure_panels(root: Path) -> dict[str, pd.DataFrame]:
-    """:func:`failure_summaries` titled for a figure of panels: short title → table."""
-    return {failures.SHORT[name]: summary for name, summary in failure_summaries(root).items()}
+def failure_panels(summaries: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """:func:`failure_summaries` titled for a figure of panels: a panel's title → table."""
+    return {failures.GROUPS[name][2]: summary for name, summary in summaries.items()}
 
 
 def failure_lines(loaded: dict, tag: str, figures: Path, final: dict) -> list[str]:
     """Where the final model fails on test: one figure, a panel of Recall@5 per grouping of
     ``04_demo``'s ``failures_by_*.csv``."""
-    panels = failure_panels(loaded["root"])
-    if not panels:
+    summaries = failure_summaries(loaded["root"])
+    if not summaries:
         return []
-    names = list(failure_summaries(loaded["root"]))
-    measured = {"occlusion", "clutter", "colour_cast"} & set(names)
+    measured = {"occlusion", "clutter", "colour_cast"} & set(summaries)
     how = " (the nuisances as measured when each synthetic photo was drawn)" if measured else ""
-    groups = ", ".join(f"{failures.SHORT[n]}: {failures.GROUPS[n][2]}" for n in names)
-    figure = failures.plot_recall_by_groups(panels, overall=final["protocols"]["official"]["recall@5"])
+    groups = ", ".join(f"{failures.GROUPS[n][2]}: {failures.GROUPS[n][3]}" for n in summaries)
+    figure = failures.plot_recall_by_groups(
+        failure_panels(summaries), overall=final["protocols"]["official"]["recall@5"]
+    )
     target = save_figure(figure, figures / f"{loaded['profile']}_failures.png")
     return [
         f"![where the final model fails](figures/{target.name})",

@@ -8,7 +8,7 @@ profile's results (:func:`talk_slides`), so the talk can never disagree with the
   category, box area and the measured nuisances, from ``04_demo``'s ``final/failures_by_*.csv``);
   until those tables exist the ``failures`` slide shows the list ``failures`` instead.
 * A **table** is one of :func:`talk_tables`; a **list** (:func:`talk_lists`) is a few generated
-  bullets: the data's source, the study's cost, the worst test queries.
+  bullets: the data's source, the study's cost, its verdicts, the worst test queries.
 * A name the talk may use whose results do not exist yet (an experiment not run, no test
   evaluation) becomes a one-line "not run yet" note; a name no results could ever give is an
   InputError naming the talk's file and line.
@@ -30,7 +30,7 @@ from helpers.core.errors import InputError
 from helpers.evaluation import failures, plots
 from helpers.experiments import family, robustness, robustness_study, study
 from helpers.reporting.prose import _LABEL
-from helpers.reporting.results_section import failure_panels
+from helpers.reporting.results_section import failure_panels, failure_summaries
 from helpers.reporting.tables import data_table, md_table, mean_std, with_ci
 
 # A line of the talk that is only `[[figure NAME]]`, `[[table NAME]]` or `[[list NAME]]`: replaced by what it names.
@@ -145,7 +145,7 @@ def slide_figures(loaded: dict, wanted: set[str]) -> dict:
         effects = family.effects(profile, root)
         if len(effects):
             drawn["overview"] = lambda: plots.plot_effects(effects)
-    panels = failure_panels(root)
+    panels = failure_panels(failure_summaries(root))
     metrics = root / "final" / "metrics.json"
     if FAILURES in wanted and panels and metrics.is_file():
         overall = json.loads(metrics.read_text())["protocols"]["official"]["recall@5"]

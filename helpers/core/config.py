@@ -193,9 +193,9 @@ PROFILES: dict[str, Config] = {
     # with P×K 8×4, twice its updates for the same images. Length: the rate decays on a cosine
     # over 30 epochs, and a run stops once val Recall@5 has not risen for 3 epochs. At a constant
     # rate the runs rose about a point an epoch with larger swings until 3 epochs of swing
-    # stopped them anywhere between epochs 17 and 30, so a run's luck in when it stopped set a seed
-    # spread (SD 0.034 val Recall@5 over 5 seeds) no power plan survives; the decay lets every
-    # run settle. The tree: 150 train items (as before), 500 val items, of which 100 choose each
+    # stopped them (the 5 baseline seeds' best epochs: 16 to 22), so a run's luck in when it
+    # stopped set a seed spread (SD 0.034 val Recall@5) no power plan survives; the decay lets
+    # every run settle. The tree: 150 train items (as before), 500 val items, of which 100 choose each
     # run's epoch (stop_items) and 400 compare runs, so the study's comparisons reach a 0.05
     # minimum detectable effect (results/demo/power_plan.csv), and 150 test items.
     "demo": Config(

@@ -231,23 +231,20 @@ def train_subset(table: pd.DataFrame, fraction: float, seed: int) -> pd.DataFram
 
 
 def split_stop_items(table: pd.DataFrame, n_stop: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(stop, compare)``: the table with only ``n_stop`` seeded val items left in val (their
-    consumer photos the queries, their shop photos the gallery), and the table with only the other
-    val items' consumer photos as queries against every val shop photo (the official val gallery);
-    both keep train and test. Early stopping and the checkpoint's choice look at ``stop``, every
-    epoch, so its gallery holds only the stop items' shop photos: the whole val gallery made that
-    pass embed twice the images, a third of a demo epoch, to rank the same epochs. The numbers
-    that compare runs come from ``compare``, whose queries no choice has seen (selecting and
-    reporting on one set flatters the selected epoch)."""
+    """``(stop, compare)``: the table with only the consumer photos of ``n_stop`` seeded val items
+    left as val queries, and the table with only the other val items' consumer photos; both keep
+    every val shop photo (the official val gallery), train and test. Early stopping and the
+    checkpoint's choice look at ``stop``; the numbers that compare runs come from ``compare``,
+    whose queries no choice has seen (selecting and reporting on one set flatters the selected
+    epoch), against the same gallery, so the two measure the same task."""
     order = _ordered_items(table, "val", seed)
     if not 1 <= n_stop < len(order):
         raise InputError(
             f"stop_items must be between 1 and {len(order) - 1} (val has {len(order)} items), got {n_stop}"
         )
     in_stop = table.item_id.isin(set(order[:n_stop]))
-    val = table.split == "val"
-    val_query = val & (table.domain == "consumer")
+    val_query = (table.split == "val") & (table.domain == "consumer")
     return (
-        table.loc[~val | in_stop].reset_index(drop=True),
+        table.loc[~val_query | in_stop].reset_index(drop=True),
         table.loc[~val_query | ~in_stop].reset_index(drop=True),
     )

@@ -9,9 +9,9 @@ hash and ``env_info``), ``history.csv`` (one row per epoch), ``best.pt`` / ``las
 average precision under ``best.pt``, official protocol, sorted by path: from the validation
 pass that selected it, so val is never embedded again for it) and ``fit.json`` (the best
 epoch, its val metrics, why training stopped early; written last, it marks a finished fit).
-With ``stop_items`` > 0 the val items split in two (:func:`helpers.data.sampling.split_stop_items`):
-early stopping, ``best.pt``'s choice, ``history.csv``'s val columns and ``stop_ranks.csv`` use the
-stop items' queries against the stop items' shop photos;
+With ``stop_items`` > 0 the val queries split in two by item, both searched against every val
+shop photo (:func:`helpers.data.sampling.split_stop_items`): early stopping, ``best.pt``'s choice,
+``history.csv``'s val columns and ``stop_ranks.csv`` use the stop items' queries;
 ``val_ranks.csv`` and ``fit.json``'s ``val`` are ``best.pt`` on the other items' queries, which no
 choice has seen (``fit.json``'s ``stop`` keeps the stop items' numbers).
 :func:`evaluate_run` adds ``metrics.json`` (the test split, official protocol, with

@@ -33,12 +33,19 @@ def test_the_committed_runs_keep_their_key():
     }
     text = json.dumps({"config": values, "table": "abc"}, sort_keys=True, default=str)
     assert identity.run_key(cfg, "abc") == sha256_bytes(text.encode())[:12]
-    # the study's baseline, seed 0, on the demo tree: crop/baseline_seed0_7a1beeda0ff3
+    # the study's baseline, seed 0, on the demo tree: crop/baseline_seed0_b3f3e84e4ad4
     table = "aebc46065036db0b0a92fe98adb4e24c377ee612a4955e1a102587a14b89aef7"
-    assert identity.run_key(cfg, table) == "7a1beeda0ff3"
+    assert identity.run_key(cfg, table) == "b3f3e84e4ad4"
     # the 10-epoch study before it (75 val items, no stop items) kept its key through the later fields
     before = replace(
-        cfg, synthetic_items=300, synthetic_splits=None, stop_items=0, epochs=10, epoch_images=None, schedule="constant"
+        cfg,
+        synthetic_items=300,
+        synthetic_splits=None,
+        stop_items=0,
+        epochs=10,
+        epoch_images=None,
+        schedule="constant",
+        patience=3,
     )
     table = "dbb9ee2f81900e39a9a87d0a87b437d70aa0fca47540e91556e5e8ed43890222"
     assert identity.run_key(before, table) == "7e2936f6acbb"

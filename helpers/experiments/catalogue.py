@@ -153,7 +153,8 @@ def _recipe_experiments(profile: str) -> list[Experiment]:
         Experiment(
             "length",
             "03",
-            "How much does training until val Recall@5 levels off add over the shorter schedule used before?",
+            "How much does the recipe's full length add over the shorter one used before (the rate decaying over "
+            "those fewer epochs)?",
             {f"epochs={length}": {"epochs": length}},
             exploratory=(f"epochs={length}",),
         ),

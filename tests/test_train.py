@@ -147,7 +147,9 @@ def test_stop_items_choose_the_epoch_and_the_other_val_items_report_it(prepared,
     history = pd.read_csv(run / "history.csv")
     assert history.loc[result["best_epoch"], "val_recall@5"] == result["stop"]["recall@5"]
     assert (stop.first_hit_rank < 5).mean() == result["stop"]["recall@5"]
-    pd.testing.assert_frame_equal(stop, _val_ranks_from_scratch(run, table, root, items=set(stop.item_id)), check_dtype=False)
+    pd.testing.assert_frame_equal(
+        stop, _val_ranks_from_scratch(run, table, root, items=set(stop.item_id)), check_dtype=False
+    )
 
 
 def test_train_fraction_and_epoch_images_set_what_an_epoch_holds(prepared, tmp_path):

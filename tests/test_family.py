@@ -13,6 +13,7 @@ from statsmodels.stats.multitest import multipletests
 
 from helpers.apps.cli import main
 from helpers.core import config
+from helpers.core.errors import InputError
 from helpers.experiments import catalogue, comparison, family, statistics
 from helpers.experiments.runs import metrics_from_ranks, slug
 from helpers.experiments.study import Study, load_experiment
@@ -200,6 +201,27 @@ def test_power_plan_and_its_command(tmp_path, monkeypatch, capsys):
     assert "seed x item" in out and "mde_holm_m11" in out and "meets_target" in out
     assert main(["study", "power", "--profile", "demo", "--items", "x"]) == 2
     assert main(["study", "power", "--profile", "demo", "--family", "0"]) == 2
+
+
+def test_an_interim_look_pools_the_finished_experiments_alone(tmp_path, capsys):
+    with pytest.raises(InputError, match="no finished experiment"):
+        family.interim_components("fixture", tmp_path)
+    write_study(tmp_path, names={"crop", "resize"})
+    pooled, compared = family.interim_components("fixture", tmp_path)
+    assert compared == ["crop/crop=False", "resize/resize=squash"]
+    parts = []  # each comparison's crossed test recomputed from its runs' val ranks
+    for name, variant in (("crop", "crop=False"), ("resize", "resize=squash")):
+        runs = pd.read_csv(tmp_path / name / "runs.csv")
+        frames = {(r.variant, r.seed): pd.read_csv(tmp_path / r.run_dir / "val_ranks.csv") for r in runs.itertuples()}
+        grids = [comparison.hit_grid({s: frames[(v, s)] for s in SEEDS}, SEEDS, 5) for v in ("baseline", variant)]
+        parts.append(statistics.crossed_test(*grids, comparison.query_items(frames[("baseline", 0)])).components)
+    assert pooled == statistics.pooled_components(parts)
+    args = ["study", "power", "--profile", "fixture", "--interim", str(tmp_path), "--seeds-list", "3", "--items", "30"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    planned = sum(catalogue.planned_tests("fixture").values())
+    assert "crop/crop=False, resize/resize=squash" in out and f"Holm's family: {planned} Recall@5 tests" in out
+    assert f"mde_holm_m{planned}" in out
 
 
 def test_the_report_shows_the_holm_columns_and_the_noise(tmp_path):

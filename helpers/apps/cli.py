@@ -340,17 +340,29 @@ def _study(args) -> None:
 
 def cmd_power(args) -> None:
     """The minimum detectable Recall@5 difference for seeds × val items, from the variance
-    components of the profile's committed study (its noise.csv)."""
-    from helpers.experiments import artifacts, family
+    components of the profile's committed study (its noise.csv), or of a running study's finished
+    experiments (``--interim``)."""
+    from helpers.core.files import portable_path
+    from helpers.experiments import artifacts, catalogue, family
 
-    components = family.pooled_from(args.noise or artifacts.results_root(args.profile) / family.NOISE)
+    noise = args.noise or artifacts.results_root(args.profile) / family.NOISE
+    if args.interim is not None:
+        components, pooled = family.interim_components(args.profile, args.interim)
+        source = f"interim: pooled over the finished comparisons of {portable_path(args.interim)}, {', '.join(pooled)}"
+    else:
+        components, source = family.pooled_from(noise), "pooled"
     print(
-        f"variance components of a paired val Recall@5 difference (profile {args.profile}, pooled): "
+        f"variance components of a paired val Recall@5 difference (profile {args.profile}, {source}): "
         f"seed {components.seed:.3g}, item {components.item:.3g}, seed x item {components.interaction:.3g}"
     )
     seeds = args.seeds_list or ([args.seeds] if args.seeds else list(range(3, 9)))
-    m = args.family or family.family_size(args.noise or artifacts.results_root(args.profile) / family.NOISE)
-    print(f"Holm's family: {m} Recall@5 tests" + ("" if args.family else " (the committed study's)"))
+    if args.family:
+        m, whose = args.family, ""
+    elif args.interim is not None:
+        m, whose = sum(catalogue.planned_tests(args.profile).values()), " (the profile's planned primary tests)"
+    else:
+        m, whose = family.family_size(noise), " (the committed study's)"
+    print(f"Holm's family: {m} Recall@5 tests{whose}")
     plan = family.power_plan(components, seeds, args.items, m, args.target)
     print(plan.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
@@ -681,6 +693,13 @@ def _add_study(commands) -> None:
     power.add_argument("--target", type=float, help="a target MDE: mark the sizes that reach it at Holm's level")
     power.add_argument(
         "--noise", type=Path, help="noise.csv whose pooled components plan from (default results/<profile>/noise.csv)"
+    )
+    power.add_argument(
+        "--interim",
+        type=Path,
+        metavar="DIR",
+        help="plan from the components of a running study's finished experiments in DIR instead (effects are not "
+        "read, so re-sizing the rest from them stays blind to the results)",
     )
     study.set_defaults(run=cmd_study)
 

@@ -72,6 +72,37 @@ def family_at_decision(profile: str, root: Path, current: str) -> tuple[list[dic
     return tests, pending
 
 
+def _experiment_tests(
+    profile: str, root: Path, name: str, primary_only: bool = False
+) -> list[tuple[str, str, statistics.CrossedTest, pd.DataFrame]]:
+    """:func:`study_tests`'s rows of one finished experiment."""
+    table = pd.read_csv(Path(root) / name / "runs.csv")
+    tests = comparison.paired_tests(table, runs.run_ranks(root, table), ks=(PRIMARY_K,))
+    exploratory = set(get_experiment(profile, name).exploratory) if primary_only else set()
+    return [
+        (name, variant, test, table)
+        for (variant, _), test in tests.items()
+        if test is not None and variant not in exploratory
+    ]
+
+
+def interim_components(profile: str, root: Path) -> tuple[statistics.Components, list[str]]:
+    """``(pooled components, the comparisons they pool)`` over every finished experiment of a study
+    still running: an interim look at the noise, for re-sizing the seeds or items of the tests not
+    yet run. Only the components leave this function, never an effect, so a plan revised from
+    them stays blind to the results (blinded sample-size re-estimation)."""
+    found = [
+        row
+        for name in planned_tests(profile)
+        if finished_pvalues(root, name) is not None
+        for row in _experiment_tests(profile, root, name)
+    ]
+    if not found:
+        raise InputError(f"{root}: no finished experiment of profile {profile} yet, so no noise to look at")
+    pooled = statistics.pooled_components([test.components for _, _, test, _ in found])
+    return pooled, [f"{name}/{variant}" for name, variant, _, _ in found]
+
+
 def finished_study(profile: str, root: Path) -> list[str] | None:
     """Every experiment of ``profile``, once each has finished; else None."""
     names = list(planned_tests(profile))
@@ -85,14 +116,7 @@ def study_tests(
     (``primary_only``: those in Holm's family), recomputed from the runs' ``val_ranks.csv``."""
     found = []
     for name in finished_study(profile, root) or []:
-        table = pd.read_csv(Path(root) / name / "runs.csv")
-        tests = comparison.paired_tests(table, runs.run_ranks(root, table), ks=(PRIMARY_K,))
-        exploratory = set(get_experiment(profile, name).exploratory) if primary_only else set()
-        found += [
-            (name, variant, test, table)
-            for (variant, _), test in tests.items()
-            if test is not None and variant not in exploratory
-        ]
+        found += _experiment_tests(profile, root, name, primary_only)
     return found
 
 

@@ -222,6 +222,9 @@ def test_an_interim_look_pools_the_finished_experiments_alone(tmp_path, capsys):
     planned = sum(catalogue.planned_tests("fixture").values())
     assert "crop/crop=False, resize/resize=squash" in out and f"Holm's family: {planned} Recall@5 tests" in out
     assert f"mde_holm_m{planned}" in out
+    assert main([*args, "--noise", str(tmp_path / family.NOISE)]) == 2  # two sources: which one?
+    assert main(["study", "power", "--profile", "fixture", "--interim", str(tmp_path / "absent")]) == 2
+    assert "no such study folder" in capsys.readouterr().err
 
 
 def test_the_report_shows_the_holm_columns_and_the_noise(tmp_path):

@@ -345,6 +345,8 @@ def cmd_power(args) -> None:
     from helpers.core.files import portable_path
     from helpers.experiments import artifacts, catalogue, family
 
+    if args.interim is not None and args.noise is not None:
+        raise InputError("--interim and --noise are two sources of the components: give one")
     noise = args.noise or artifacts.results_root(args.profile) / family.NOISE
     if args.interim is not None:
         components, pooled = family.interim_components(args.profile, args.interim)

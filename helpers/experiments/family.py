@@ -91,6 +91,8 @@ def interim_components(profile: str, root: Path) -> tuple[statistics.Components,
     still running: an interim look at the noise, for re-sizing the seeds or items of the tests not
     yet run. Only the components leave this function, never an effect, so a plan revised from
     them stays blind to the results (blinded sample-size re-estimation)."""
+    if not Path(root).is_dir():
+        raise InputError(f"{root}: no such study folder")
     found = [
         row
         for name in planned_tests(profile)

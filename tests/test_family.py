@@ -293,3 +293,23 @@ def test_the_power_plan_sizes_every_planned_comparison_before_the_runs(tmp_path,
     (tmp_path / "earlier" / family.NOISE).unlink()
     pd.testing.assert_frame_equal(study.write_power_plan(tmp_path / "earlier" / family.NOISE), written)
     assert (tmp_path / "study" / family.POWER_PLAN).read_text() == text
+    assert written.components_from.iloc[0].startswith("pooled over ") and written.components_from.nunique() == 1
+
+
+def test_a_revised_power_plan_reads_the_components_of_an_interim_look(tmp_path, monkeypatch, capsys):
+    earlier = tmp_path / "earlier_design"
+    write_study(earlier, names={"crop", "resize"})
+    pooled, _ = family.interim_components("demo", earlier)
+    monkeypatch.setattr(Study, "compare_items", lambda self: 700)
+    args = ["study", "plan", "--profile", "demo", "--results", str(tmp_path / "study"), "--interim", str(earlier)]
+    assert main(args) == 0
+    plan = pd.read_csv(tmp_path / "study" / family.POWER_PLAN)
+    primary = plan[plan.role == "primary"]
+    assert primary["mde_recall@5"].to_numpy() == pytest.approx(statistics.planned_mde(pooled, 5, 700, 8)["mde"])
+    assert plan["var_item_recall@5"].to_numpy() == pytest.approx(pooled.item) and (plan.val_items == 700).all()
+    assert (
+        plan.components_from == "interim look at " + str(earlier) + " (crop/crop=False, resize/resize=squash)"
+    ).all()
+    assert "components: interim look at" in capsys.readouterr().out
+    assert main([*args, "--noise", str(earlier / family.NOISE)]) == 2  # two sources of the components
+    assert "not allowed with argument" in capsys.readouterr().err

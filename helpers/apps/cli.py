@@ -270,11 +270,14 @@ def cmd_demo(args) -> None:
     from helpers.experiments import pipeline
 
     recipe = config.get_config(args.profile)
-    cfg = config.get_config(args.profile, epochs=args.epochs or config.DEMO_EPOCHS[args.profile])
+    tree = config.DEMO_TREE.get(args.profile, {})
+    cfg = config.get_config(args.profile, epochs=args.epochs or config.DEMO_EPOCHS[args.profile], **tree)
     out = pipeline.run_demo(cfg, progress=not args.quiet)
     source = (
         "synthetic data (helpers.data.synthetic), not DeepFashion" if cfg.data_root is None else str(out["data_root"])
     )
+    if tree:
+        source += f", the demo's own {cfg.synthetic_items}-item tree (the study's has {recipe.synthetic_items})"
     print(f"profile {cfg.profile}: {source}\ntable {out['table']}")
     print(sampling.split_stats(schema.read_table(out["table"])).to_string())
     schedule = f"at most {cfg.epochs} epoch{'s' * (cfg.epochs != 1)}"
@@ -318,8 +321,13 @@ def _study(args) -> None:
         print(f"wrote {portable_path(study.root / robustness_study.ROBUSTNESS)}")
         return
     if args.experiment == "plan":
-        plan = study.write_power_plan(args.noise)
-        print(plan.drop(columns=[c for c in plan.columns if c.startswith("var_")]).to_string(index=False))
+        plan = study.write_power_plan(args.noise, args.interim)
+        print(f"components: {plan.components_from.iloc[0]}")
+        print(
+            plan.drop(columns=[c for c in plan.columns if c.startswith("var_") or c == "components_from"]).to_string(
+                index=False
+            )
+        )
         print(f"wrote {portable_path(study.root / 'power_plan.csv')}")
         return
     if args.experiment == catalogue.POSTPROCESS:  # on the final configuration's runs: no training
@@ -342,17 +350,10 @@ def cmd_power(args) -> None:
     """The minimum detectable Recall@5 difference for seeds × val items, from the variance
     components of the profile's committed study (its noise.csv), or of a running study's finished
     experiments (``--interim``)."""
-    from helpers.core.files import portable_path
     from helpers.experiments import artifacts, catalogue, family
 
-    if args.interim is not None and args.noise is not None:
-        raise InputError("--interim and --noise are two sources of the components: give one")
+    components, source = family.planning_components(args.profile, args.noise, args.interim)
     noise = args.noise or artifacts.results_root(args.profile) / family.NOISE
-    if args.interim is not None:
-        components, pooled = family.interim_components(args.profile, args.interim)
-        source = f"interim: pooled over the finished comparisons of {portable_path(args.interim)}, {', '.join(pooled)}"
-    else:
-        components, source = family.pooled_from(noise), "pooled"
     print(
         f"variance components of a paired val Recall@5 difference (profile {args.profile}, {source}): "
         f"seed {components.seed:.3g}, item {components.item:.3g}, seed x item {components.interaction:.3g}"
@@ -686,22 +687,27 @@ def _add_study(commands) -> None:
         help="recompute every comparison, decision and noise.csv from the finished runs' val ranks; train nothing "
         "(an unfinished run is an error)",
     )
-    power = study.add_argument_group("power (with `study power`)")
+    power = study.add_argument_group("power (with `study power`; --noise and --interim also with `study plan`)")
     power.add_argument("--seeds-list", type=_int_list, help="several seed counts, e.g. 3,4,5,6 (default 3..8)")
     power.add_argument("--items", type=_int_list, default=[75, 150, 300, 450, 600], help="val items, e.g. 150,300")
     power.add_argument(
         "--family", type=_positive_int, help="tests in Holm's family (default: the committed study's, from noise.csv)"
     )
     power.add_argument("--target", type=float, help="a target MDE: mark the sizes that reach it at Holm's level")
-    power.add_argument(
-        "--noise", type=Path, help="noise.csv whose pooled components plan from (default results/<profile>/noise.csv)"
+    # One source of the variance components: a finished study's noise.csv or an interim look.
+    source = power.add_mutually_exclusive_group()
+    source.add_argument(
+        "--noise",
+        type=Path,
+        help="noise.csv whose pooled components plan from, with `study power` or `study plan` "
+        "(default results/<profile>/noise.csv)",
     )
-    power.add_argument(
+    source.add_argument(
         "--interim",
         type=Path,
         metavar="DIR",
-        help="plan from the components of a running study's finished experiments in DIR instead (effects are not "
-        "read, so re-sizing the rest from them stays blind to the results)",
+        help="plan from the components of the finished experiments in DIR instead (a running study, or an "
+        "earlier design of it); effects are not read, so re-sizing the rest from them stays blind to the results",
     )
     study.set_defaults(run=cmd_study)
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import pandas as pd
 
 from helpers.core.errors import InputError
-from helpers.core.files import write_text_atomic
-from helpers.experiments import comparison, runs, statistics
+from helpers.core.files import portable_path, write_text_atomic
+from helpers.experiments import artifacts, comparison, runs, statistics
 from helpers.experiments.catalogue import PRIMARY, PRIMARY_K, experiments, get_experiment, planned_tests
 from helpers.experiments.statistics import ALPHA, POWER
 
@@ -259,6 +259,21 @@ def pooled_from(path: Path) -> statistics.Components:
     return statistics.Components(
         float(row[f"var_seed_{PRIMARY}"]), float(row[f"var_item_{PRIMARY}"]), float(row[f"var_inter_{PRIMARY}"])
     )
+
+
+def planning_components(
+    profile: str, noise: Path | None = None, interim: Path | None = None
+) -> tuple[statistics.Components, str]:
+    """``(components, where they come from)`` for a power plan: pooled over a committed
+    ``noise.csv`` (default: the profile's, under ``results/``) or, with ``interim``, over the
+    finished experiments of a running (or abandoned) design of a study (:func:`interim_components`)."""
+    if interim is not None:
+        if noise is not None:
+            raise InputError("--interim and --noise are two sources of the components: give one")
+        components, pooled = interim_components(profile, Path(interim))
+        return components, f"interim look at {portable_path(interim)} ({', '.join(pooled)})"
+    noise = Path(noise or artifacts.results_root(profile) / NOISE)
+    return pooled_from(noise), f"pooled over {portable_path(noise)}"
 
 
 def family_size(path: Path) -> int:

@@ -376,22 +376,21 @@ class Study:
         table = pd.read_csv(self.prepared()[1], usecols=["item_id", "split"])
         return int(table.loc[table.split == "val", "item_id"].nunique()) - self.config.stop_items
 
-    def write_power_plan(self, noise: Path | None = None) -> pd.DataFrame:
+    def write_power_plan(self, noise: Path | None = None, interim: Path | None = None) -> pd.DataFrame:
         """``power_plan.csv``: each planned comparison's minimum detectable Recall@5 difference at this
         study's seeds and val items, from the pooled variance components of an earlier study's
-        ``noise.csv`` (default: this profile's committed one). Written once, before the runs: an
-        existing plan is read back, never recomputed from the study's own, later noise."""
+        ``noise.csv`` (default: this profile's committed one), or of an interim look at the finished
+        experiments of an earlier design of this study (``interim``: components only, never an
+        effect, so the revised plan stays blind to the results). ``components_from`` names the
+        source. Written once, before the runs: an existing plan is read back, never recomputed from
+        the study's own, later noise."""
         path = self.root / family.POWER_PLAN
         if path.is_file():
             return pd.read_csv(path)
-        source = Path(noise or artifacts.results_root(self.profile) / NOISE)
+        components, source = family.planning_components(self.profile, noise, interim)
         plan = family.study_plan(
-            self.profile,
-            family.pooled_from(source),
-            self.n_seeds,
-            EXPLORATORY_SEEDS[self.profile],
-            self.compare_items(),
-        )
+            self.profile, components, self.n_seeds, EXPLORATORY_SEEDS[self.profile], self.compare_items()
+        ).assign(components_from=source)
         self.root.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, plan.to_csv(index=False, lineterminator="\n"))
         return plan

@@ -95,7 +95,7 @@ def test_the_required_slides(deck):
     assert "This study: 36 distinct training runs, 2.9 h of summed wall time" in cost
     assert "25 of them (69.4 %) had their best val Recall@5 at their last epoch" in cost
     if (DEMO / "power_plan.csv").is_file():
-        assert "Planned next, primary comparisons: 5 seeds × 400 val items, detecting 0.047" in cost
+        assert "Planned next, primary comparisons: 5 seeds × 800 val items, detecting 0.041" in cost
     deepfashion = _slide(slides, "On DeepFashion")
     assert "--profile full" in deepfashion
     final = _slide(slides, "Nothing beat the default recipe")

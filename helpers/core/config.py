@@ -145,7 +145,13 @@ class Config:
 
     @property
     def work_dir(self) -> Path:
-        """Where this profile's generated data and prepared tables live (git-ignored)."""
+        """Where this profile's generated data and prepared tables live (git-ignored):
+        ``outputs/<profile>``, or ``outputs/<profile>_<N>items`` for a synthetic tree of another
+        size than the profile's own (``make demo``'s), so that two trees never share a folder."""
+        own = PROFILES.get(self.profile)
+        tree = (self.synthetic_items, self.synthetic_splits)
+        if self.data_root is None and own is not None and tree != (own.synthetic_items, own.synthetic_splits):
+            return OUTPUTS / f"{self.profile}_{self.synthetic_items}items"
         return OUTPUTS / self.profile
 
     @property
@@ -168,6 +174,11 @@ EXPLORATORY_SEEDS = {"fixture": 1, "demo": 3, "full": 3}
 # whole demo stays within 6 minutes on a 2-core CPU; the study's runs train until val Recall@5
 # levels off (docs/benchmarks.md gives the demo's measured time).
 DEMO_EPOCHS = {"fixture": 1, "demo": 5}
+# ... on a synthetic tree of its own (in outputs/demo_450items/, see Config.work_dir): the study's
+# 900 val items, sized for its power, make every val pass three times as long and took the demo
+# to 8 minutes. As many train items as the study's (150); 150 val items, 50 of which choose the
+# epoch; 150 test items.
+DEMO_TREE = {"demo": {"synthetic_items": 450, "synthetic_splits": (150, 150, 150), "stop_items": 50}}
 
 PROFILES: dict[str, Config] = {
     "fixture": Config(
@@ -198,13 +209,15 @@ PROFILES: dict[str, Config] = {
     # rate the runs rose about a point an epoch with larger swings until 3 epochs of swing
     # stopped them (the 5 baseline seeds' best epochs: 16 to 22), so a run's luck in when it
     # stopped set a seed spread (SD 0.034 val Recall@5) no power plan survives; the decay lets
-    # every run settle. The tree: 150 train items (as before), 500 val items, of which 100 choose each
-    # run's epoch (stop_items) and 400 compare runs, so the study's comparisons reach a 0.05
-    # minimum detectable effect (results/demo/power_plan.csv), and 150 test items.
+    # every run settle. The tree: 150 train items (as before), 900 val items, of which 100 choose each
+    # run's epoch (stop_items) and 800 compare runs, and 150 test items. 800, not the 400 of the
+    # first plan: an interim look at the first two experiments' variance components (item part
+    # seven times the planned one; results/demo/set_aside/interim_400/) put the primary tests'
+    # minimum detectable effect at 0.057 with 400, 0.041 with 800 (results/demo/power_plan.csv).
     "demo": Config(
         profile="demo",
-        synthetic_items=800,
-        synthetic_splits=(150, 500, 150),
+        synthetic_items=1200,
+        synthetic_splits=(150, 900, 150),
         stop_items=100,
         categories=None,
         sample=None,

@@ -46,10 +46,11 @@ RECIPE_FIELDS = ("img_size", "epochs", "patience", "p_items", "k_images", "optim
 # Stated per-epoch estimates (train + val pass, seconds) for the projected-time print, used
 # until runs of the study have been measured: fixture from 5–17 s per 1-epoch run measured on
 # the shared 2-core machine (most of it evaluation); demo from the first epochs of a demo fit on
-# an idle 2-core AMD EPYC (27–28 s of training) plus its stop items' val pass (about 990 images at
-# roughly 110 images/s); full a guess for EfficientNet-B3 on a Colab T4 with the 10 % TOPS+DRESSES
+# an idle 2-core AMD EPYC (27–28 s of training) plus its stop items' val pass (about 1,480 images:
+# their consumer photos and the 1,119 val shop photos, at the 70 images/s measured with the 900
+# val items' tree); full a guess for EfficientNet-B3 on a Colab T4 with the 10 % TOPS+DRESSES
 # sample.
-SECONDS_PER_EPOCH = {"fixture": 10.0, "demo": 36.0, "full": 60.0}
+SECONDS_PER_EPOCH = {"fixture": 10.0, "demo": 49.0, "full": 60.0}
 
 # Post-processing (no training): each method alone against `none` on the final configuration's runs.
 POSTPROCESS = "postprocess"
@@ -93,8 +94,8 @@ def _levels(field: str, values) -> dict:
 
 # Per profile and experiment: (primary levels, exploratory levels) of the field it varies.
 # demo (the 2-core CPU) asks every question of the original study with 8 primary tests, the
-# number at which 5 seeds × 400 val items reach a 0.05 minimum detectable Recall@5 difference at
-# Holm's strictest level (results/demo/power_plan.csv); each question's primary variant is the
+# family whose strictest Holm level 5 seeds × 800 compared val items pass with a minimum detectable
+# Recall@5 difference under 0.05 (results/demo/power_plan.csv); each question's primary variant is the
 # one the original study claimed or a user would adopt; the rest are exploratory, and a question
 # asks one level where the original study asked one (photometric: gray-world, the correction it
 # credited; batch composition: more items per batch). full (a GPU)

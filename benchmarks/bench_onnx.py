@@ -7,8 +7,8 @@
   (``app.QUERY_THREADS``), queries alternating between the runtimes; median ms;
 * agreement: whether every test query's top-5 is identical with both runtimes.
 
-The model is the demo profile's trained checkpoint (``outputs/demo/run/best.pt``, or
-``--checkpoint``); without one, a stand-in of the same architecture (Lite0 with its packaged
+The model is the checkpoint ``make demo`` trains (``outputs/demo_450items/run/best.pt``), or
+``--checkpoint``; without one, a stand-in of the same architecture (Lite0 with its packaged
 ImageNet weights, untrained head): speed depends on the architecture, not on the weights.
 
     .venv/bin/python benchmarks/bench_onnx.py [--checkpoint RUN/best.pt] [--repeats 3] [--threads N]
@@ -38,7 +38,7 @@ from helpers.experiments import artifacts  # noqa: E402
 from helpers.modeling import checkpoints, export, models  # noqa: E402
 from helpers.modeling.onnx_embedder import load_onnx  # noqa: E402
 
-DEMO_CHECKPOINT = REPO_ROOT / "outputs" / "demo" / "run" / "best.pt"
+DEMO_CHECKPOINT = REPO_ROOT / "outputs" / "demo_450items" / "run" / "best.pt"
 
 
 def stand_in(cfg: config.Config, path: Path) -> Path:

@@ -184,3 +184,12 @@ def test_new_fields_default_to_training_as_before():
         profile = config.PROFILES[name]
         assert {k: getattr(profile, k) for k in identity.LATER_FIELDS} == identity.LATER_FIELDS
     assert config.get_config("fixture", layer_decay=0.75, grad_checkpointing=True).layer_decay == 0.75
+
+
+def test_a_synthetic_tree_of_another_size_gets_a_folder_of_its_own():
+    assert config.get_config("demo").work_dir == config.OUTPUTS / "demo"
+    tour = config.get_config("demo", **config.DEMO_TREE["demo"])
+    assert tour.work_dir == config.OUTPUTS / "demo_450items" and tour.stop_items == 50
+    assert sum(tour.synthetic_splits) == tour.synthetic_items  # the demo's own tree is a valid one
+    real = config.get_config("demo", data_root="/data/c2s", **config.DEMO_TREE["demo"])
+    assert real.work_dir == config.OUTPUTS / "demo"  # a real tree: its prepared table in the profile's folder

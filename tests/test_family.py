@@ -222,6 +222,11 @@ def test_an_interim_look_pools_the_finished_experiments_alone(tmp_path, capsys):
     planned = sum(catalogue.planned_tests("fixture").values())
     assert "crop/crop=False, resize/resize=squash" in out and f"Holm's family: {planned} Recall@5 tests" in out
     assert f"mde_holm_m{planned}" in out
+    assert main([*args, "--out", str(tmp_path / "look" / "interim_power.csv")]) == 0
+    written = pd.read_csv(tmp_path / "look" / "interim_power.csv")
+    assert written[f"mde_holm_m{planned}"].to_numpy() == pytest.approx(
+        family.power_plan(pooled, [3], [30], planned)[f"mde_holm_m{planned}"].to_numpy()
+    )
     assert main([*args, "--noise", str(tmp_path / family.NOISE)]) == 2  # two sources: which one?
     assert main(["study", "power", "--profile", "fixture", "--interim", str(tmp_path / "absent")]) == 2
     assert "no such study folder" in capsys.readouterr().err

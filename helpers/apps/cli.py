@@ -350,6 +350,7 @@ def cmd_power(args) -> None:
     """The minimum detectable Recall@5 difference for seeds × val items, from the variance
     components of the profile's committed study (its noise.csv), or of a running study's finished
     experiments (``--interim``)."""
+    from helpers.core.files import portable_path, write_text_atomic
     from helpers.experiments import artifacts, catalogue, family
 
     components, source = family.planning_components(args.profile, args.noise, args.interim)
@@ -368,6 +369,10 @@ def cmd_power(args) -> None:
     print(f"Holm's family: {m} Recall@5 tests{whose}")
     plan = family.power_plan(components, seeds, args.items, m, args.target)
     print(plan.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(args.out, plan.to_csv(index=False, lineterminator="\n"))
+        print(f"wrote {portable_path(args.out)}")
 
 
 def cmd_report(args) -> None:
@@ -694,6 +699,7 @@ def _add_study(commands) -> None:
         "--family", type=_positive_int, help="tests in Holm's family (default: the committed study's, from noise.csv)"
     )
     power.add_argument("--target", type=float, help="a target MDE: mark the sizes that reach it at Holm's level")
+    power.add_argument("--out", type=Path, metavar="CSV", help="also write the table to CSV")
     # One source of the variance components: a finished study's noise.csv or an interim look.
     source = power.add_mutually_exclusive_group()
     source.add_argument(

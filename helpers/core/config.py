@@ -174,10 +174,10 @@ EXPLORATORY_SEEDS = {"fixture": 1, "demo": 3, "full": 3}
 # whole demo stays within 6 minutes on a 2-core CPU; the study's runs train until val Recall@5
 # levels off (docs/benchmarks.md gives the demo's measured time).
 DEMO_EPOCHS = {"fixture": 1, "demo": 5}
-# ... on a synthetic tree of its own (in outputs/demo_450items/, see Config.work_dir): the study's
-# 900 val items, sized for its power, make every val pass three times as long and took the demo
-# to 8 minutes. As many train items as the study's (150); 150 val items, 50 of which choose the
-# epoch; 150 test items.
+# ... on a synthetic tree of its own (in outputs/demo_450items/, see Config.work_dir): on the
+# study's tree, whose 900 val items are sized for its power, the demo took 484 s, on this one
+# 260 s (docs/benchmarks.md). As many train items as the study's (150); 150 val items, 50 of
+# which choose the epoch; 150 test items.
 DEMO_TREE = {"demo": {"synthetic_items": 450, "synthetic_splits": (150, 150, 150), "stop_items": 50}}
 
 PROFILES: dict[str, Config] = {

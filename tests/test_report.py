@@ -603,6 +603,15 @@ def test_final_over_seeds_beside_the_recipe_and_the_runs_summary(tmp_path):
         "best_at_last_epoch_percent": 50.0,
         "stopped_early": 4,
         "wall_hours": 2.75,
+        "stop_gap": {
+            "gap": -0.023,
+            "configurations": 3,
+            "early_runs": 5,
+            "capped_runs": 7,
+            "df": 20,
+            "low": -0.032,
+            "high": -0.015,
+        },
     }
     record["code_commit"] = "abc123"
     (root / "final_config.json").write_text(json.dumps(record))
@@ -618,5 +627,9 @@ def test_final_over_seeds_beside_the_recipe_and_the_runs_summary(tmp_path):
     assert "the run of seed 1 (the best on val)" in text
     assert "Of the study's 36 distinct runs, 18 (50.0 %) had their best val Recall@5 at their last epoch" in text
     assert "4 stopped early. Their summed wall time was 2.75 h." in text
+    assert (
+        "Over the 3 configurations that had both, the 5 runs stopped early compared -0.023 val Recall@5, 95 % "
+        "interval [-0.032, -0.015] against the 7 that reached the epoch cap" in text
+    )
     assert "written by the code at commit `abc123`" in text
     assert check.untraceable_numbers(compose.results_text(text), results) == []

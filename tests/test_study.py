@@ -63,6 +63,7 @@ def test_final_config_by_the_rule(tmp_path, monkeypatch):
         "best_in_last_two_epochs_percent": 100.0,
         "stopped_early": 13,
         "wall_hours": 1.3,
+        "stop_gap": None,  # every run stopped early: no configuration has a run at the cap to compare with
     }
     assert record["config"]["resize"] == "squash" and record["config"]["loss"] == "infonce"
     assert record["config"]["head"] == "bnneck" and record["config"]["augment"] == "weak"  # fixture's own
@@ -78,6 +79,55 @@ def test_final_config_by_the_rule(tmp_path, monkeypatch):
         json.dumps({"experiment": "loss", "stage": "03", "winner": "baseline", "why": "b", "winner_overrides": {}})
     )
     assert study.write_final_config()["code_commit"] == "later"
+
+
+def test_stop_gap_against_least_squares_with_a_mean_per_configuration(tmp_path):
+    """Early-stopped runs against the runs of their configuration that reached the cap: a hand
+    computed case, then statsmodels' OLS (one mean per configuration plus an early-stop offset)."""
+    import statsmodels.formula.api as smf
+
+    def write(rows):
+        for i, (lr, seed, _, _) in enumerate(rows):
+            folder = tmp_path / f"r{i}"
+            folder.mkdir(exist_ok=True)
+            cfg = {"lr": lr, "seed": seed, "epochs": 30, "num_workers": seed % 2}  # runtime fields never split
+            (folder / "config.json").write_text(json.dumps({"config": cfg}))
+        return pd.DataFrame(
+            [{"run_dir": f"r{i}", "epochs_run": e, "val_recall@5": r} for i, (_, _, e, r) in enumerate(rows)]
+        )
+
+    # One configuration: the gap is the difference of the two means; no df left for an interval.
+    assert runs.stop_gap(tmp_path, write([(1e-3, 0, 30, 0.60), (1e-3, 1, 18, 0.54)])) == {
+        "gap": pytest.approx(-0.06),
+        "configurations": 1,
+        "early_runs": 1,
+        "capped_runs": 1,
+        "df": 0,
+        "low": None,
+        "high": None,
+    }
+    rows = [
+        (1e-3, 0, 30, 0.60),
+        (1e-3, 1, 18, 0.55),
+        (1e-3, 2, 30, 0.63),
+        (1e-3, 3, 21, 0.57),
+        (1e-4, 0, 30, 0.41),
+        (1e-4, 1, 25, 0.40),
+        (1e-4, 2, 16, 0.36),
+        (1e-2, 0, 30, 0.20),  # only runs at the cap: adds to the residual variance, not to the gap
+        (1e-2, 1, 30, 0.23),
+        (1e-5, 0, 12, 0.10),  # only early runs: likewise
+    ]
+    frame = write(rows)
+    gap = runs.stop_gap(tmp_path, frame)
+    data = pd.DataFrame(rows, columns=["lr", "seed", "epochs_run", "y"]).assign(early=lambda d: d.epochs_run < 30)
+    fit = smf.ols("y ~ C(lr) + early", data=data.assign(early=data.early.astype(float))).fit()
+    low, high = fit.conf_int(0.05).loc["early"]
+    assert gap["gap"] == pytest.approx(fit.params["early"], abs=1e-12)
+    assert (gap["low"], gap["high"]) == (pytest.approx(low, abs=1e-12), pytest.approx(high, abs=1e-12))
+    assert (gap["configurations"], gap["early_runs"], gap["capped_runs"], gap["df"]) == (2, 4, 3, 5)
+    # No configuration with both kinds: nothing to say.
+    assert runs.stop_gap(tmp_path, frame.iloc[7:]) is None
 
 
 # --------------------------------------------------------------------------- the runner, on real fixture runs

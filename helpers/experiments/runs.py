@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from helpers.core import identity
-from helpers.core.config import Config
+from helpers.core.config import RUNTIME_FIELDS, Config
 from helpers.core.errors import InputError
 from helpers.core.files import sha256_file, write_text_atomic
 from helpers.evaluation.metrics import DEFAULT_KS
@@ -202,11 +203,50 @@ def projected_seconds(root: Path, profile: str, n_runs: int, epochs: int) -> tup
     return n_runs * epochs * seconds, f"{seconds:.1f} s/epoch stated estimate (no finished run measured yet)"
 
 
+def stop_gap(root: Path, runs: pd.DataFrame) -> dict | None:
+    """What early stopping cost the runs it stopped: within each configuration (a run's recorded
+    config without its seed and runtime fields) that has both runs stopped early and runs that
+    reached the epoch cap, the compared val Recall@5 of the first minus the second, pooled by least
+    squares with one mean per configuration and one early-stop offset (``gap``); its 95 % t
+    interval from the residual variance over every configuration. ``None`` when no configuration
+    has both kinds of run. A gap below zero says the stop rule ended runs before their plateau."""
+    configs = [json.loads((Path(root) / d / "config.json").read_text())["config"] for d in runs.run_dir]
+    keys = [
+        json.dumps({k: v for k, v in c.items() if k != "seed" and k not in RUNTIME_FIELDS}, sort_keys=True)
+        for c in configs
+    ]
+    early = runs.epochs_run.to_numpy() < np.array([c["epochs"] for c in configs])
+    both = {k for k in keys if {bool(e) for kk, e in zip(keys, early) if kk == k} == {True, False}}
+    if not both:
+        return None
+    names = sorted(set(keys))
+    design = np.column_stack([np.array(keys) == k for k in names] + [early]).astype(np.float64)
+    y = runs[f"val_{PRIMARY}"].to_numpy(dtype=np.float64)
+    coef, _, rank, _ = np.linalg.lstsq(design, y, rcond=None)
+    df = len(y) - rank
+    gap = float(coef[-1])
+    out = {
+        "gap": gap,
+        "configurations": len(both),
+        "early_runs": int(sum(e for k, e in zip(keys, early) if k in both)),
+        "capped_runs": int(sum(not e for k, e in zip(keys, early) if k in both)),
+        "df": int(df),
+        "low": None,  # no residual df: one run per configuration and kind
+        "high": None,
+    }
+    if df > 0:
+        sigma2 = float(np.sum((y - design @ coef) ** 2)) / df
+        se = math.sqrt(sigma2 * np.linalg.inv(design.T @ design)[-1, -1])
+        half = float(stats.t.ppf(0.975, df)) * se
+        out.update(low=gap - half, high=gap + half)
+    return out
+
+
 def runs_summary(root: Path) -> dict:
     """Over the study's distinct runs (a run shared by several experiments counted once): how many
     had their best val Recall@5 at their last epoch, or among their last two (still rising: the
     budget may be short; a run stopped early after its patience has its best further back), how
-    many stopped early, and the summed wall time."""
+    many stopped early, the summed wall time, and what stopping early cost (:func:`stop_gap`)."""
     runs = pd.concat([pd.read_csv(p) for p in sorted(Path(root).glob("*/runs.csv"))])
     runs = runs[runs.experiment != POSTPROCESS].drop_duplicates("run_dir")  # postprocess lists the final runs again
     at_last = int((runs.best_epoch == runs.epochs_run).sum())
@@ -220,4 +260,5 @@ def runs_summary(root: Path) -> dict:
         "best_in_last_two_epochs_percent": round(100 * last_two / len(runs), 1),
         "stopped_early": int((runs.epochs_run.to_numpy() < np.array(budget)).sum()),
         "wall_hours": round(float(runs.wall_s.sum()) / 3600, 2),
+        "stop_gap": stop_gap(root, runs),
     }

@@ -43,10 +43,23 @@ def overview_lines(loaded: dict, tag: str, figures: Path) -> list[str]:
             f"{summary.get('best_in_last_two_epochs', summary['best_at_last_epoch'])} "
             f"({summary.get('best_in_last_two_epochs_percent', summary['best_at_last_epoch_percent'])} %) in their "
             f"last two, i.e. were still improving when they ended; {summary['stopped_early']} stopped early. "
-            f"Their summed wall time was {summary['wall_hours']} h.",
+            f"Their summed wall time was {summary['wall_hours']} h." + stop_gap_sentence(summary.get("stop_gap")),
             "",
         ]
     return lines
+
+
+def stop_gap_sentence(gap: dict | None) -> str:
+    """What early stopping cost (:func:`helpers.experiments.runs.stop_gap`), as a sentence of the
+    budget paragraph; empty when no configuration had both early-stopped runs and runs at the cap."""
+    if not gap:
+        return ""
+    interval = "" if gap["low"] is None else f", 95 % interval [{gap['low']:+.3f}, {gap['high']:+.3f}]"
+    return (
+        f" Over the {gap['configurations']} configurations that had both, the {gap['early_runs']} runs stopped early "
+        f"compared {gap['gap']:+.3f} val Recall@5{interval} against the {gap['capped_runs']} that reached the "
+        "epoch cap: what the stop rule cost the runs it ended."
+    )
 
 
 def curve_lines(loaded: dict, tag: str, figures: Path) -> list[str]:

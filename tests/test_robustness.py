@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from helpers.core import schema
 from helpers.core.config import get_config
@@ -76,25 +75,43 @@ def test_one_row_per_dose_variant_and_seed_with_its_queries(study):
 
 
 def test_strength_one_on_the_trained_tree_reproduces_each_runs_own_val(study):
-    """The clutter-1 tree is the training tree's val: fit's numbers and val_ranks.csv, exactly."""
-    _, runs, _, _, result = study
+    """The clutter-1 tree is the training tree's val: best.pt evaluated on it gives fit's numbers and
+    val_ranks.csv exactly, which is why that dose reads each run's val_ranks.csv instead."""
+    folder, runs, _, _, result = study
     for variant, run_dirs in runs.items():
         for run in run_dirs:
-            seed = checkpoints.load_embedder(run / "best.pt")[1].seed
+            embedder, cfg = checkpoints.load_embedder(run / "best.pt")
+            root, table = robustness.nuisance_tree(cfg, "clutter", 1.0, folder / "cache", progress=False)
+            evaluator = inference.ProtocolEvaluator(
+                cfg,
+                embedder.data_config,
+                robustness.compare_table(cfg, schema.read_table(table)),
+                root,
+                "val",
+                "official",
+                "cpu",
+                cache=False,
+            )
+            evaluated, per_query = evaluator.with_ranks(embedder, progress=False)
             fitted = json.loads((run / "fit.json").read_text())["val"]
-            row = result.summary.set_index(["nuisance", "strength", "variant", "seed"]).loc[
-                ("clutter", 1.0, variant, seed)
-            ]
-            assert {k: row[k] for k in ("recall@1", "recall@5", "recall@10", "map", "n_queries")} == {
-                k: fitted[k] for k in ("recall@1", "recall@5", "recall@10", "map", "n_queries")
-            }
+            keys = ("recall@1", "recall@5", "recall@10", "map", "n_queries")
+            assert {k: evaluated[k] for k in keys} == {k: fitted[k] for k in keys}
             written = pd.read_csv(run / "val_ranks.csv")
-            pd.testing.assert_frame_equal(_ranks(result, "clutter", 1.0, variant, seed), written, check_dtype=False)
+            pd.testing.assert_frame_equal(
+                per_query[list(robustness.RANK_COLUMNS)].reset_index(drop=True), written, check_dtype=False
+            )
+            row = result.summary.set_index(["nuisance", "strength", "variant", "seed"]).loc[
+                ("clutter", 1.0, variant, cfg.seed)
+            ]
+            assert {k: row[k] for k in keys} == pytest.approx({k: fitted[k] for k in keys}, abs=1e-12)
+            pd.testing.assert_frame_equal(_ranks(result, "clutter", 1.0, variant, cfg.seed), written, check_dtype=False)
 
 
 def test_the_val_trees_are_the_training_trees_val_items(study):
     """Box jitter 0 writes the clutter-1 tree, whose images are the training tree's val images."""
     folder, _, root, table, _ = study
+    for nuisance, strength in (("clutter", 1.0), ("box_jitter", 0.0), ("box_jitter", 1.0)):
+        robustness.nuisance_tree(fixture_cfg(), nuisance, strength, folder / "cache", progress=False)
     doses = folder / "cache" / "items28_seed0_splits10-14-4"
     exact, jitter_0 = (tree_digest(doses / name / "data") for name in ("clutter_1.0", "box_jitter_0.0"))
     marker = robustness.MARKER
@@ -198,16 +215,53 @@ def test_the_cache_is_reused_and_never_overwrites(study, monkeypatch, tmp_path):
         robustness.nuisance_tree(cfg, "clutter", 0.5, tmp_path, progress=False)
 
 
+def test_stored_ranks_stand_in_for_the_checkpoints(study, tmp_path):
+    """With a store, every evaluated dose is kept per run as it is computed; runs whose checkpoints
+    are gone (a study continued on another machine) then give the same result from it alone."""
+    folder, runs, _, _, result = study
+    store = tmp_path / "store"
+    first = robustness.evaluate_robustness(runs, STRENGTHS, folder / "cache", "cpu", False, store=store)
+    pd.testing.assert_frame_equal(first.summary, result.summary)
+    pd.testing.assert_frame_equal(first.ranks, result.ranks)
+    names = sorted(p.name for p in store.glob("*.csv.gz"))
+    assert names == sorted(f"{run.name}.csv.gz" for dirs in runs.values() for run in dirs)
+    one = pd.read_csv(store / names[0])
+    # the trained tree's doses (clutter 1, box jitter 0) are each run's val_ranks.csv, never stored
+    assert sorted(set(zip(one.nuisance, one.strength))) == [("box_jitter", 1.0), ("clutter", 0.0)]
+    times = json.loads((store / robustness.WALL_TIMES).read_text())
+    assert set(times) == set(names) and all(t > 0 for t in times.values())
+    before = {name: (store / name).read_bytes() for name in names}
+
+    # The runs' committed files only: no best.pt, nothing to evaluate with; the cache is not read.
+    copies = {}
+    for variant, dirs in runs.items():
+        for run in dirs:
+            copy = tmp_path / "committed" / run.name
+            copy.mkdir(parents=True)
+            for name in ("config.json", "val_ranks.csv", "fit.json"):
+                (copy / name).write_bytes((run / name).read_bytes())
+            copies.setdefault(variant, []).append(copy)
+    again = robustness.evaluate_robustness(copies, STRENGTHS, tmp_path / "no_cache", "cpu", False, store=store)
+    pd.testing.assert_frame_equal(again.ranks, result.ranks)
+    pd.testing.assert_frame_equal(again.summary.drop(columns="run"), result.summary.drop(columns="run"))
+    assert not (tmp_path / "no_cache").exists()
+    assert {name: (store / name).read_bytes() for name in names} == before  # nothing re-written
+    # A dose never stored, and no checkpoint to evaluate it with: a one-line reason naming the run.
+    with pytest.raises(
+        InputError, match=rf"{copies['final'][0].name}: no best.pt and no stored ranks at occlusion 0.0"
+    ):
+        robustness.evaluate_robustness(copies, {"occlusion": [0.0]}, tmp_path / "no_cache", "cpu", False, store=store)
+
+
 def test_refuses_runs_whose_val_queries_would_not_pair(study, tmp_path):
     _, runs, _, _, _ = study
     with pytest.raises(InputError, match="two runs of seed"):
         robustness.evaluate_robustness({"final": runs["final"] * 2}, {"clutter": [1.0]}, tmp_path, "cpu", False)
     other = tmp_path / "other"
     other.mkdir()
-    (other / "config.json").write_text((runs["final"][0] / "config.json").read_text())
-    state = checkpoints.read_checkpoint(runs["final"][0] / "best.pt")
-    state["config"] = {**state["config"], "stop_items": 3}
-    torch.save(state, other / "best.pt")
+    recorded = json.loads((runs["final"][0] / "config.json").read_text())
+    recorded["config"]["stop_items"] = 3
+    (other / "config.json").write_text(json.dumps(recorded))
     with pytest.raises(InputError, match="different data or stop items"):
         robustness.evaluate_robustness({"a": runs["final"], "b": [other]}, {"clutter": [1.0]}, tmp_path, "cpu", False)
     for bad in (fixture_cfg(data_root="/data/c2s"), fixture_cfg(resplit=(8.0, 1.0, 1.0))):
@@ -248,3 +302,6 @@ def test_the_study_contrasts_pair_each_variant_with_its_experiments_baseline(tmp
     (tmp_path / "photometric" / "runs.csv").unlink()
     with pytest.raises(InputError, match="photometric/runs.csv: missing; run `python -m helpers study photometric`"):
         robustness_study.contrast_runs(Study("fixture", root=tmp_path))
+    # As the study goes: the finished contrast experiments only.
+    runs, pairs = robustness_study.contrast_runs(Study("fixture", root=tmp_path), available=True)
+    assert list(runs) == ["baseline", "crop=False"] and pairs == [("crop=False", "baseline")]

@@ -338,12 +338,27 @@ def _study(args) -> None:
         return
     if len(catalogue.select(args.profile, args.experiment)) > 1 and not args.statistics_only:
         print(study.plan().to_string(index=False))  # the plan first: the projected time before hours of runs
-    for result in study.run(args.experiment, train=not args.statistics_only):
+    chosen = catalogue.select(args.profile, args.experiment)
+    for experiment, result in zip(chosen, study.run(args.experiment, train=not args.statistics_only)):
         print(learned(result))
+        if not args.statistics_only:
+            _robustness_while_checkpoints_exist(study, experiment.name)
     restated = postprocessing.restate(study) if args.statistics_only and args.experiment == "all" else None
     if restated is not None:  # post-processing from its committed per-method ranks
         print(learned(restated))
     print(f"results in {portable_path(study.root)}")
+
+
+def _robustness_while_checkpoints_exist(study, experiment: str) -> None:
+    """Once a contrast experiment of the robustness study has finished on synthetic data, its runs
+    are evaluated on the nuisance trees at once (ranks stored under the results): their checkpoints
+    are not committed, so a study continued elsewhere could not evaluate them later."""
+    from helpers.experiments import robustness_study
+
+    if study.config.data_root is None and experiment in {e for e, _ in robustness_study.CONTRASTS}:
+        evaluated = robustness_study.evaluate_available(study)
+        if evaluated:
+            print(f"robustness: the ranks of {', '.join(evaluated)} at every strength are stored", flush=True)
 
 
 def cmd_power(args) -> None:

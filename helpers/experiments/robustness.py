@@ -10,13 +10,19 @@ The val items are those the study compares runs on: with ``stop_items`` > 0, the
 early stopping did not see (:func:`helpers.data.sampling.split_stop_items`); queries are their
 consumer photos, the gallery their shop photos (the official protocol's val). A tree is
 written once per (nuisance, strength) under the caller's cache folder, val items only, and
-reused; a folder the cache did not write is never touched.
+reused; a folder the cache did not write is never touched. The dose that writes the tree the runs
+trained on (every nuisance at its default) is not evaluated again: its ranks are each run's own
+``val_ranks.csv``. With a ``store`` folder each run's ranks at every dose are kept there as they
+are computed (``<run folder name>.csv.gz``) and read back later, so a study continued on another
+machine, where the runs' checkpoints are gone, still has them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,20 +32,22 @@ import numpy as np
 import pandas as pd
 
 from helpers.core import runtime
-from helpers.core.config import DATA_FIELDS, Config
+from helpers.core.config import DATA_FIELDS, Config, config_from_dict
 from helpers.core.errors import InputError
-from helpers.core.files import portable_path
+from helpers.core.files import portable_path, write_text_atomic
 from helpers.core.progress import progress_bar
 from helpers.core.schema import read_table
 from helpers.data import sampling, synthetic
 from helpers.evaluation.inference import ProtocolEvaluator
 from helpers.experiments import comparison, statistics
+from helpers.experiments import runs as study_runs
 from helpers.modeling import checkpoints
 
 NUISANCES = tuple(synthetic.Nuisance().to_dict())
 KS = (1, 5, 10)
 MARKER = "robustness_cache.json"  # what a cache folder holds (as artifacts.ensure_synthetic_tree's synthetic.json)
 RANK_COLUMNS = ("path", "item_id", "first_hit_rank", "average_precision")
+WALL_TIMES = "wall_s.json"  # in a store: seconds of evaluation per run
 
 
 @dataclass(frozen=True)
@@ -146,19 +154,19 @@ def compare_table(cfg: Config, table: pd.DataFrame) -> pd.DataFrame:
 # --------------------------------------------------------------------------- evaluating runs
 
 
-def _load_runs(runs: Mapping[str, Sequence[str | Path]]) -> list[tuple[str, Path, object, Config]]:
-    """``(variant, run_dir, embedder, cfg)`` per run; InputError when the runs' val queries
-    differ (their data fields or stop items) or a variant repeats a seed."""
+def _load_runs(runs: Mapping[str, Sequence[str | Path]]) -> list[tuple[str, Path, Config]]:
+    """``(variant, run_dir, cfg)`` per run (its recorded ``config.json``); InputError when the
+    runs' val queries differ (their data fields or stop items) or a variant repeats a seed."""
     loaded, seeds = [], set()
     for variant, run_dirs in runs.items():
         for run_dir in map(Path, run_dirs):
             if not (run_dir / "config.json").is_file():
                 raise InputError(f"{run_dir}: no config.json; not a training run")
-            embedder, cfg = checkpoints.load_embedder(run_dir / "best.pt")
+            cfg = config_from_dict(json.loads((run_dir / "config.json").read_text())["config"])
             if (variant, cfg.seed) in seeds:
                 raise InputError(f"variant {variant!r} has two runs of seed {cfg.seed}")
             seeds.add((variant, cfg.seed))
-            loaded.append((variant, run_dir, embedder, cfg))
+            loaded.append((variant, run_dir, cfg))
     if not loaded:
         raise InputError("no runs to evaluate")
     keys = {_data_key(cfg) for *_, cfg in loaded}
@@ -167,35 +175,108 @@ def _load_runs(runs: Mapping[str, Sequence[str | Path]]) -> list[tuple[str, Path
     return loaded
 
 
+def is_trained_tree(nuisance: str, strength: float) -> bool:
+    """Whether the dose writes the tree the runs trained on (every nuisance at its default), whose
+    val ranks each run wrote itself (``val_ranks.csv``)."""
+    return synthetic.Nuisance.from_strengths({nuisance: strength}).to_dict() == synthetic.Nuisance().to_dict()
+
+
+def stored_ranks_path(store: Path, run_dir: Path) -> Path:
+    return Path(store) / f"{Path(run_dir).name}.csv.gz"
+
+
+def _read_stored(store: Path | None, run_dir: Path) -> pd.DataFrame:
+    path = None if store is None else stored_ranks_path(store, run_dir)
+    if path is None or not path.is_file():
+        return pd.DataFrame(columns=["nuisance", "strength", *RANK_COLUMNS])
+    found = pd.read_csv(path)
+    missing = [c for c in ("nuisance", "strength", *RANK_COLUMNS) if c not in found.columns]
+    if missing:
+        raise InputError(f"{path}: no column {', '.join(missing)}")
+    return found
+
+
+def _write_stored(store: Path, run_dir: Path, ranks: pd.DataFrame, seconds: float) -> None:
+    """The run's ranks so far, atomically, gzipped without a timestamp (the same ranks give the
+    same bytes); ``seconds`` (this dose's evaluation, its tree included) added to the run's entry
+    of :data:`WALL_TIMES`."""
+    path = stored_ranks_path(store, run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    ranks.to_csv(partial, index=False, lineterminator="\n", compression={"method": "gzip", "mtime": 0})
+    os.replace(partial, path)
+    times = stored_wall_times(store)
+    times[path.name] = round(times.get(path.name, 0.0) + seconds, 1)
+    write_text_atomic(Path(store) / WALL_TIMES, json.dumps(dict(sorted(times.items())), indent=2) + "\n")
+
+
+def stored_wall_times(store: Path) -> dict[str, float]:
+    """Seconds spent evaluating each stored run (by its ranks file's name)."""
+    path = Path(store) / WALL_TIMES
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def evaluate_robustness(
     runs: Mapping[str, Sequence[str | Path]],
     strengths: Mapping[str, Sequence[float]],
     cache_dir: str | Path,
     device: str = "auto",
     progress: bool = True,
+    store: str | Path | None = None,
 ) -> Robustness:
     """Every run (``{variant: [run_dir, ...]}``, the seed read from each run) on the val tree of
     every ``{nuisance: [strength, ...]}``: val Recall@1/5/10 and per-query ranks of ``best.pt``
-    (see :class:`Robustness`). Trees are written under ``cache_dir`` once and reused."""
+    (see :class:`Robustness`). Trees are written under ``cache_dir`` once and reused. Ranks come,
+    in this order, from ``store`` (a run's earlier doses), the run's ``val_ranks.csv`` (the
+    trained tree's dose), or ``best.pt`` evaluated on the dose's tree (then added to ``store``)."""
     loaded = _load_runs(runs)
     device = runtime.resolve_device(device)
     doses = [(n, float(s)) for n, values in strengths.items() for s in values]
     if not doses:
         raise InputError("no (nuisance, strength) to evaluate")
-    summary, ranks = [], []
+    kept = {run_dir: _read_stored(store, run_dir) for _, run_dir, _ in loaded}
+    embedders, summary, ranks = {}, [], []
     bar = progress_bar(total=len(doses) * len(loaded), desc="robustness", unit="run", disable=not progress)
     for nuisance, strength in doses:
-        root, table_path = nuisance_tree(loaded[0][3], nuisance, strength, cache_dir, progress)
-        table = compare_table(loaded[0][3], read_table(table_path))
-        for variant, run_dir, embedder, cfg in loaded:
-            evaluator = ProtocolEvaluator(
-                cfg, embedder.data_config, table, root, "val", "official", device, cache=False
-            )
-            result, per_query = evaluator.with_ranks(embedder.to(device), progress=False)
+        tree = None
+        for variant, run_dir, cfg in loaded:
+            old = kept[run_dir]
+            per_query = old.loc[(old.nuisance == nuisance) & (old.strength == strength), list(RANK_COLUMNS)]
+            if per_query.empty and is_trained_tree(nuisance, strength):
+                per_query = pd.read_csv(run_dir / study_runs.VAL_RANKS)[list(RANK_COLUMNS)]
+            elif per_query.empty:
+                if not (run_dir / "best.pt").is_file():
+                    raise InputError(
+                        f"{run_dir}: no best.pt and no stored ranks at {nuisance} {strength} "
+                        f"({stored_ranks_path(store, run_dir) if store else 'no store'}); retrain the run to evaluate it"
+                    )
+                started = time.perf_counter()
+                if tree is None:
+                    root, table_path = nuisance_tree(loaded[0][2], nuisance, strength, cache_dir, progress)
+                    tree = root, compare_table(loaded[0][2], read_table(table_path))
+                if run_dir not in embedders:
+                    embedders[run_dir] = checkpoints.load_embedder(run_dir / "best.pt")[0].to(device)
+                embedder = embedders[run_dir]
+                evaluator = ProtocolEvaluator(
+                    cfg, embedder.data_config, tree[1], tree[0], "val", "official", device, cache=False
+                )
+                per_query = evaluator.with_ranks(embedder, progress=False)[1][list(RANK_COLUMNS)]
+                if store is not None:
+                    kept[run_dir] = pd.concat(
+                        [old, per_query.assign(nuisance=nuisance, strength=strength)[old.columns]], ignore_index=True
+                    )
+                    _write_stored(Path(store), run_dir, kept[run_dir], time.perf_counter() - started)
+            per_query = per_query.reset_index(drop=True)
             key = {"nuisance": nuisance, "strength": strength, "variant": variant, "seed": cfg.seed}
+            if ranks and ranks[-1].nuisance.iat[0] == nuisance and ranks[-1].strength.iat[0] == strength:
+                if per_query.path.tolist() != ranks[-1].path.tolist():
+                    raise InputError(
+                        f"{run_dir}: its ranks at {nuisance} {strength} hold other queries than the other runs'"
+                    )
+            metrics = study_runs.metrics_from_ranks(per_query)
             summary.append(
-                {**key, "run": portable_path(run_dir), **{f"recall@{k}": result[f"recall@{k}"] for k in KS}}
-                | {"map": result["map"], "n_queries": result["n_queries"]}
+                {**key, "run": portable_path(run_dir), **{f"recall@{k}": metrics[f"recall@{k}"] for k in KS}}
+                | {"map": metrics["map"], "n_queries": metrics["n_queries"]}
             )
             ranks.append(per_query.assign(**key)[[*key, *RANK_COLUMNS]])
             bar.update()

@@ -7,8 +7,11 @@ with a nuisance turned up.
 
 Writes ``results/<profile>/robustness/``: ``recall.csv`` (per nuisance, strength and variant, val
 Recall@5 with its seeds × items interval), ``differences.csv`` (each variant against its
-experiment's baseline at each dose, the study's paired test) and ``run.json`` (the runs, the
-strengths, the wall time). The per-query ranks stay in the local cache (they are large).
+experiment's baseline at each dose, the study's paired test), ``run.json`` (the runs, the
+strengths, the wall time) and ``ranks/`` (each run's per-query ranks at every dose, gzipped).
+``python -m helpers study`` evaluates an experiment's contrast runs as soon as it finishes
+(:func:`evaluate_available`), while their checkpoints exist: a study continued on another machine
+has its committed results, not its checkpoints.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from helpers.experiments import robustness
 from helpers.experiments.study import Study
 
 ROBUSTNESS = "robustness"
+RANKS = "ranks"  # under ROBUSTNESS: <run folder name>.csv.gz per run
 # Strengths per nuisance: 1 (box jitter 0) is the tree the runs trained on; 0 removes the nuisance,
 # 2 doubles it; box jitter 1 is about a detector's box error (median IoU 0.73 with the true box).
 STRENGTHS = {
@@ -38,13 +42,16 @@ CONTRASTS = (("crop", "crop=False"), ("photometric", "photometric=grayworld"))
 MAX_SEEDS = 3  # the whole-photo runs are exploratory: 3 seeds; the others are cut to match
 
 
-def contrast_runs(study: Study) -> tuple[dict[str, list[Path]], list[tuple[str, str]]]:
+def contrast_runs(study: Study, available: bool = False) -> tuple[dict[str, list[Path]], list[tuple[str, str]]]:
     """``({variant key: run folders}, [(variant key, reference key)])`` from the finished
     experiments' ``runs.csv``, at most :data:`MAX_SEEDS` seeds each; a baseline two experiments
-    share (no stage between them adopted anything) is evaluated once, as ``baseline``."""
+    share (no stage between them adopted anything) is evaluated once, as ``baseline``. An
+    experiment that has not finished is an error, or skipped with ``available``."""
     runs, pairs = {}, []
     for experiment, variant in CONTRASTS:
         path = study.root / experiment / "runs.csv"
+        if not path.is_file() and available:
+            continue
         if not path.is_file():
             raise InputError(f"{path}: missing; run `python -m helpers study {experiment}` first")
         table = pd.read_csv(path)
@@ -63,12 +70,27 @@ def contrast_runs(study: Study) -> tuple[dict[str, list[Path]], list[tuple[str, 
     return runs, pairs
 
 
+def evaluate_available(study: Study, cache: Path | None = None) -> list[str]:
+    """The contrast runs of every finished contrast experiment at every strength, their ranks added
+    to ``ranks/`` (nothing evaluated twice); returns the variant keys evaluated. The tables wait
+    for :func:`run_robustness`."""
+    runs, _ = contrast_runs(study, available=True)
+    if runs:
+        cache = Path(cache or study.config.work_dir / ROBUSTNESS)
+        store = study.root / ROBUSTNESS / RANKS
+        robustness.evaluate_robustness(runs, STRENGTHS, cache, study.config.device, study.progress, store)
+    return list(runs)
+
+
 def run_robustness(study: Study, cache: Path | None = None) -> dict[str, pd.DataFrame]:
-    """Evaluate the contrasts' runs at every strength and write the experiment's tables."""
+    """Evaluate the contrasts' runs at every strength (their stored ranks reused) and write the
+    experiment's tables."""
     runs, pairs = contrast_runs(study)
     cache = Path(cache or study.config.work_dir / ROBUSTNESS)
-    started = time.perf_counter()
-    result = robustness.evaluate_robustness(runs, STRENGTHS, cache, device=study.config.device, progress=study.progress)
+    store = study.root / ROBUSTNESS / RANKS
+    result = robustness.evaluate_robustness(runs, STRENGTHS, cache, study.config.device, study.progress, store)
+    started, times = time.perf_counter(), robustness.stored_wall_times(store)
+    evaluated = sum(times.get(robustness.stored_ranks_path(store, d).name, 0.0) for d in set().union(*runs.values()))
     recall = robustness.recall_intervals(result)
     differences = pd.concat([robustness.paired_differences(result, v, r) for v, r in pairs], ignore_index=True)
     out = study.root / ROBUSTNESS
@@ -79,7 +101,8 @@ def run_robustness(study: Study, cache: Path | None = None) -> dict[str, pd.Data
         "runs": {key: [portable_path(p) for p in folders] for key, folders in runs.items()},
         "contrasts": [{"variant": v, "reference": r} for v, r in pairs],
         "strengths": {k: list(v) for k, v in STRENGTHS.items()},
-        "wall_s": round(time.perf_counter() - started, 1),
+        # every run's evaluation (ranks/wall_s.json, over every session that evaluated it) plus the tables
+        "wall_s": round(evaluated + time.perf_counter() - started, 1),
     }
     write_text_atomic(out / "run.json", json.dumps(record, indent=2) + "\n")
     return {"recall": recall, "differences": differences}

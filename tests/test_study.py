@@ -64,6 +64,11 @@ def test_final_config_by_the_rule(tmp_path, monkeypatch):
         "stopped_early": 13,
         "wall_hours": 1.3,
         "stop_gap": None,  # every run stopped early: no configuration has a run at the cap to compare with
+        # per experiment the run it added (resize's listing of crop's run counted in crop only): 360 s each
+        "costs": [
+            {"experiment": e.name, "runs": 1, "wall_hours": 0.1, "median_epochs": 3.0}
+            for e in catalogue.experiments("fixture")
+        ],
     }
     assert record["config"]["resize"] == "squash" and record["config"]["loss"] == "infonce"
     assert record["config"]["head"] == "bnneck" and record["config"]["augment"] == "weak"  # fixture's own

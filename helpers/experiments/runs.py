@@ -242,6 +242,29 @@ def stop_gap(root: Path, runs: pd.DataFrame) -> dict | None:
     return out
 
 
+def experiment_costs(root: Path, names: list[str]) -> list[dict]:
+    """What each question cost, in running order (``names``, the experiments that have a
+    ``runs.csv``): the runs it trained (a run an earlier experiment listed, such as a stage's shared
+    baseline, counted there only), their summed wall time in hours and the median epochs they ran."""
+    seen, rows = set(), []
+    for name in names:
+        path = Path(root) / name / "runs.csv"
+        if not path.is_file():
+            continue
+        table = pd.read_csv(path).drop_duplicates("run_dir")
+        new = table[~table.run_dir.isin(seen)]
+        seen |= set(table.run_dir)
+        rows.append(
+            {
+                "experiment": name,
+                "runs": len(new),
+                "wall_hours": round(float(new.wall_s.sum()) / 3600, 2),
+                "median_epochs": float(new.epochs_run.median()) if len(new) else None,
+            }
+        )
+    return rows
+
+
 def runs_summary(root: Path) -> dict:
     """Over the study's distinct runs (a run shared by several experiments counted once): how many
     had their best val Recall@5 at their last epoch, or among their last two (still rising: the

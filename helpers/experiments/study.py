@@ -354,7 +354,10 @@ class Study:
             "config": {k: getattr(carried, k) for k in decided_fields(self.profile)},
             "rule": RULE,
             "baseline_recipe": {k: getattr(PROFILES[self.profile], k) for k in RECIPE_FIELDS},
-            "runs": runs.runs_summary(self.root),
+            "runs": {
+                **runs.runs_summary(self.root),
+                "costs": runs.experiment_costs(self.root, [e.name for e in experiments(self.profile)]),
+            },
             "code_commit": repro.git_commit(),
             "decisions": [{k: d[k] for k in ("experiment", "stage", "winner", "why")} for d in decisions],
         }

@@ -43,10 +43,43 @@ def overview_lines(loaded: dict, tag: str, figures: Path) -> list[str]:
             f"{summary.get('best_in_last_two_epochs', summary['best_at_last_epoch'])} "
             f"({summary.get('best_in_last_two_epochs_percent', summary['best_at_last_epoch_percent'])} %) in their "
             f"last two, i.e. were still improving when they ended; {summary['stopped_early']} stopped early. "
-            f"Their summed wall time was {summary['wall_hours']} h." + stop_gap_sentence(summary.get("stop_gap")),
+            f"Their summed wall time was {summary['wall_hours']} h."
+            + stop_gap_sentence(summary.get("stop_gap"))
+            + robustness_cost_sentence(loaded["root"])
+            + (f" {{tab:{tag}costs}} gives what each question cost." if summary.get("costs") else ""),
             "",
         ]
+        if summary.get("costs"):
+            lines += [cost_table(summary["costs"]), "", f"*{{def:tab:{tag}costs}}: {COST_CAPTION}*", ""]
     return lines
+
+
+COST_CAPTION = (
+    "what each question cost: the training runs each experiment added (a stage's baseline counted in the "
+    "first experiment that trained it), their summed wall time on the study's machine and the median "
+    "number of epochs they ran, from `final_config.json`."
+)
+
+
+def cost_table(costs: list[dict]) -> str:
+    return md_table(
+        pd.DataFrame(
+            {
+                "experiment": [f"`{c['experiment']}`" for c in costs],
+                "runs trained": [c["runs"] for c in costs],
+                "summed wall time (h)": [f"{c['wall_hours']:.2f}" for c in costs],
+                "median epochs": ["—" if c["median_epochs"] is None else f"{c['median_epochs']:g}" for c in costs],
+            }
+        )
+    )
+
+
+def robustness_cost_sentence(root: Path) -> str:
+    """The robustness experiment's evaluation time (its ``run.json``), which trains nothing."""
+    record = Path(root) / robustness_study.ROBUSTNESS / "run.json"
+    if not record.is_file() or "wall_s" not in json.loads(record.read_text()):
+        return ""
+    return f" Evaluating the robustness experiment, which trains nothing, took {json.loads(record.read_text())['wall_s']} s."
 
 
 def stop_gap_sentence(gap: dict | None) -> str:

@@ -7,6 +7,7 @@ at least 14 pt and figures drawn at a legible size (planted failures show that t
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -247,3 +248,19 @@ def test_the_layout_checks_catch_planted_failures(tmp_path):
     assert any(p.startswith("slide 5 ") and "text at 12.0 px" in p for p in problems), problems
     assert any(p.startswith("slide 6 ") and "px wide on a 1280 px slide" in p for p in problems), problems
     assert len(problems) == 5, problems
+
+
+def test_the_cost_slide_names_the_costliest_questions(tmp_path):
+    costs = [
+        {"experiment": "crop", "runs": 8, "wall_hours": 1.6, "median_epochs": 30.0},
+        {"experiment": "resize", "runs": 5, "wall_hours": 1.0, "median_epochs": 30.0},
+        {"experiment": "length", "runs": 3, "wall_hours": 0.2, "median_epochs": 10.0},
+        {"experiment": "augment", "runs": 11, "wall_hours": 2.25, "median_epochs": 29.0},
+    ]
+    runs = {"distinct_runs": 27, "wall_hours": 5.05, "best_at_last_epoch": 3, "best_at_last_epoch_percent": 11.1}
+    (tmp_path / "final_config.json").write_text(json.dumps({"runs": {**runs, "stopped_early": 4, "costs": costs}}))
+    lines = talk.cost_lines({"root": tmp_path})
+    assert (
+        "- The costliest questions: `augment` 2.25 h (11 runs), `crop` 1.60 h (8 runs), `resize` 1.00 h (5 runs)"
+        in lines
+    )

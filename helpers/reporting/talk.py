@@ -216,6 +216,12 @@ def cost_lines(loaded: dict) -> list[str]:
             f"- {runs['best_at_last_epoch']} of them ({runs['best_at_last_epoch_percent']} %) had their best val "
             f"Recall@5 at their last epoch, still improving; {runs['stopped_early']} stopped early",
         ]
+        costliest = sorted(runs.get("costs", []), key=lambda c: -c["wall_hours"])[:3]
+        if costliest:
+            lines.append(
+                "- The costliest questions: "
+                + ", ".join(f"`{c['experiment']}` {c['wall_hours']:.2f} h ({c['runs']} runs)" for c in costliest)
+            )
     else:
         lines += ["- The study's run count and wall time: not run yet (`final_config.json` has no `runs`)"]
     plan_path = root / family.POWER_PLAN

@@ -50,6 +50,9 @@ def test_final_config_by_the_rule(tmp_path, monkeypatch):
             listed.append({"experiment": "resize", "run_dir": "crop/r", "best_epoch": 2, "epochs_run": 5})
         (tmp_path / experiment.name / "r").mkdir()
         (tmp_path / experiment.name / "r" / "config.json").write_text(json.dumps({"config": {"epochs": 5}}))
+        pd.DataFrame({"epoch": range(4), "val_recall@5": [0.1, 0.2, 0.3, 0.35]}).to_csv(
+            tmp_path / experiment.name / "r" / "history.csv", index=False
+        )
         pd.DataFrame(listed).assign(wall_s=360.0).to_csv(tmp_path / experiment.name / "runs.csv", index=False)
     study = Study("fixture", root=tmp_path)
     record = study.write_final_config()
@@ -64,6 +67,7 @@ def test_final_config_by_the_rule(tmp_path, monkeypatch):
         "stopped_early": 13,
         "wall_hours": 1.3,
         "stop_gap": None,  # every run stopped early: no configuration has a run at the cap to compare with
+        "end_slope": None,  # no run trained the 5 epochs the slope is measured over
         # per experiment the run it added (resize's listing of crop's run counted in crop only): 360 s each
         "costs": [
             {"experiment": e.name, "runs": 1, "wall_hours": 0.1, "median_epochs": 3.0}
@@ -133,6 +137,33 @@ def test_stop_gap_against_least_squares_with_a_mean_per_configuration(tmp_path):
     assert (gap["configurations"], gap["early_runs"], gap["capped_runs"], gap["df"]) == (2, 4, 3, 5)
     # No configuration with both kinds: nothing to say.
     assert runs.stop_gap(tmp_path, frame.iloc[7:]) is None
+
+
+def test_end_slope_against_per_run_regressions_and_a_t_interval(tmp_path):
+    """Each run's slope over its last 5 trained epochs (scipy's linregress), their mean and 95 %
+    t interval (statsmodels' DescrStatsW); a run shorter than the window is left out."""
+    from scipy.stats import linregress
+    from statsmodels.stats.weightstats import DescrStatsW
+
+    rng = np.random.default_rng(3)
+    curves = {"a": 0.4 + 0.01 * np.arange(12), "b": 0.5 + rng.normal(0, 0.02, 9), "c": 0.6 - 0.002 * np.arange(7)}
+    curves["short"] = np.array([0.1, 0.2, 0.3])
+    for name, curve in curves.items():
+        (tmp_path / name).mkdir()
+        history = pd.DataFrame({"epoch": range(len(curve) + 1), "val_recall@5": [0.05, *curve]})
+        history.to_csv(tmp_path / name / "history.csv", index=False)
+    found = runs.end_slope(tmp_path, pd.DataFrame({"run_dir": list(curves)}))
+    slopes = [linregress(np.arange(len(c) - 4, len(c) + 1), c[-5:]).slope for n, c in curves.items() if n != "short"]
+    low, high = DescrStatsW(slopes).tconfint_mean(0.05)
+    assert slopes[0] == pytest.approx(0.01) and slopes[2] == pytest.approx(-0.002)
+    assert found == {
+        "epochs": 5,
+        "runs": 3,
+        "slope": pytest.approx(np.mean(slopes), abs=1e-12),
+        "low": pytest.approx(low, abs=1e-12),
+        "high": pytest.approx(high, abs=1e-12),
+    }
+    assert runs.end_slope(tmp_path, pd.DataFrame({"run_dir": ["a", "short"]})) is None
 
 
 # --------------------------------------------------------------------------- the runner, on real fixture runs

@@ -242,6 +242,27 @@ def stop_gap(root: Path, runs: pd.DataFrame) -> dict | None:
     return out
 
 
+PLATEAU_EPOCHS = 5  # the window over which end_slope measures whether a run had levelled off
+
+
+def end_slope(root: Path, runs: pd.DataFrame, window: int = PLATEAU_EPOCHS) -> dict | None:
+    """Whether the runs had levelled off when they ended: per run, the least-squares slope of its
+    val Recall@5 (the items that choose its epoch, ``history.csv``) over its last ``window`` epochs;
+    their mean per epoch over the runs with a 95 % t interval. ``None`` with fewer than two runs
+    that trained ``window`` epochs."""
+    slopes = []
+    for run_dir in runs.run_dir:
+        history = pd.read_csv(Path(root) / run_dir / "history.csv")
+        last = history[history.epoch >= 1].tail(window)
+        if len(last) == window:
+            slopes.append(float(np.polyfit(last.epoch, last[f"val_{PRIMARY}"], 1)[0]))
+    if len(slopes) < 2:
+        return None
+    mean, sd = float(np.mean(slopes)), float(np.std(slopes, ddof=1))
+    half = float(stats.t.ppf(0.975, len(slopes) - 1)) * sd / math.sqrt(len(slopes))
+    return {"epochs": window, "runs": len(slopes), "slope": mean, "low": mean - half, "high": mean + half}
+
+
 def experiment_costs(root: Path, names: list[str]) -> list[dict]:
     """What each question cost, in running order (``names``, the experiments that have a
     ``runs.csv``): the runs it trained (a run an earlier experiment listed, such as a stage's shared
@@ -269,7 +290,8 @@ def runs_summary(root: Path) -> dict:
     """Over the study's distinct runs (a run shared by several experiments counted once): how many
     had their best val Recall@5 at their last epoch, or among their last two (still rising: the
     budget may be short; a run stopped early after its patience has its best further back), how
-    many stopped early, the summed wall time, and what stopping early cost (:func:`stop_gap`)."""
+    many stopped early, the summed wall time, what stopping early cost (:func:`stop_gap`) and
+    whether the runs had levelled off when they ended (:func:`end_slope`)."""
     runs = pd.concat([pd.read_csv(p) for p in sorted(Path(root).glob("*/runs.csv"))])
     runs = runs[runs.experiment != POSTPROCESS].drop_duplicates("run_dir")  # postprocess lists the final runs again
     at_last = int((runs.best_epoch == runs.epochs_run).sum())
@@ -284,4 +306,5 @@ def runs_summary(root: Path) -> dict:
         "stopped_early": int((runs.epochs_run.to_numpy() < np.array(budget)).sum()),
         "wall_hours": round(float(runs.wall_s.sum()) / 3600, 2),
         "stop_gap": stop_gap(root, runs),
+        "end_slope": end_slope(root, runs),
     }

@@ -45,6 +45,7 @@ def overview_lines(loaded: dict, tag: str, figures: Path) -> list[str]:
             f"last two, i.e. were still improving when they ended; {summary['stopped_early']} stopped early. "
             f"Their summed wall time was {summary['wall_hours']} h."
             + stop_gap_sentence(summary.get("stop_gap"))
+            + end_slope_sentence(summary.get("end_slope"))
             + robustness_cost_sentence(loaded["root"])
             + (f" {{tab:{tag}costs}} gives what each question cost." if summary.get("costs") else ""),
             "",
@@ -80,6 +81,17 @@ def robustness_cost_sentence(root: Path) -> str:
     if not record.is_file() or "wall_s" not in json.loads(record.read_text()):
         return ""
     return f" Evaluating the robustness experiment, which trains nothing, took {json.loads(record.read_text())['wall_s']} s."
+
+
+def end_slope_sentence(slope: dict | None) -> str:
+    """Whether the runs had levelled off (:func:`helpers.experiments.runs.end_slope`), as a sentence."""
+    if not slope:
+        return ""
+    return (
+        f" Over each run's last {slope['epochs']} epochs, its val Recall@5 (stop items) moved "
+        f"{slope['slope']:+.4f} an epoch on average over the {slope['runs']} runs, 95 % interval "
+        f"[{slope['low']:+.4f}, {slope['high']:+.4f}]."
+    )
 
 
 def stop_gap_sentence(gap: dict | None) -> str:

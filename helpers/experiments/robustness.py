@@ -262,9 +262,8 @@ def evaluate_robustness(
                 )
                 per_query = evaluator.with_ranks(embedder, progress=False)[1][list(RANK_COLUMNS)]
                 if store is not None:
-                    kept[run_dir] = pd.concat(
-                        [old, per_query.assign(nuisance=nuisance, strength=strength)[old.columns]], ignore_index=True
-                    )
+                    added = per_query.assign(nuisance=nuisance, strength=strength)[old.columns]
+                    kept[run_dir] = added if old.empty else pd.concat([old, added], ignore_index=True)
                     _write_stored(Path(store), run_dir, kept[run_dir], time.perf_counter() - started)
             per_query = per_query.reset_index(drop=True)
             key = {"nuisance": nuisance, "strength": strength, "variant": variant, "seed": cfg.seed}

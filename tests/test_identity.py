@@ -33,11 +33,12 @@ def test_the_committed_runs_keep_their_key():
     }
     text = json.dumps({"config": values, "table": "abc"}, sort_keys=True, default=str)
     assert identity.run_key(cfg, "abc") == sha256_bytes(text.encode())[:12]
-    # the study's baseline, seed 0, on the demo tree: crop/baseline_seed0_4692b3eb22f8
+    # the re-run's baseline, seed 0, on the demo tree: results/demo_rerun/crop/baseline_seed0_0bd9b06b23a5
     table = "ba8a729f2f2aaaea9481432c6c85372a72a6e33f172122f732e13201ff7e49ad"
-    assert identity.run_key(cfg, table) == "4692b3eb22f8"
-    # ... and on the first design's tree (500 val items): set_aside/interim_400/crop/baseline_seed0_b3f3e84e4ad4
-    first = replace(cfg, synthetic_items=800, synthetic_splits=(150, 500, 150))
+    assert identity.run_key(cfg, table) == "0bd9b06b23a5"
+    # ... and on the first design's tree (500 val items, patience 5):
+    # set_aside/interim_400/crop/baseline_seed0_b3f3e84e4ad4
+    first = replace(cfg, synthetic_items=800, synthetic_splits=(150, 500, 150), patience=5)
     table = "aebc46065036db0b0a92fe98adb4e24c377ee612a4955e1a102587a14b89aef7"
     assert identity.run_key(first, table) == "b3f3e84e4ad4"
     # the 10-epoch study before it (75 val items, no stop items) kept its key through the later fields

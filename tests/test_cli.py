@@ -186,13 +186,32 @@ def test_study_runs_each_chosen_experiment_and_says_where_results_are(monkeypatc
         study.Study, "run_experiment", lambda self, experiment, train=True: ran.append(experiment.name) or {}
     )
     monkeypatch.setattr(study, "learned", lambda result: "learned")
+    from helpers.experiments import robustness_study
+
+    evaluated = []
+    monkeypatch.setattr(robustness_study, "evaluate_available", lambda s: evaluated.append(s.profile) or {})
     assert main(["study", "crop", "--profile", "fixture", "--quiet"]) == 0
-    assert ran == ["crop"]
+    assert ran == ["crop"] and evaluated == ["fixture"]  # crop is a robustness contrast: its runs evaluated at once
     from helpers.core.files import portable_path
     from helpers.experiments import artifacts
 
     where = portable_path(artifacts.results_root("fixture"))
     assert capsys.readouterr().out.splitlines()[-1] == f"results in {where}"
+
+
+def test_a_run_robustness_cannot_evaluate_is_said_and_the_study_goes_on(monkeypatch, capsys, tmp_path):
+    from helpers.apps import cli
+    from helpers.experiments import robustness_study
+    from helpers.experiments.study import Study
+
+    done = {tmp_path / "crop" / "a": None, tmp_path / "crop" / "b": "b: no best.pt and no stored ranks at clutter 0.0"}
+    monkeypatch.setattr(robustness_study, "evaluate_available", lambda study: done)
+    cli._robustness_while_checkpoints_exist(Study("fixture", root=tmp_path), "crop")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("crop/a: its ranks at every strength are stored")
+    assert lines[1].endswith("crop/b: not stored: b: no best.pt and no stored ranks at clutter 0.0")
+    cli._robustness_while_checkpoints_exist(Study("fixture", root=tmp_path), "resize")  # not a contrast: nothing
+    assert capsys.readouterr().out == ""
 
 
 def test_study_postprocess_runs_on_the_final_configuration(monkeypatch, capsys):

@@ -305,3 +305,27 @@ def test_the_study_contrasts_pair_each_variant_with_its_experiments_baseline(tmp
     # As the study goes: the finished contrast experiments only.
     runs, pairs = robustness_study.contrast_runs(Study("fixture", root=tmp_path), available=True)
     assert list(runs) == ["baseline", "crop=False"] and pairs == [("crop=False", "baseline")]
+
+
+def test_evaluate_available_says_which_runs_it_could_not_store(tmp_path):
+    """One run at a time: a run without its checkpoint or stored ranks is reported, never raised,
+    so the study goes on and the other runs are still stored."""
+    from dataclasses import asdict
+
+    from helpers.experiments import robustness_study
+    from helpers.experiments.study import Study
+
+    (tmp_path / "crop").mkdir()
+    rows = []
+    for variant, seed in (("baseline", 0), ("crop=False", 0)):
+        folder = tmp_path / "crop" / f"{variant}_{seed}"
+        folder.mkdir()
+        recorded = asdict(fixture_cfg(crop=variant == "baseline", seed=seed))
+        (folder / "config.json").write_text(json.dumps({"config": recorded}, default=str))
+        rows.append((variant, seed, f"crop/{folder.name}"))
+    pd.DataFrame(rows, columns=["variant", "seed", "run_dir"]).to_csv(tmp_path / "crop" / "runs.csv", index=False)
+    done = robustness_study.evaluate_available(Study("fixture", root=tmp_path), cache=tmp_path / "cache")
+    assert list(done) == [tmp_path / "crop" / "baseline_0", tmp_path / "crop" / "crop=False_0"]
+    for folder, why in done.items():
+        assert why.startswith(f"{folder}: no best.pt and no stored ranks at clutter 0.0")
+    assert not (tmp_path / "cache").exists()  # nothing to evaluate with: no tree written

@@ -132,38 +132,42 @@ def test_stop_gap_against_least_squares_with_a_mean_per_configuration(tmp_path):
     data = pd.DataFrame(rows, columns=["lr", "seed", "epochs_run", "y"]).assign(early=lambda d: d.epochs_run < 30)
     fit = smf.ols("y ~ C(lr) + early", data=data.assign(early=data.early.astype(float))).fit()
     low, high = fit.conf_int(0.05).loc["early"]
-    assert gap["gap"] == pytest.approx(fit.params["early"], abs=1e-12)
-    assert (gap["low"], gap["high"]) == (pytest.approx(low, abs=1e-12), pytest.approx(high, abs=1e-12))
+    assert gap["gap"] == pytest.approx(fit.params["early"], abs=1e-6)  # rounded to 6 decimals
+    assert (gap["low"], gap["high"]) == (pytest.approx(low, abs=1e-6), pytest.approx(high, abs=1e-6))
     assert (gap["configurations"], gap["early_runs"], gap["capped_runs"], gap["df"]) == (2, 4, 3, 5)
     # No configuration with both kinds: nothing to say.
     assert runs.stop_gap(tmp_path, frame.iloc[7:]) is None
 
 
 def test_end_slope_against_per_run_regressions_and_a_t_interval(tmp_path):
-    """Each run's slope over its last 5 trained epochs (scipy's linregress), their mean and 95 %
-    t interval (statsmodels' DescrStatsW); a run shorter than the window is left out."""
+    """Each run at the epoch cap: its slope over its last 5 epochs (scipy's linregress); their mean
+    and 95 % t interval (statsmodels' DescrStatsW). An early-stopped run (levelled off by its
+    rule) and a run shorter than the window are left out."""
     from scipy.stats import linregress
     from statsmodels.stats.weightstats import DescrStatsW
 
     rng = np.random.default_rng(3)
     curves = {"a": 0.4 + 0.01 * np.arange(12), "b": 0.5 + rng.normal(0, 0.02, 9), "c": 0.6 - 0.002 * np.arange(7)}
-    curves["short"] = np.array([0.1, 0.2, 0.3])
+    curves |= {"stopped": 0.3 + 0.02 * np.arange(8), "short": np.array([0.1, 0.2, 0.3])}
+    caps = {"a": 12, "b": 9, "c": 7, "stopped": 20, "short": 3}
     for name, curve in curves.items():
         (tmp_path / name).mkdir()
         history = pd.DataFrame({"epoch": range(len(curve) + 1), "val_recall@5": [0.05, *curve]})
         history.to_csv(tmp_path / name / "history.csv", index=False)
-    found = runs.end_slope(tmp_path, pd.DataFrame({"run_dir": list(curves)}))
-    slopes = [linregress(np.arange(len(c) - 4, len(c) + 1), c[-5:]).slope for n, c in curves.items() if n != "short"]
+        (tmp_path / name / "config.json").write_text(json.dumps({"config": {"epochs": caps[name]}}))
+    table = pd.DataFrame({"run_dir": list(curves), "epochs_run": [len(c) for c in curves.values()]})
+    found = runs.end_slope(tmp_path, table)
+    slopes = [linregress(np.arange(len(c) - 4, len(c) + 1), c[-5:]).slope for c in list(curves.values())[:3]]
     low, high = DescrStatsW(slopes).tconfint_mean(0.05)
     assert slopes[0] == pytest.approx(0.01) and slopes[2] == pytest.approx(-0.002)
     assert found == {
         "epochs": 5,
         "runs": 3,
-        "slope": pytest.approx(np.mean(slopes), abs=1e-12),
-        "low": pytest.approx(low, abs=1e-12),
-        "high": pytest.approx(high, abs=1e-12),
+        "slope": pytest.approx(np.mean(slopes), abs=1e-6),
+        "low": pytest.approx(low, abs=1e-6),
+        "high": pytest.approx(high, abs=1e-6),
     }
-    assert runs.end_slope(tmp_path, pd.DataFrame({"run_dir": ["a", "short"]})) is None
+    assert runs.end_slope(tmp_path, table[table.run_dir.isin(["a", "stopped", "short"])]) is None
 
 
 # --------------------------------------------------------------------------- the runner, on real fixture runs

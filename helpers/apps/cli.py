@@ -353,12 +353,13 @@ def _robustness_while_checkpoints_exist(study, experiment: str) -> None:
     """Once a contrast experiment of the robustness study has finished on synthetic data, its runs
     are evaluated on the nuisance trees at once (ranks stored under the results): their checkpoints
     are not committed, so a study continued elsewhere could not evaluate them later."""
+    from helpers.core.files import portable_path
     from helpers.experiments import robustness_study
 
     if study.config.data_root is None and experiment in {e for e, _ in robustness_study.CONTRASTS}:
-        evaluated = robustness_study.evaluate_available(study)
-        if evaluated:
-            print(f"robustness: the ranks of {', '.join(evaluated)} at every strength are stored", flush=True)
+        for folder, failed in robustness_study.evaluate_available(study).items():
+            said = f"not stored: {failed}" if failed else "its ranks at every strength are stored"
+            print(f"robustness: {portable_path(folder)}: {said}", flush=True)
 
 
 def cmd_power(args) -> None:

@@ -209,7 +209,7 @@ PROFILES: dict[str, Config] = {
     # stopped as early as epoch 13 and compared below the runs of their configuration that reached
     # the cap, whose rise late in the decay (about half a point an epoch) is smaller than the stop
     # items' epoch-to-epoch noise; a run that reaches the cap pays nothing for the longer patience
-    # (runs.stop_gap measures what the stop rule still costs). At a constant
+    # (runs.stop_gap compares the runs it stops with those that reach the cap). At a constant
     # rate the runs rose about a point an epoch with larger swings until 3 epochs of swing
     # stopped them (the 5 baseline seeds' best epochs: 16 to 22), so a run's luck in when it
     # stopped set a seed spread (SD 0.034 val Recall@5) no power plan survives; the decay lets

@@ -189,7 +189,7 @@ def _read_stored(store: Path | None, run_dir: Path) -> pd.DataFrame:
     path = None if store is None else stored_ranks_path(store, run_dir)
     if path is None or not path.is_file():
         return pd.DataFrame(columns=["nuisance", "strength", *RANK_COLUMNS])
-    found = pd.read_csv(path)
+    found = pd.read_csv(path, float_precision="round_trip")
     missing = [c for c in ("nuisance", "strength", *RANK_COLUMNS) if c not in found.columns]
     if missing:
         raise InputError(f"{path}: no column {', '.join(missing)}")

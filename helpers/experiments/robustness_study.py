@@ -70,16 +70,24 @@ def contrast_runs(study: Study, available: bool = False) -> tuple[dict[str, list
     return runs, pairs
 
 
-def evaluate_available(study: Study, cache: Path | None = None) -> list[str]:
-    """The contrast runs of every finished contrast experiment at every strength, their ranks added
-    to ``ranks/`` (nothing evaluated twice); returns the variant keys evaluated. The tables wait
-    for :func:`run_robustness`."""
+def evaluate_available(study: Study, cache: Path | None = None) -> dict[Path, str | None]:
+    """Every contrast run of every finished contrast experiment at every strength, one run at a
+    time, its ranks added to ``ranks/`` (nothing evaluated twice): ``{run folder: None, or why it
+    could not be}``, so one run whose checkpoint is gone keeps no other from being stored. The
+    tables wait for :func:`run_robustness`."""
     runs, _ = contrast_runs(study, available=True)
-    if runs:
-        cache = Path(cache or study.config.work_dir / ROBUSTNESS)
-        store = study.root / ROBUSTNESS / RANKS
-        robustness.evaluate_robustness(runs, STRENGTHS, cache, study.config.device, study.progress, store)
-    return list(runs)
+    cache = Path(cache or study.config.work_dir / ROBUSTNESS)
+    store, done = study.root / ROBUSTNESS / RANKS, {}
+    for variant, folders in runs.items():
+        for folder in folders:
+            try:
+                robustness.evaluate_robustness(
+                    {variant: [folder]}, STRENGTHS, cache, study.config.device, study.progress, store
+                )
+                done[folder] = None
+            except InputError as error:
+                done[folder] = str(error)
+    return done
 
 
 def run_robustness(study: Study, cache: Path | None = None) -> dict[str, pd.DataFrame]:

@@ -204,12 +204,13 @@ def projected_seconds(root: Path, profile: str, n_runs: int, epochs: int) -> tup
 
 
 def stop_gap(root: Path, runs: pd.DataFrame) -> dict | None:
-    """What early stopping cost the runs it stopped: within each configuration (a run's recorded
-    config without its seed and runtime fields) that has both runs stopped early and runs that
-    reached the epoch cap, the compared val Recall@5 of the first minus the second, pooled by least
-    squares with one mean per configuration and one early-stop offset (``gap``); its 95 % t
-    interval from the residual variance over every configuration. ``None`` when no configuration
-    has both kinds of run. A gap below zero says the stop rule ended runs before their plateau."""
+    """Early-stopped runs against their configuration's runs that reached the epoch cap: within
+    each configuration (a run's recorded config without its seed and runtime fields) that has both,
+    the compared val Recall@5 of the first minus the second, pooled by least squares with one mean
+    per configuration and one early-stop offset (``gap``); its 95 % t interval from the residual
+    variance over every configuration. ``None`` when no configuration has both kinds of run. An
+    association, not a cost: the runs the rule stops are those whose stop items stalled, so a gap
+    below zero says stopped runs end lower, not by how much more training would have lifted them."""
     configs = [json.loads((Path(root) / d / "config.json").read_text())["config"] for d in runs.run_dir]
     keys = [
         json.dumps({k: v for k, v in c.items() if k != "seed" and k not in RUNTIME_FIELDS}, sort_keys=True)
@@ -224,7 +225,7 @@ def stop_gap(root: Path, runs: pd.DataFrame) -> dict | None:
     y = runs[f"val_{PRIMARY}"].to_numpy(dtype=np.float64)
     coef, _, rank, _ = np.linalg.lstsq(design, y, rcond=None)
     df = len(y) - rank
-    gap = float(coef[-1])
+    gap = round(float(coef[-1]), 6)
     out = {
         "gap": gap,
         "configurations": len(both),
@@ -238,7 +239,7 @@ def stop_gap(root: Path, runs: pd.DataFrame) -> dict | None:
         sigma2 = float(np.sum((y - design @ coef) ** 2)) / df
         se = math.sqrt(sigma2 * np.linalg.inv(design.T @ design)[-1, -1])
         half = float(stats.t.ppf(0.975, df)) * se
-        out.update(low=gap - half, high=gap + half)
+        out.update(low=round(gap - half, 6), high=round(gap + half, 6))
     return out
 
 
@@ -246,21 +247,28 @@ PLATEAU_EPOCHS = 5  # the window over which end_slope measures whether a run had
 
 
 def end_slope(root: Path, runs: pd.DataFrame, window: int = PLATEAU_EPOCHS) -> dict | None:
-    """Whether the runs had levelled off when they ended: per run, the least-squares slope of its
-    val Recall@5 (the items that choose its epoch, ``history.csv``) over its last ``window`` epochs;
-    their mean per epoch over the runs with a 95 % t interval. ``None`` with fewer than two runs
-    that trained ``window`` epochs."""
+    """Whether the runs that reached the epoch cap had levelled off (an early-stopped run had, by
+    its rule): per such run, the least-squares slope of its val Recall@5 (the items that choose its
+    epoch, ``history.csv``) over its last ``window`` epochs; their mean per epoch with a 95 % t
+    interval. ``None`` with fewer than two such runs."""
     slopes = []
-    for run_dir in runs.run_dir:
+    for run_dir, epochs_run in zip(runs.run_dir, runs.epochs_run):
+        cap = json.loads((Path(root) / run_dir / "config.json").read_text())["config"]["epochs"]
         history = pd.read_csv(Path(root) / run_dir / "history.csv")
         last = history[history.epoch >= 1].tail(window)
-        if len(last) == window:
+        if epochs_run >= cap and len(last) == window:
             slopes.append(float(np.polyfit(last.epoch, last[f"val_{PRIMARY}"], 1)[0]))
     if len(slopes) < 2:
         return None
     mean, sd = float(np.mean(slopes)), float(np.std(slopes, ddof=1))
     half = float(stats.t.ppf(0.975, len(slopes) - 1)) * sd / math.sqrt(len(slopes))
-    return {"epochs": window, "runs": len(slopes), "slope": mean, "low": mean - half, "high": mean + half}
+    return {
+        "epochs": window,
+        "runs": len(slopes),
+        "slope": round(mean, 6),
+        "low": round(mean - half, 6),
+        "high": round(mean + half, 6),
+    }
 
 
 def experiment_costs(root: Path, names: list[str]) -> list[dict]:

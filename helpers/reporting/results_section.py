@@ -84,26 +84,27 @@ def robustness_cost_sentence(root: Path) -> str:
 
 
 def end_slope_sentence(slope: dict | None) -> str:
-    """Whether the runs had levelled off (:func:`helpers.experiments.runs.end_slope`), as a sentence."""
+    """Whether the runs at the cap had levelled off (:func:`helpers.experiments.runs.end_slope`), as a sentence."""
     if not slope:
         return ""
     return (
-        f" Over each run's last {slope['epochs']} epochs, its val Recall@5 (stop items) moved "
-        f"{slope['slope']:+.4f} an epoch on average over the {slope['runs']} runs, 95 % interval "
+        f" Over the last {slope['epochs']} epochs of the {slope['runs']} runs that reached the epoch cap, val "
+        f"Recall@5 (stop items) moved {slope['slope']:+.4f} an epoch on average, 95 % interval "
         f"[{slope['low']:+.4f}, {slope['high']:+.4f}]."
     )
 
 
 def stop_gap_sentence(gap: dict | None) -> str:
-    """What early stopping cost (:func:`helpers.experiments.runs.stop_gap`), as a sentence of the
-    budget paragraph; empty when no configuration had both early-stopped runs and runs at the cap."""
+    """Early-stopped runs against those at the cap (:func:`helpers.experiments.runs.stop_gap`), as a
+    sentence of the budget paragraph; empty when no configuration had both."""
     if not gap:
         return ""
     interval = "" if gap["low"] is None else f", 95 % interval [{gap['low']:+.3f}, {gap['high']:+.3f}]"
     return (
-        f" Over the {gap['configurations']} configurations that had both, the {gap['early_runs']} runs stopped early "
-        f"compared {gap['gap']:+.3f} val Recall@5{interval} against the {gap['capped_runs']} that reached the "
-        "epoch cap: what the stop rule cost the runs it ended."
+        f" In the {gap['configurations']} configurations that had runs stopped early and runs that reached the "
+        f"epoch cap, the {gap['early_runs']} stopped early compared {gap['gap']:+.3f} val Recall@5{interval} "
+        f"against the {gap['capped_runs']} at the cap (a stopped run is one whose stop items stalled: an "
+        "association, not what further epochs would have added)."
     )
 
 

@@ -99,7 +99,8 @@ def test_stop_gap_against_least_squares_with_a_mean_per_configuration(tmp_path):
         for i, (lr, seed, _, _) in enumerate(rows):
             folder = tmp_path / f"r{i}"
             folder.mkdir(exist_ok=True)
-            cfg = {"lr": lr, "seed": seed, "epochs": 30, "num_workers": seed % 2}  # runtime fields never split
+            # runtime fields never split a configuration
+            cfg = {"profile": "fixture", "lr": lr, "seed": seed, "epochs": 30, "num_workers": seed % 2}
             (folder / "config.json").write_text(json.dumps({"config": cfg}))
         return pd.DataFrame(
             [{"run_dir": f"r{i}", "epochs_run": e, "val_recall@5": r} for i, (_, _, e, r) in enumerate(rows)]

@@ -27,7 +27,7 @@ import pandas as pd
 from scipy import stats
 
 from helpers.core import identity
-from helpers.core.config import RUNTIME_FIELDS, Config
+from helpers.core.config import Config, config_from_dict
 from helpers.core.errors import InputError
 from helpers.core.files import sha256_file, write_text_atomic
 from helpers.evaluation.metrics import DEFAULT_KS
@@ -203,6 +203,11 @@ def projected_seconds(root: Path, profile: str, n_runs: int, epochs: int) -> tup
     return n_runs * epochs * seconds, f"{seconds:.1f} s/epoch stated estimate (no finished run measured yet)"
 
 
+def recorded_configs(root: Path, runs: pd.DataFrame) -> list[dict]:
+    """Each listed run's recorded config (its ``config.json``), in ``runs.run_dir`` order."""
+    return [json.loads((Path(root) / d / "config.json").read_text())["config"] for d in runs.run_dir]
+
+
 def stop_gap(root: Path, runs: pd.DataFrame) -> dict | None:
     """Early-stopped runs against their configuration's runs that reached the epoch cap: within
     each configuration (a run's recorded config without its seed and runtime fields) that has both,
@@ -211,12 +216,12 @@ def stop_gap(root: Path, runs: pd.DataFrame) -> dict | None:
     variance over every configuration. ``None`` when no configuration has both kinds of run. An
     association, not a cost: the runs the rule stops are those whose stop items stalled, so a gap
     below zero says stopped runs end lower, not by how much more training would have lifted them."""
-    configs = [json.loads((Path(root) / d / "config.json").read_text())["config"] for d in runs.run_dir]
-    keys = [
-        json.dumps({k: v for k, v in c.items() if k != "seed" and k not in RUNTIME_FIELDS}, sort_keys=True)
-        for c in configs
-    ]
+    configs = recorded_configs(root, runs)
     early = runs.epochs_run.to_numpy() < np.array([c["epochs"] for c in configs])
+    if early.all() or not early.any():
+        return None
+    # the run's identity without its seed: runs that differ only in seed share it
+    keys = [json.dumps(identity.recipe(replace(config_from_dict(c), seed=0)), sort_keys=True) for c in configs]
     both = {k for k in keys if {bool(e) for kk, e in zip(keys, early) if kk == k} == {True, False}}
     if not both:
         return None
@@ -252,11 +257,10 @@ def end_slope(root: Path, runs: pd.DataFrame, window: int = PLATEAU_EPOCHS) -> d
     epoch, ``history.csv``) over its last ``window`` epochs; their mean per epoch with a 95 % t
     interval. ``None`` with fewer than two such runs."""
     slopes = []
-    for run_dir, epochs_run in zip(runs.run_dir, runs.epochs_run):
-        cap = json.loads((Path(root) / run_dir / "config.json").read_text())["config"]["epochs"]
+    for run_dir, epochs_run, cfg in zip(runs.run_dir, runs.epochs_run, recorded_configs(root, runs)):
         history = pd.read_csv(Path(root) / run_dir / "history.csv")
         last = history[history.epoch >= 1].tail(window)
-        if epochs_run >= cap and len(last) == window:
+        if epochs_run >= cfg["epochs"] and len(last) == window:
             slopes.append(float(np.polyfit(last.epoch, last[f"val_{PRIMARY}"], 1)[0]))
     if len(slopes) < 2:
         return None
@@ -298,13 +302,13 @@ def runs_summary(root: Path) -> dict:
     """Over the study's distinct runs (a run shared by several experiments counted once): how many
     had their best val Recall@5 at their last epoch, or among their last two (still rising: the
     budget may be short; a run stopped early after its patience has its best further back), how
-    many stopped early, the summed wall time, what stopping early cost (:func:`stop_gap`) and
-    whether the runs had levelled off when they ended (:func:`end_slope`)."""
+    many stopped early, the summed wall time, how early-stopped runs compare with those at the cap
+    (:func:`stop_gap`) and whether the runs at the cap had levelled off (:func:`end_slope`)."""
     runs = pd.concat([pd.read_csv(p) for p in sorted(Path(root).glob("*/runs.csv"))])
     runs = runs[runs.experiment != POSTPROCESS].drop_duplicates("run_dir")  # postprocess lists the final runs again
     at_last = int((runs.best_epoch == runs.epochs_run).sum())
     last_two = int((runs.best_epoch >= runs.epochs_run - 1).sum())
-    budget = [json.loads((Path(root) / d / "config.json").read_text())["config"]["epochs"] for d in runs.run_dir]
+    budget = [c["epochs"] for c in recorded_configs(root, runs)]
     return {
         "distinct_runs": len(runs),
         "best_at_last_epoch": at_last,

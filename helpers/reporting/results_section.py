@@ -77,10 +77,9 @@ def cost_table(costs: list[dict]) -> str:
 
 def robustness_cost_sentence(root: Path) -> str:
     """The robustness experiment's evaluation time (its ``run.json``), which trains nothing."""
-    record = Path(root) / robustness_study.ROBUSTNESS / "run.json"
-    if not record.is_file() or "wall_s" not in json.loads(record.read_text()):
-        return ""
-    return f" Evaluating the robustness experiment, which trains nothing, took {json.loads(record.read_text())['wall_s']} s."
+    path = Path(root) / robustness_study.ROBUSTNESS / "run.json"
+    seconds = json.loads(path.read_text()).get("wall_s") if path.is_file() else None
+    return "" if seconds is None else f" Evaluating the robustness experiment, which trains nothing, took {seconds} s."
 
 
 def end_slope_sentence(slope: dict | None) -> str:

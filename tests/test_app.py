@@ -203,14 +203,22 @@ def test_the_page_says_why_the_box_matters_with_the_study_s_numbers(tmp_path):
     comparison = pd.read_csv(committed / "crop" / "comparison.csv", index_col="variant")
     text = app.box_advice(committed)
     whole, boxed = comparison.loc["crop=False"], comparison.loc["baseline"]
-    assert f"val recall@5 {whole['val_recall@5_mean']:.3f} against {boxed['val_recall@5_mean']:.3f}" in text
-    assert f"difference {whole['diff_recall@5']:+.3f}" in text and "synthetic demo data, not DeepFashion" in text
-    # Read, not typed: other numbers in the file are other numbers on the page.
+    n_whole, n_boxed = int(whole["n_seeds"]), int(boxed["n_seeds"])
+    assert (
+        f"val recall@5 {whole['val_recall@5_mean']:.3f} ({n_whole} seeds) against "
+        f"{boxed['val_recall@5_mean']:.3f} ({n_boxed} seeds)"
+    ) in text
+    assert f"over the {min(n_whole, n_boxed)} seeds both ran {whole['diff_recall@5']:+.3f}" in text
+    assert "synthetic demo data, not DeepFashion" in text
+    # Read, not typed: other numbers in the file are other numbers on the page; an exploratory
+    # whole photo on fewer seeds than the baseline says so.
     (tmp_path / "crop").mkdir()
     (tmp_path / "crop" / "decision.json").write_text((committed / "crop" / "decision.json").read_text())
     comparison.loc["crop=False", "val_recall@5_mean"] = 0.123456
+    comparison.loc["crop=False", "n_seeds"], comparison.loc["baseline", "n_seeds"] = 1, 5
     comparison.to_csv(tmp_path / "crop" / "comparison.csv", index_label="variant")
-    assert "val recall@5 0.123 against" in app.box_advice(tmp_path)
+    text = app.box_advice(tmp_path)
+    assert "val recall@5 0.123 (1 seed) against" in text and "(5 seeds)" in text and "over the 1 seed both ran" in text
     # Not run (or unreadable): the reason in words, without a number.
     for results in (None, tmp_path / "nothing"):
         assert not any(ch.isdigit() for ch in app.box_advice(results))

@@ -48,12 +48,12 @@ def test_a_stale_setting_is_caught_and_a_true_one_passes(tmp_path):
     _needs_committed_results()
     repo = _repo(
         tmp_path,
-        "The study trained 7 seeds for 13 epochs at 96 px.\n\n"
+        "The study trained 19 seeds for 57 epochs at 96 px.\n\n"
         "It compared 77 val items and 999 queries.\n\n"
         "The committed study: 3 seeds, 10 epochs, 160 px, 75 val items, 268 val queries, 266 test queries.\n",
     )
     flagged = "\n".join(_flagged(repo))
-    for stale in ("'7 seeds'", "'13 epochs'", "'96 px'", "'77 val items'", "'999 queries'"):
+    for stale in ("'19 seeds'", "'57 epochs'", "'96 px'", "'77 val items'", "'999 queries'"):
         assert stale in flagged
     assert "README.md:1:" in flagged and "README.md:3:" in flagged and "README.md:5:" not in flagged
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from helpers.apps.cli import build_parser
 from helpers.core.config import REPO_ROOT
-from helpers.experiments import catalogue
+from helpers.experiments import catalogue, family, study
 from helpers.reporting import check, render, sections, talk
 from helpers.reporting.prose import PROSE_DIR, TALK
 
@@ -264,3 +264,28 @@ def test_the_cost_slide_names_the_costliest_questions(tmp_path):
         "- The costliest questions: `augment` 2.25 h (11 runs), `crop` 1.60 h (8 runs), `resize` 1.00 h (5 runs)"
         in lines
     )
+
+
+def test_the_cost_slide_says_whose_plan_it_shows(tmp_path):
+    """A plan sized for the val items the runs were compared on is this study's own; any other
+    (or a study that did not record them) is the next study's."""
+    plan = pd.DataFrame(
+        {
+            "experiment": ["resize"],
+            "variant": ["resize=squash"],
+            "role": ["primary"],
+            "seeds": [5],
+            "val_items": [800],
+            "level": [0.00625],
+            f"mde_{study.PRIMARY}": [0.0405],
+        }
+    )
+    plan.to_csv(tmp_path / family.POWER_PLAN, index=False)
+    lines = {}
+    for compared in (800, 75, None):
+        summary = {"profile": "demo"} if compared is None else {"profile": "demo", "val_compare_items": compared}
+        (tmp_path / "data_summary.json").write_text(json.dumps(summary))
+        lines[compared] = "\n".join(talk.cost_lines({"root": tmp_path}))
+    assert "- Planned before the runs, primary comparisons: 5 seeds × 800 val items, detecting 0.041" in lines[800]
+    assert "- Planned next, primary comparisons: 5 seeds" in lines[75]
+    assert "- Planned next, primary comparisons: 5 seeds" in lines[None]

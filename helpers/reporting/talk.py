@@ -205,8 +205,9 @@ def source_lines(loaded: dict) -> list[str]:
 
 
 def cost_lines(loaded: dict) -> list[str]:
-    """What the study cost (``final_config.json``'s ``runs``) and what the next one plans
-    (``power_plan.csv``), every number as those files hold it."""
+    """What the study cost (``final_config.json``'s ``runs``) and what its power plan
+    (``power_plan.csv``) planned, for this study's runs or the next study's, every number as
+    those files hold it."""
     root, lines = loaded["root"], []
     record = root / "final_config.json"
     runs = json.loads(record.read_text()).get("runs") if record.is_file() else None
@@ -228,10 +229,15 @@ def cost_lines(loaded: dict) -> list[str]:
     if plan_path.is_file():
         plan = pd.read_csv(plan_path)
         mde = f"mde_{study.PRIMARY}"
+        # The plan is this study's own when its val items are the ones the runs were compared on
+        # (data_summary.json); otherwise it plans the next study.
+        summary_path = root / "data_summary.json"
+        compared = json.loads(summary_path.read_text()).get("val_compare_items") if summary_path.is_file() else None
+        when = "Planned before the runs" if compared in set(plan.val_items) else "Planned next"
         roles = sorted(plan.role.unique(), key=lambda role: (role != "primary", role))  # primary first
         for role, rows in ((role, plan[plan.role == role]) for role in roles):
             lines.append(
-                f"- Planned next, {role} comparisons: {_span(rows.seeds, 'd')} seeds × {_span(rows.val_items, 'd')} "
+                f"- {when}, {role} comparisons: {_span(rows.seeds, 'd')} seeds × {_span(rows.val_items, 'd')} "
                 f"val items, detecting {_span(rows[mde], '.3f')} of Recall@5 at level {_span(rows.level, 'g')}"
             )
         pending = [e for e in dict.fromkeys(plan.experiment) if not (root / e / "decision.json").is_file()]

@@ -2,6 +2,7 @@
 back from hand-written run folders (no training here: the notebook run covers that path)."""
 
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -17,7 +18,7 @@ from helpers.evaluation.metrics import INTERVALS
 from helpers.experiments import final, final_runs
 from helpers.experiments.catalogue import POSTPROCESS
 from helpers.experiments.runs import runs_of
-from helpers.experiments.study import Study
+from helpers.experiments.study import Study, retrained_dir
 from helpers.modeling import checkpoints, models
 
 
@@ -114,12 +115,44 @@ def test_the_final_runs_are_found_by_run_key_wherever_the_study_put_them(tmp_pat
     _study_run(root, "embed_dim", chosen, 2, sha, finished=False)  # half-finished: not a result
     assert runs_of(base, root, sha) == {0: root / "crop" / next((root / "crop").iterdir()).name}
     the_study = Study("fixture", root=root, tables=(tmp_path, table))
-    assert the_study.final_runs(need_checkpoints=False) == {0: a, 1: b}
-    with pytest.raises(InputError, match="best.pt: missing"):
-        the_study.final_runs()  # checkpoints are local, never committed
+    assert the_study.final_runs() == {0: a, 1: b}  # found without their checkpoints (never committed)
     (root / "final_config.json").write_text(json.dumps({"config": {"embed_dim": 128}}))
     with pytest.raises(InputError, match="no finished run of this configuration"):
-        the_study.final_runs(need_checkpoints=False)
+        the_study.final_runs()
+
+
+def test_the_final_checkpoints_are_the_runs_own_or_a_copy_retrained_to_the_same_best_epoch(tmp_path, monkeypatch):
+    table = tmp_path / "images.csv"
+    table.write_text("made-up table\n")
+    root = tmp_path / "results"
+    root.mkdir()
+    (root / "final_config.json").write_text(json.dumps({"config": {"embed_dim": 64}}))
+    chosen, sha = replace(config.get_config("fixture"), embed_dim=64), sha256_file(table)
+    here = _study_run(root, "embed_dim", chosen, 0, sha)
+    (here / "best.pt").write_bytes(b"weights")  # the machine that ran the study
+    committed = _study_run(root, "embed_dim", chosen, 1, sha)  # a fresh clone's: no checkpoint
+    monkeypatch.setattr(config, "OUTPUTS", tmp_path / "outputs")
+    trained, best_epoch = [], {"value": 3}
+
+    def fake_fit(cfg, table_path, data_root, run_dir, progress=True):
+        if not (run_dir / "best.pt").is_file():
+            trained.append((cfg.embed_dim, cfg.seed, run_dir))
+            _run(run_dir, cfg.seed, 0.7, (0.4, 0.7, 0.8))
+            (run_dir / "fit.json").write_text(json.dumps({"best_epoch": best_epoch["value"], "val": {}}))
+            (run_dir / "best.pt").write_bytes(b"weights")
+
+    monkeypatch.setattr(final_runs.artifacts, "ensure_trained", fake_fit)
+    the_study = Study("fixture", root=root, tables=(tmp_path, table), progress=False)
+    local = tmp_path / "outputs" / "fixture" / "final_runs" / committed.name
+    assert retrained_dir(the_study.config, committed) == local
+    assert the_study.final_checkpoints() == {0: here, 1: local}
+    assert trained == [(64, 1, local)]  # only the seed without its checkpoint, under its recorded config
+    assert the_study.final_checkpoints() == {0: here, 1: local} and len(trained) == 1  # retrained once
+    # a copy that chose another epoch is another run, never the study's
+    best_epoch["value"] = 5
+    shutil.rmtree(local)
+    with pytest.raises(InputError, match=r"retrained to its best epoch 5, the study recorded 3"):
+        the_study.final_checkpoints()
 
 
 def test_a_missing_checkpoint_is_retrained_under_the_recorded_configuration(tmp_path, monkeypatch):

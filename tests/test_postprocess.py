@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers.core import config
 from helpers.core.errors import InputError
 from helpers.evaluation import metrics, postprocess
 
@@ -201,7 +202,7 @@ def test_bad_arguments_are_one_line_errors(embeddings, call):
 # --------------------------------------------------------------------------- the experiment, on a real fixture run
 
 
-def test_run_postprocess_on_the_final_configurations_run(tmp_path):
+def test_run_postprocess_on_the_final_configurations_run(tmp_path, monkeypatch):
     from helpers.experiments import catalogue, comparison, postprocessing, runs
     from helpers.experiments.study import Study
 
@@ -242,6 +243,15 @@ def test_run_postprocess_on_the_final_configurations_run(tmp_path):
     # every test recomputes from the committed ranks alone, to the same table
     before = (out / "comparison.csv").read_text()
     assert postprocessing.restate(study) is not None and (out / "comparison.csv").read_text() == before
+    # a fresh clone has the run's record, not its checkpoint: the run is retrained (once, locally)
+    # to the same epoch and gives the same ranks
+    monkeypatch.setattr(config, "OUTPUTS", tmp_path / "outputs")
+    (run_dir / "best.pt").unlink()
+    postprocessing.run_postprocess(study)
+    assert (tmp_path / "outputs" / "fixture" / "final_runs" / run_dir.name / "best.pt").is_file()
+    assert not (run_dir / "best.pt").exists()  # the study's folder is left as it was
+    assert (out / "comparison.csv").read_text() == before
+    assert pd.read_csv(out / "runs.csv").drop(columns="postprocess_s").equals(table_runs.drop(columns="postprocess_s"))
 
     # the report's subsection: every method's row, the decision, the figure, numbers from the files
     from helpers.reporting import check, results_section

@@ -39,7 +39,7 @@ from helpers.evaluation import metrics
 from helpers.experiments import artifacts
 from helpers.experiments.catalogue import POSTPROCESS
 from helpers.experiments.runs import runs_of
-from helpers.experiments.study import Study
+from helpers.experiments.study import Study, retrained_dir
 from helpers.modeling import checkpoints
 from helpers.training import train
 
@@ -183,12 +183,12 @@ def study_runs(
     the_study = Study(
         cfg.profile, root=root, data_root=cfg.data_root, progress=show_bars(progress), tables=(data_root, table)
     )
-    recorded = the_study.final_runs(need_checkpoints=False)
+    recorded = the_study.final_runs()
     final_cfg, runs, retrained, committed, rebuilt = the_study.final_config(), {}, [], [], []
     serving = demo_seed(recorded)
     wanted = set(recorded) if retrain_all else {serving}
     for seed, run_dir in recorded.items():
-        local = cfg.work_dir / "final_runs" / run_dir.name
+        local = retrained_dir(cfg, run_dir)
         if (run_dir / "best.pt").is_file():
             runs[seed] = run_dir
             if seed == serving and not (run_dir / WEIGHTS_FILE).is_file():
@@ -336,7 +336,7 @@ def recipe_runs(cfg: Config, table: Path, final: dict[int, Path] | None = None) 
     runs = {}
     for seed, run_dir in found.items():
         same = (final or {}).get(seed)
-        local = cfg.work_dir / "final_runs" / run_dir.name
+        local = retrained_dir(cfg, run_dir)
         if same is not None and same.name == run_dir.name:
             runs[seed] = same
         elif not (run_dir / "best.pt").is_file() and (local / "best.pt").is_file():

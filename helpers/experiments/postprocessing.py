@@ -70,16 +70,18 @@ def read_ranks(folder: Path, table: pd.DataFrame) -> dict[tuple[str, int], pd.Da
 
 
 def run_postprocess(study: Study) -> dict:
-    """Every method on every seed's run of the final configuration (see the module docstring);
-    returns ``runs``, ``comparison`` and ``decision``."""
+    """Every method on every seed's run of the final configuration (see the module docstring),
+    embedded with its checkpoint, or a local retrain of it where the checkpoint is not here
+    (:meth:`Study.final_checkpoints`); returns ``runs``, ``comparison`` and ``decision``."""
     data_root, table_path = study.prepared()
     image_table, out = read_table(table_path), study.root / POSTPROCESS
     rows, ranks = [], {}
-    final = study.final_runs()
+    final, checkpoints_at = study.final_runs(), study.final_checkpoints()
     (out / RANKS).mkdir(parents=True, exist_ok=True)
     for seed, run_dir in progress_bar(final.items(), desc="post-processing", disable=not study.progress):
         best_epoch = int(train.fit_record(run_dir)["best_epoch"])
-        for method, (frame, seconds) in method_ranks(run_dir, image_table, data_root, study.progress).items():
+        ranked = method_ranks(checkpoints_at[seed], image_table, data_root, study.progress)
+        for method, (frame, seconds) in ranked.items():
             ranks[(method, seed)] = frame
             write_text_atomic(out / RANKS / f"{method}_seed{seed}.csv", frame.to_csv(index=False, lineterminator="\n"))
             rows.append(

@@ -45,6 +45,7 @@ from helpers.experiments.catalogue import (
 from helpers.experiments.comparison import decide, learned, read_comparison
 from helpers.experiments.family import NOISE
 from helpers.experiments.runs import experiment_history
+from helpers.training.train import fit_record
 
 __all__ = [
     "KS",
@@ -60,6 +61,7 @@ __all__ = [
     "learned",
     "load_experiment",
     "n_seeds_for",
+    "retrained_dir",
 ]
 
 
@@ -70,6 +72,13 @@ def n_seeds_for(profile: str, n_seeds: int | None) -> int:
     if n_seeds < 1:
         raise InputError(f"--seeds must be at least 1, got {n_seeds}")
     return n_seeds
+
+
+def retrained_dir(cfg: Config, run_dir: Path) -> Path:
+    """Where a study run whose checkpoint is not here (checkpoints are local, never committed)
+    is retrained under its recorded configuration: ``outputs/<profile>/final_runs/<run folder>``,
+    one copy for ``04_demo`` and the post-processing experiment alike."""
+    return cfg.work_dir / "final_runs" / Path(run_dir).name
 
 
 def load_experiment(root: Path, name: str) -> dict:
@@ -147,22 +156,44 @@ class Study:
         """seed → finished run directory of ``cfg`` anywhere in the study (:func:`runs.runs_of`)."""
         return runs.runs_of(cfg, self.root, sha256_file(self.prepared()[1]))
 
-    def final_runs(self, need_checkpoints: bool = True) -> dict[int, Path]:
-        """seed → finished run of the final configuration. Checkpoints are local, not committed:
-        ``need_checkpoints`` makes a missing ``best.pt`` an error."""
+    def final_runs(self) -> dict[int, Path]:
+        """seed → the study's finished run of the final configuration (its committed record;
+        its checkpoint is local: :meth:`final_checkpoints`)."""
         found = self.runs_of(self.final_config())
         if not found:
             raise InputError(
                 f"{self.root / 'final_config.json'}: no finished run of this configuration under {self.root}"
             )
-        missing = [str(d / "best.pt") for d in found.values() if not (d / "best.pt").is_file()]
-        if missing and need_checkpoints:
-            raise InputError(
-                f"{missing[0]}: missing (checkpoints are local, not committed); run 04_demo with TRAIN_IF_MISSING = True "
-                "to retrain it under its recorded configuration, or `study all --statistics-only` to restate the "
-                "post-processing from its committed ranks"
-            )
         return found
+
+    def final_checkpoints(self) -> dict[int, Path]:
+        """seed → the folder whose ``best.pt`` stands for the study's run of the final configuration:
+        the run itself where its checkpoint is here, else its retrained copy
+        (:func:`retrained_dir`), trained now (resumable) when missing. A copy whose best epoch is not
+        the one the study recorded is another run: an error, never put in the record's place."""
+        data_root, table = self.prepared()
+        folders = {}
+        for seed, run_dir in self.final_runs().items():
+            if (run_dir / "best.pt").is_file():
+                folders[seed] = run_dir
+                continue
+            local = retrained_dir(self.config, run_dir)
+            if self.progress and not artifacts.is_trained(local):
+                print(
+                    f"seed {seed}: no checkpoint here ({run_dir / 'best.pt'}); retraining it under its recorded "
+                    f"configuration into {local}",
+                    flush=True,
+                )
+            cfg = replace(self.final_config(), seed=seed)
+            artifacts.ensure_trained(cfg, table, data_root, local, progress=self.progress)
+            recorded, retrained = fit_record(run_dir)["best_epoch"], fit_record(local)["best_epoch"]
+            if retrained != recorded:
+                raise InputError(
+                    f"{local}: retrained to its best epoch {retrained}, the study recorded {recorded} "
+                    f"({run_dir / 'fit.json'}); it is not the study's run (another machine kind?)"
+                )
+            folders[seed] = local
+        return folders
 
     # ----------------------------------------------------------------- planning and running
 

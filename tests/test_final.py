@@ -131,23 +131,31 @@ def test_the_final_checkpoints_are_the_runs_own_or_a_copy_retrained_to_the_same_
     here = _study_run(root, "embed_dim", chosen, 0, sha)
     (here / "best.pt").write_bytes(b"weights")  # the machine that ran the study
     committed = _study_run(root, "embed_dim", chosen, 1, sha)  # a fresh clone's: no checkpoint
+    exact = _study_run(root, "embed_dim", chosen, 2, sha)
+    for run in (committed, exact):
+        (run / "val_ranks.csv").write_text("path,first_hit_rank\nq1.jpg,0\nq2.jpg,3\n")
     monkeypatch.setattr(config, "OUTPUTS", tmp_path / "outputs")
     trained, best_epoch = [], {"value": 3}
 
     def fake_fit(cfg, table_path, data_root, run_dir, progress=True):
         if not (run_dir / "best.pt").is_file():
             trained.append((cfg.embed_dim, cfg.seed, run_dir))
-            _run(run_dir, cfg.seed, 0.7, (0.4, 0.7, 0.8))
+            _run(run_dir, cfg.seed, 0.7, (0.4, 0.7, 0.8), loss=(0.3, 0.2, 0.1 if cfg.seed == 2 else 0.11))
+            (run_dir / "val_ranks.csv").write_text((exact / "val_ranks.csv").read_text())
             (run_dir / "fit.json").write_text(json.dumps({"best_epoch": best_epoch["value"], "val": {}}))
-            (run_dir / "best.pt").write_bytes(b"weights")
+            (run_dir / "best.pt").write_bytes(b"weights %d" % cfg.seed)
 
     monkeypatch.setattr(final_runs.artifacts, "ensure_trained", fake_fit)
     the_study = Study("fixture", root=root, tables=(tmp_path, table), progress=False)
     local = tmp_path / "outputs" / "fixture" / "final_runs" / committed.name
     assert retrained_dir(the_study.config, committed) == local
-    assert the_study.final_checkpoints() == {0: here, 1: local}
-    assert trained == [(64, 1, local)]  # only the seed without its checkpoint, under its recorded config
-    assert the_study.final_checkpoints() == {0: here, 1: local} and len(trained) == 1  # retrained once
+    # seed 1's retrain differs in its last epoch's loss: it stands in from its own folder; seed 2's
+    # gives the recorded run back to the digit: it is that run, its checkpoint restored there
+    assert the_study.final_checkpoints() == {0: here, 1: local, 2: exact}
+    assert (exact / "best.pt").read_bytes() == b"weights 2" and not (committed / "best.pt").exists()
+    assert [t[:2] for t in trained] == [(64, 1), (64, 2)]  # the seeds without a checkpoint, as recorded
+    assert trained[0][2] == local
+    assert the_study.final_checkpoints() == {0: here, 1: local, 2: exact} and len(trained) == 2  # retrained once
     # a copy that chose another epoch is another run, never the study's
     best_epoch["value"] = 5
     shutil.rmtree(local)

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from helpers.core import config
 from helpers.core.errors import InputError
@@ -205,6 +206,7 @@ def test_bad_arguments_are_one_line_errors(embeddings, call):
 def test_run_postprocess_on_the_final_configurations_run(tmp_path, monkeypatch):
     from helpers.experiments import catalogue, comparison, postprocessing, runs
     from helpers.experiments.study import Study
+    from helpers.modeling import checkpoints
 
     study = Study("fixture", root=tmp_path, progress=False)
     cfg = study.config
@@ -243,13 +245,17 @@ def test_run_postprocess_on_the_final_configurations_run(tmp_path, monkeypatch):
     # every test recomputes from the committed ranks alone, to the same table
     before = (out / "comparison.csv").read_text()
     assert postprocessing.restate(study) is not None and (out / "comparison.csv").read_text() == before
-    # a fresh clone has the run's record, not its checkpoint: the run is retrained (once, locally)
-    # to the same epoch and gives the same ranks
+    # a fresh clone has the run's record, not its checkpoint: the run is retrained (once, locally),
+    # gives the recorded run back to the digit, so its checkpoint is restored beside the record
     monkeypatch.setattr(config, "OUTPUTS", tmp_path / "outputs")
+    trained_first = checkpoints.read_checkpoint(run_dir / "best.pt")["model"]
     (run_dir / "best.pt").unlink()
     postprocessing.run_postprocess(study)
-    assert (tmp_path / "outputs" / "fixture" / "final_runs" / run_dir.name / "best.pt").is_file()
-    assert not (run_dir / "best.pt").exists()  # the study's folder is left as it was
+    local = tmp_path / "outputs" / "fixture" / "final_runs" / run_dir.name
+    assert runs.same_run(local, run_dir) and (local / "best.pt").is_file()
+    assert (run_dir / "best.pt").read_bytes() == (local / "best.pt").read_bytes()
+    restored = checkpoints.read_checkpoint(run_dir / "best.pt")["model"]
+    assert all(torch.equal(restored[name], tensor) for name, tensor in trained_first.items())
     assert (out / "comparison.csv").read_text() == before
     assert pd.read_csv(out / "runs.csv").drop(columns="postprocess_s").equals(table_runs.drop(columns="postprocess_s"))
 

@@ -114,6 +114,22 @@ def ensure_run(
     return run_dir, "resumed" if resume else "trained"
 
 
+# history.csv's columns a retrain must give back to the digit (train_images_per_s is a timing)
+REPRODUCED_COLUMNS = ("epoch", "loss", "lr", "val_recall@1", f"val_{PRIMARY}", "val_recall@10", "val_map")
+
+
+def same_run(retrained: Path, recorded: Path) -> bool:
+    """Whether ``retrained`` gave the run ``recorded`` back to the digit: every epoch of its
+    ``history.csv`` (:data:`REPRODUCED_COLUMNS`) and every compared val query's rank."""
+    try:
+        here, there = (pd.read_csv(Path(d) / "history.csv") for d in (retrained, recorded))
+        ranks_here, ranks_there = (pd.read_csv(Path(d) / VAL_RANKS) for d in (retrained, recorded))
+    except (OSError, ValueError):
+        return False
+    columns = [c for c in REPRODUCED_COLUMNS if c in there.columns]
+    return set(columns) <= set(here.columns) and here[columns].equals(there[columns]) and ranks_here.equals(ranks_there)
+
+
 def runs_of(cfg: Config, root: Path, table_sha256: str) -> dict[int, Path]:
     """seed → finished run directory of ``cfg`` (any seed) among every run of the study, found by
     run key wherever an experiment put it."""

@@ -27,7 +27,7 @@ import pandas as pd
 from helpers.core import identity, repro
 from helpers.core.config import EXPLORATORY_SEEDS, PROFILES, STUDY_SEEDS, Config, check, get_config
 from helpers.core.errors import InputError
-from helpers.core.files import sha256_file, write_text_atomic
+from helpers.core.files import copy_atomic, portable_path, sha256_file, write_text_atomic
 from helpers.core.progress import progress_bar
 from helpers.experiments import artifacts, catalogue, comparison, family, runs
 from helpers.experiments.catalogue import (
@@ -167,10 +167,15 @@ class Study:
         return found
 
     def final_checkpoints(self) -> dict[int, Path]:
-        """seed → the folder whose ``best.pt`` stands for the study's run of the final configuration:
-        the run itself where its checkpoint is here, else its retrained copy
-        (:func:`retrained_dir`), trained now (resumable) when missing. A copy whose best epoch is not
-        the one the study recorded is another run: an error, never put in the record's place."""
+        """seed → the folder whose ``best.pt`` stands for the study's run of the final configuration.
+
+        Where the run's checkpoint is not here (a fresh clone), the run is retrained under its
+        recorded configuration into :func:`retrained_dir` (resumable). A retrain that gives the
+        recorded run back to the digit (every epoch of ``history.csv``, and ``val_ranks.csv``) is
+        that run: its checkpoint is restored into the run's folder (git-ignored, as the study left
+        it), so the test results and the demo seed's weights that ``04_demo`` writes there can be
+        committed. One that only reaches the same best epoch (another machine kind) stands in from
+        its own folder; one that does not is another run, an error."""
         data_root, table = self.prepared()
         folders = {}
         for seed, run_dir in self.final_runs().items():
@@ -180,8 +185,8 @@ class Study:
             local = retrained_dir(self.config, run_dir)
             if self.progress and not artifacts.is_trained(local):
                 print(
-                    f"seed {seed}: no checkpoint here ({run_dir / 'best.pt'}); retraining it under its recorded "
-                    f"configuration into {local}",
+                    f"seed {seed}: no checkpoint here ({portable_path(run_dir / 'best.pt')}); retraining it under "
+                    f"its recorded configuration into {portable_path(local)}",
                     flush=True,
                 )
             cfg = replace(self.final_config(), seed=seed)
@@ -192,7 +197,17 @@ class Study:
                     f"{local}: retrained to its best epoch {retrained}, the study recorded {recorded} "
                     f"({run_dir / 'fit.json'}); it is not the study's run (another machine kind?)"
                 )
-            folders[seed] = local
+            exact = runs.same_run(local, run_dir)
+            if exact:
+                copy_atomic(local / "best.pt", run_dir / "best.pt")
+            folders[seed] = run_dir if exact else local
+            if self.progress:
+                said = (
+                    f"the recorded run to the digit: its checkpoint restored into {portable_path(run_dir)}"
+                    if exact
+                    else f"the recorded best epoch, not every epoch to the digit: {portable_path(local)} stands in"
+                )
+                print(f"seed {seed}: the retrain gave {said}", flush=True)
         return folders
 
     # ----------------------------------------------------------------- planning and running

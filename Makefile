@@ -28,8 +28,9 @@ test: $(STAMP)
 # The whole study of 02 + 03 on the demo profile (results/demo/power_plan.csv: 5 seeds for the primary
 # variants, 3 for the exploratory ones; each run trains until val Recall@5 levels off; resumable: run
 # it again after an interruption, it prints the projected time), then the experiments that need no
-# training, on its runs' checkpoints: post-processing (the final configuration) and robustness (the
-# crop and photometric runs on trees with each nuisance turned up). `python -m helpers study all
+# training: post-processing (on the final configuration's runs; where a checkpoint is gone the run is
+# retrained under its recorded configuration) and robustness (the crop and photometric runs on trees
+# with each nuisance turned up, from the ranks stored while their checkpoints existed). `python -m helpers study all
 # --statistics-only` recomputes every comparison from the committed runs without training. `make
 # report` then rebuilds report/ from results/ and report/prose/ only.
 study: $(STAMP)

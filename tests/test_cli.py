@@ -182,16 +182,15 @@ def test_study_runs_each_chosen_experiment_and_says_where_results_are(monkeypatc
     from helpers.experiments import study
 
     ran = []
-    monkeypatch.setattr(
-        study.Study, "run_experiment", lambda self, experiment, train=True: ran.append(experiment.name) or {}
-    )
-    monkeypatch.setattr(study, "learned", lambda result: "learned")
-    from helpers.experiments import robustness_study
 
-    evaluated = []
-    monkeypatch.setattr(robustness_study, "evaluate_available", lambda s: evaluated.append(s.profile) or {})
+    def run_experiment(self, experiment, train=True, on_run=None):
+        ran.append((experiment.name, on_run is not None))
+        return {}
+
+    monkeypatch.setattr(study.Study, "run_experiment", run_experiment)
+    monkeypatch.setattr(study, "learned", lambda result: "learned")
     assert main(["study", "crop", "--profile", "fixture", "--quiet"]) == 0
-    assert ran == ["crop"] and evaluated == ["fixture"]  # crop is a robustness contrast: its runs evaluated at once
+    assert ran == [("crop", True)]  # synthetic: each finished run is offered to the robustness store
     from helpers.core.files import portable_path
     from helpers.experiments import artifacts
 
@@ -204,14 +203,14 @@ def test_a_run_robustness_cannot_evaluate_is_said_and_the_study_goes_on(monkeypa
     from helpers.experiments import robustness_study
     from helpers.experiments.study import Study
 
-    done = {tmp_path / "crop" / "a": None, tmp_path / "crop" / "b": "b: no best.pt and no stored ranks at clutter 0.0"}
-    monkeypatch.setattr(robustness_study, "evaluate_available", lambda study: done)
-    cli._robustness_while_checkpoints_exist(Study("fixture", root=tmp_path), "crop")
+    said = {tmp_path / "crop" / "a": "its ranks at every strength are stored", tmp_path / "crop" / "b": None}
+    said[tmp_path / "crop" / "c"] = "not stored: c: no best.pt and no stored ranks at clutter 0.0"
+    monkeypatch.setattr(robustness_study, "store_while_checkpoint_exists", lambda study, run_dir: said[run_dir])
+    for run in ("a", "b", "c"):  # b: a run no contrast reads, nothing said
+        cli._store_robustness(Study("fixture", root=tmp_path), tmp_path / "crop" / run)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].endswith("crop/a: its ranks at every strength are stored")
-    assert lines[1].endswith("crop/b: not stored: b: no best.pt and no stored ranks at clutter 0.0")
-    cli._robustness_while_checkpoints_exist(Study("fixture", root=tmp_path), "resize")  # not a contrast: nothing
-    assert capsys.readouterr().out == ""
+    assert len(lines) == 2 and lines[0].endswith("crop/a: its ranks at every strength are stored")
+    assert lines[1].endswith("crop/c: not stored: c: no best.pt and no stored ranks at clutter 0.0")
 
 
 def test_study_postprocess_runs_on_the_final_configuration(monkeypatch, capsys):

@@ -302,30 +302,50 @@ def test_the_study_contrasts_pair_each_variant_with_its_experiments_baseline(tmp
     (tmp_path / "photometric" / "runs.csv").unlink()
     with pytest.raises(InputError, match="photometric/runs.csv: missing; run `python -m helpers study photometric`"):
         robustness_study.contrast_runs(Study("fixture", root=tmp_path))
-    # As the study goes: the finished contrast experiments only.
-    runs, pairs = robustness_study.contrast_runs(Study("fixture", root=tmp_path), available=True)
-    assert list(runs) == ["baseline", "crop=False"] and pairs == [("crop=False", "baseline")]
 
 
-def test_evaluate_available_says_which_runs_it_could_not_store(tmp_path):
-    """One run at a time: a run without its checkpoint or stored ranks is reported, never raised,
-    so the study goes on and the other runs are still stored."""
+def test_each_contrast_run_is_stored_as_it_finishes_and_only_those(tmp_path, monkeypatch):
+    """The runs a contrast reads are known by their run keys once their stage's baseline is: the
+    crop experiment's from the start, the photometric one's once the stages before it decided. A
+    run without its checkpoint or stored ranks is said, never raised, so the study goes on."""
     from dataclasses import asdict
 
-    from helpers.experiments import robustness_study
+    from helpers.core import identity
+    from helpers.core.files import sha256_file
+    from helpers.experiments import catalogue, robustness_study
+    from helpers.experiments.catalogue import get_experiment
     from helpers.experiments.study import Study
 
-    (tmp_path / "crop").mkdir()
-    rows = []
-    for variant, seed in (("baseline", 0), ("crop=False", 0)):
-        folder = tmp_path / "crop" / f"{variant}_{seed}"
-        folder.mkdir()
-        recorded = asdict(fixture_cfg(crop=variant == "baseline", seed=seed))
-        (folder / "config.json").write_text(json.dumps({"config": recorded}, default=str))
-        rows.append((variant, seed, f"crop/{folder.name}"))
-    pd.DataFrame(rows, columns=["variant", "seed", "run_dir"]).to_csv(tmp_path / "crop" / "runs.csv", index=False)
-    done = robustness_study.evaluate_available(Study("fixture", root=tmp_path), cache=tmp_path / "cache")
-    assert list(done) == [tmp_path / "crop" / "baseline_0", tmp_path / "crop" / "crop=False_0"]
-    for folder, why in done.items():
-        assert why.startswith(f"{folder}: no best.pt and no stored ranks at clutter 0.0")
+    study = Study("fixture", root=tmp_path, progress=False)
+    crop = study.configs(get_experiment("fixture", "crop"))
+    sha = sha256_file(study.prepared()[1])
+
+    def run(name, cfg, seed):
+        folder = tmp_path / "crop" / name
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"config": asdict(replace(cfg, seed=seed))}, default=str))
+        key = identity.run_key(replace(cfg, seed=seed), sha)
+        (folder / "study_run.json").write_text(json.dumps({"key": key, "seed": seed, "finished": True}))
+        return folder
+
+    whole = run("crop=False_0", crop["crop=False"], 0)
+    late = run("crop=False_3", crop["crop=False"], robustness_study.MAX_SEEDS)  # beyond the seeds a contrast reads
+    keys = robustness_study.contrast_keys(study)
+    assert len(keys) == 2 * robustness_study.MAX_SEEDS  # crop's two variants; photometric's stage undecided
+    said = robustness_study.store_while_checkpoint_exists(study, whole, cache=tmp_path / "cache")
+    assert said.startswith(f"not stored: {whole}: no best.pt and no stored ranks at clutter 0.0")
+    assert robustness_study.store_while_checkpoint_exists(study, late, cache=tmp_path / "cache") is None
     assert not (tmp_path / "cache").exists()  # nothing to evaluate with: no tree written
+    evaluated = []
+    monkeypatch.setattr(robustness, "evaluate_robustness", lambda runs, *args: evaluated.append((runs, args[-1])))
+    assert robustness_study.store_while_checkpoint_exists(study, whole) == "its ranks at every strength are stored"
+    assert evaluated == [({"run": [whole]}, tmp_path / "robustness" / "ranks")]
+    # once the stages before photometric have decided (nothing adopted), its variant's runs are known
+    # too; its baseline is crop's
+    for experiment in catalogue.earlier("fixture", get_experiment("fixture", "photometric").stage):
+        (tmp_path / experiment.name).mkdir(exist_ok=True)
+        (tmp_path / experiment.name / "decision.json").write_text(json.dumps({"winner_overrides": {}}))
+    photometric = study.configs(get_experiment("fixture", "photometric"))
+    assert photometric["baseline"] == crop["baseline"]
+    grayworld = {identity.run_key(replace(photometric["photometric=grayworld"], seed=s), sha) for s in range(3)}
+    assert robustness_study.contrast_keys(study) == keys | grayworld and len(grayworld) == 3

@@ -229,7 +229,9 @@ def test_experiments_share_their_baseline_and_write_runs_csv(tmp_path, prepared,
     assert seconds == pytest.approx(4 * 10 * np.median(per_epoch))
     assert f"median of 2 finished runs); expected ~{4 * np.median(walls) / 60:.0f} min" in how
 
-    resize = study.run_experiment("resize")
+    finished = []
+    resize = study.run_experiment("resize", on_run=finished.append)
+    assert finished == [tmp_path / d for d in resize["runs"].run_dir]  # each run as it is finished, reused or trained
     baseline = resize["runs"].set_index("variant").loc["baseline"]
     assert baseline.run_dir.startswith("crop/")  # trained once, by crop
     assert not any(p.name.startswith("baseline") for p in (tmp_path / "resize").iterdir())

@@ -15,6 +15,7 @@ import json
 import signal
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from helpers.core import config
@@ -338,28 +339,25 @@ def _study(args) -> None:
         return
     if len(catalogue.select(args.profile, args.experiment)) > 1 and not args.statistics_only:
         print(study.plan().to_string(index=False))  # the plan first: the projected time before hours of runs
-    chosen = catalogue.select(args.profile, args.experiment)
-    for experiment, result in zip(chosen, study.run(args.experiment, train=not args.statistics_only)):
+    # synthetic data: the robustness contrasts' runs are evaluated on the nuisance trees as each finishes
+    on_run = None if args.statistics_only or study.config.data_root is not None else partial(_store_robustness, study)
+    for result in study.run(args.experiment, train=not args.statistics_only, on_run=on_run):
         print(learned(result))
-        if not args.statistics_only:
-            _robustness_while_checkpoints_exist(study, experiment.name)
     restated = postprocessing.restate(study) if args.statistics_only and args.experiment == "all" else None
     if restated is not None:  # post-processing from its committed per-method ranks
         print(learned(restated))
     print(f"results in {portable_path(study.root)}")
 
 
-def _robustness_while_checkpoints_exist(study, experiment: str) -> None:
-    """Once a contrast experiment of the robustness study has finished on synthetic data, its runs
-    are evaluated on the nuisance trees at once (ranks stored under the results): their checkpoints
-    are not committed, so a study continued elsewhere could not evaluate them later."""
+def _store_robustness(study, run_dir: Path) -> None:
+    """A finished run that a robustness contrast reads: its ranks on the nuisance trees stored now,
+    while its checkpoint exists (:func:`helpers.experiments.robustness_study.store_while_checkpoint_exists`)."""
     from helpers.core.files import portable_path
     from helpers.experiments import robustness_study
 
-    if study.config.data_root is None and experiment in {e for e, _ in robustness_study.CONTRASTS}:
-        for folder, failed in robustness_study.evaluate_available(study).items():
-            said = f"not stored: {failed}" if failed else "its ranks at every strength are stored"
-            print(f"robustness: {portable_path(folder)}: {said}", flush=True)
+    said = robustness_study.store_while_checkpoint_exists(study, run_dir)
+    if said is not None:
+        print(f"robustness: {portable_path(run_dir)}: {said}", flush=True)
 
 
 def cmd_power(args) -> None:

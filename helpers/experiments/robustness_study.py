@@ -9,22 +9,26 @@ Writes ``results/<profile>/robustness/``: ``recall.csv`` (per nuisance, strength
 Recall@5 with its seeds × items interval), ``differences.csv`` (each variant against its
 experiment's baseline at each dose, the study's paired test), ``run.json`` (the runs, the
 strengths, the wall time) and ``ranks/`` (each run's per-query ranks at every dose, gzipped).
-``python -m helpers study`` evaluates an experiment's contrast runs as soon as it finishes
-(:func:`evaluate_available`), while their checkpoints exist: a study continued on another machine
-has its committed results, not its checkpoints.
+``python -m helpers study`` evaluates each contrast run as soon as it has finished
+(:func:`store_while_checkpoint_exists`), while its checkpoint exists: a study continued on
+another machine has its committed results, not its checkpoints.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 
+from helpers.core import identity
 from helpers.core.errors import InputError
-from helpers.core.files import portable_path, write_text_atomic
+from helpers.core.files import portable_path, sha256_file, write_text_atomic
 from helpers.experiments import robustness
+from helpers.experiments.catalogue import get_experiment
+from helpers.experiments.runs import marker
 from helpers.experiments.study import Study
 
 ROBUSTNESS = "robustness"
@@ -42,16 +46,14 @@ CONTRASTS = (("crop", "crop=False"), ("photometric", "photometric=grayworld"))
 MAX_SEEDS = 3  # the whole-photo runs are exploratory: 3 seeds; the others are cut to match
 
 
-def contrast_runs(study: Study, available: bool = False) -> tuple[dict[str, list[Path]], list[tuple[str, str]]]:
+def contrast_runs(study: Study) -> tuple[dict[str, list[Path]], list[tuple[str, str]]]:
     """``({variant key: run folders}, [(variant key, reference key)])`` from the finished
     experiments' ``runs.csv``, at most :data:`MAX_SEEDS` seeds each; a baseline two experiments
     share (no stage between them adopted anything) is evaluated once, as ``baseline``. An
-    experiment that has not finished is an error, or skipped with ``available``."""
+    experiment that has not finished is an error."""
     runs, pairs = {}, []
     for experiment, variant in CONTRASTS:
         path = study.root / experiment / "runs.csv"
-        if not path.is_file() and available:
-            continue
         if not path.is_file():
             raise InputError(f"{path}: missing; run `python -m helpers study {experiment}` first")
         table = pd.read_csv(path)
@@ -70,24 +72,41 @@ def contrast_runs(study: Study, available: bool = False) -> tuple[dict[str, list
     return runs, pairs
 
 
-def evaluate_available(study: Study, cache: Path | None = None) -> dict[Path, str | None]:
-    """Every contrast run of every finished contrast experiment at every strength, one run at a
-    time, its ranks added to ``ranks/`` (nothing evaluated twice): ``{run folder: None, or why it
-    could not be}``, so one run whose checkpoint is gone keeps no other from being stored. The
-    tables wait for :func:`run_robustness`."""
-    runs, _ = contrast_runs(study, available=True)
+def contrast_keys(study: Study) -> set[str]:
+    """The run keys of every run the contrasts read (each one's baseline and variant, seeds 0 to
+    :data:`MAX_SEEDS` - 1) whose configuration is known: the earlier stages of its experiment have
+    decided (before that, its baseline is not known and none of its runs has trained)."""
+    keys, table_sha = set(), sha256_file(study.prepared()[1])
+    for experiment, variant in CONTRASTS:
+        try:
+            configs = study.configs(get_experiment(study.profile, experiment))
+        except InputError:  # an earlier stage undecided, or no such experiment in this profile
+            continue
+        keys |= {
+            identity.run_key(replace(configs[name], seed=seed), table_sha)
+            for name in ("baseline", variant)
+            if name in configs
+            for seed in range(MAX_SEEDS)
+        }
+    return keys
+
+
+def store_while_checkpoint_exists(study: Study, run_dir: Path, cache: Path | None = None) -> str | None:
+    """A finished run that a contrast reads, evaluated at every strength at once, its ranks added to
+    ``ranks/`` (a run stored before is read back, not evaluated again), while its checkpoint is
+    here: a study continued on another machine has the run's committed results, not its
+    checkpoint. Returns what happened, in words (a run that cannot be evaluated is said, never
+    raised, so the study goes on); ``None`` for a run no contrast reads."""
+    if marker(run_dir).get("key") not in contrast_keys(study):
+        return None
     cache = Path(cache or study.config.work_dir / ROBUSTNESS)
-    store, done = study.root / ROBUSTNESS / RANKS, {}
-    for variant, folders in runs.items():
-        for folder in folders:
-            try:
-                robustness.evaluate_robustness(
-                    {variant: [folder]}, STRENGTHS, cache, study.config.device, study.progress, store
-                )
-                done[folder] = None
-            except InputError as error:
-                done[folder] = str(error)
-    return done
+    try:
+        robustness.evaluate_robustness(
+            {"run": [run_dir]}, STRENGTHS, cache, study.config.device, study.progress, study.root / ROBUSTNESS / RANKS
+        )
+    except InputError as error:
+        return f"not stored: {error}"
+    return "its ranks at every strength are stored"
 
 
 def run_robustness(study: Study, cache: Path | None = None) -> dict[str, pd.DataFrame]:

@@ -19,6 +19,7 @@ rule, never typed by hand) and ``noise.csv``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -256,12 +257,17 @@ class Study:
         return pd.DataFrame(rows)
 
     def run_experiment(
-        self, experiment: Experiment | str, stop_after_epoch: int | None = None, train: bool = True
+        self,
+        experiment: Experiment | str,
+        stop_after_epoch: int | None = None,
+        train: bool = True,
+        on_run: Callable[[Path], None] | None = None,
     ) -> dict:
         """Train (or reuse / resume) every (variant, seed) of ``experiment``, then write its
         ``runs.csv``, ``comparison.csv`` and ``decision.json``. Returns them as a dict. With
         ``train=False`` only the statistics are recomputed from the finished runs' val ranks; a
-        run that is not finished is an error, never trained."""
+        run that is not finished is an error, never trained. ``on_run(run folder)`` is called as
+        each run is finished (trained or found), while its checkpoint is here."""
         experiment = get_experiment(self.profile, experiment) if isinstance(experiment, str) else experiment
         data_root, table_path = self.prepared()
         self.write_data_summary()
@@ -299,6 +305,8 @@ class Study:
                 raise InputError(
                     f"{found}: interrupted after epoch {stop_after_epoch}; run the study again to resume it"
                 )
+            if on_run is not None:
+                on_run(found)
             rows.append({"experiment": experiment.name, "variant": variant, "seed": seed})
             rows[-1].update({k: getattr(cfg, k) for k in fields} | runs.run_row(found, self.root))
             ranks[(variant, seed)] = pd.read_csv(found / runs.VAL_RANKS)
@@ -336,11 +344,11 @@ class Study:
             self.write_final_config()
         return {"runs": table, "comparison": table_cmp, "decision": decision}
 
-    def run(self, name: str, train: bool = True):
+    def run(self, name: str, train: bool = True, on_run: Callable[[Path], None] | None = None):
         """One experiment, a stage or ``all`` (:func:`catalogue.select`), in running order: each
-        experiment's result as it finishes."""
+        experiment's result as it finishes (``on_run``: :meth:`run_experiment`)."""
         for experiment in catalogue.select(self.profile, name):
-            yield self.run_experiment(experiment, train=train)
+            yield self.run_experiment(experiment, train=train, on_run=on_run)
 
     def run_stage(self, stage: str) -> dict[str, dict]:
         """Every experiment of ``stage`` (finished runs reused, a half-finished one resumed)."""

@@ -90,6 +90,16 @@ def test_reproduction_measures_the_largest_difference_per_seed(tmp_path):
     assert np.isnan(final_runs.reproduction(shorter, recorded).loc[0, "max |Δ loss|"])  # different lengths: no pairing
 
 
+def _finished_study(tmp_path):
+    """``(images.csv, results root)`` of a study whose final configuration is ``embed_dim=64``."""
+    table = tmp_path / "images.csv"
+    table.write_text("made-up table\n")
+    root = tmp_path / "results"
+    root.mkdir()
+    (root / "final_config.json").write_text(json.dumps({"config": {"embed_dim": 64}}))
+    return table, root
+
+
 def _study_run(root, experiment, cfg, seed, table_sha, finished=True, val_r5=0.7, test=(0.4, 0.7, 0.8)):
     """A finished run of the study as committed: fit.json (what fit writes last), study_run.json,
     and metrics.json (the test result 04_demo wrote where the checkpoints were); no best.pt."""
@@ -122,11 +132,7 @@ def test_the_final_runs_are_found_by_run_key_wherever_the_study_put_them(tmp_pat
 
 
 def test_the_final_checkpoints_are_the_runs_own_or_a_copy_retrained_to_the_same_best_epoch(tmp_path, monkeypatch):
-    table = tmp_path / "images.csv"
-    table.write_text("made-up table\n")
-    root = tmp_path / "results"
-    root.mkdir()
-    (root / "final_config.json").write_text(json.dumps({"config": {"embed_dim": 64}}))
+    table, root = _finished_study(tmp_path)
     chosen, sha = replace(config.get_config("fixture"), embed_dim=64), sha256_file(table)
     here = _study_run(root, "embed_dim", chosen, 0, sha)
     (here / "best.pt").write_bytes(b"weights")  # the machine that ran the study
@@ -164,11 +170,7 @@ def test_the_final_checkpoints_are_the_runs_own_or_a_copy_retrained_to_the_same_
 
 
 def test_a_missing_checkpoint_is_retrained_under_the_recorded_configuration(tmp_path, monkeypatch):
-    table = tmp_path / "images.csv"
-    table.write_text("made-up table\n")
-    root = tmp_path / "results"
-    root.mkdir()
-    (root / "final_config.json").write_text(json.dumps({"config": {"embed_dim": 64}}))
+    table, root = _finished_study(tmp_path)
     base = config.get_config("fixture")
     recorded = _study_run(root, "embed_dim", replace(base, embed_dim=64), 0, sha256_file(table))
     monkeypatch.setattr(config, "OUTPUTS", tmp_path / "outputs")
@@ -195,11 +197,7 @@ def three_seed_study(tmp_path, monkeypatch):
     """A finished study of the final configuration (embed_dim 64) over seeds 0, 1, 2 as a fresh
     clone has it (committed run folders, no checkpoint; seed 1 best on val), and a stand-in for
     fit that records what it trains and leaves a run with a checkpoint and its own test numbers."""
-    table = tmp_path / "images.csv"
-    table.write_text("made-up table\n")
-    root = tmp_path / "results"
-    root.mkdir()
-    (root / "final_config.json").write_text(json.dumps({"config": {"embed_dim": 64}}))
+    table, root = _finished_study(tmp_path)
     base = config.get_config("fixture")
     chosen, sha = replace(base, embed_dim=64), sha256_file(table)
     recorded = {

@@ -60,6 +60,7 @@ def test_final_config_by_the_rule(tmp_path, monkeypatch):
     # 13 distinct runs of 3 epochs (best at the last, none at the budget of 5), 1.3 h summed
     assert record["runs"] == {
         "distinct_runs": 13,
+        "shortened_runs": 0,
         "best_at_last_epoch": 13,
         "best_at_last_epoch_percent": 100.0,
         "best_in_last_two_epochs": 13,
@@ -169,6 +170,47 @@ def test_end_slope_against_per_run_regressions_and_a_t_interval(tmp_path):
         "high": pytest.approx(high, abs=1e-6),
     }
     assert runs.end_slope(tmp_path, table[table.run_dir.isin(["a", "stopped", "short"])]) is None
+
+
+def test_runs_summary_reads_the_plateau_from_the_runs_at_the_full_budget(tmp_path):
+    """The `length` experiment's shorter schedule ends at its own cap by design: it counts in the
+    runs and their cost, not in whether the study's budget let runs level off; the report says so."""
+    from helpers.reporting.results_section import shortened_sentence
+
+    rows = []
+    for name, budget, best, curve in [
+        ("a", 30, 21, [0.50, 0.52, 0.53, 0.53, 0.52]),  # levelled off
+        ("b", 30, 30, [0.40, 0.42, 0.44, 0.46, 0.48]),  # still rising at its cap
+        ("c", 30, 12, [0.30] * 5),  # stopped early after its patience
+        ("short", 10, 10, [0.10, 0.15, 0.20, 0.25, 0.30]),  # length's epochs=10: rising, left out
+    ]:
+        (tmp_path / name).mkdir()
+        epochs_run = 22 if name == "c" else budget
+        history = pd.DataFrame({"epoch": range(epochs_run - 4, epochs_run + 1), "val_recall@5": curve})
+        history.to_csv(tmp_path / name / "history.csv", index=False)
+        (tmp_path / name / "config.json").write_text(
+            json.dumps({"config": {"profile": "fixture", "epochs": budget, "seed": 0}})
+        )
+        experiment = "length" if name == "short" else "crop"
+        rows.append({"experiment": experiment, "run_dir": name, "best_epoch": best, "epochs_run": epochs_run})
+    for experiment in ("crop", "length"):
+        (tmp_path / experiment).mkdir()
+        table = pd.DataFrame([r for r in rows if r["experiment"] == experiment]).assign(wall_s=900.0)
+        table.assign(**{"val_recall@5": 0.5}).to_csv(tmp_path / experiment / "runs.csv", index=False)
+    summary = runs.runs_summary(tmp_path)
+    assert (summary["distinct_runs"], summary["shortened_runs"], summary["wall_hours"]) == (4, 1, 1.0)
+    # of a, b and c: b at its last epoch (1 of 3), none more in the last two, c stopped early
+    assert (summary["best_at_last_epoch"], summary["best_at_last_epoch_percent"]) == (1, 33.3)
+    assert (summary["best_in_last_two_epochs"], summary["stopped_early"]) == (1, 1)
+    # a's and b's slopes over their last 5 epochs (c stopped early, short left out): 0.005 and 0.02
+    assert summary["end_slope"]["runs"] == 2
+    assert summary["end_slope"]["slope"] == pytest.approx((0.005 + 0.02) / 2, abs=1e-6)
+    assert shortened_sentence(4, 0) == ""
+    assert (
+        shortened_sentence(4, 1)
+        == ", the 3 trained to its full epoch budget (the `length` experiment's 1 shorter one aside)"
+    )
+    assert shortened_sentence(9, 3).endswith("the `length` experiment's 3 shorter ones aside)")
 
 
 # --------------------------------------------------------------------------- the runner, on real fixture runs

@@ -316,23 +316,28 @@ def experiment_costs(root: Path, names: list[str]) -> list[dict]:
 
 def runs_summary(root: Path) -> dict:
     """Over the study's distinct runs (a run shared by several experiments counted once): how many
-    had their best val Recall@5 at their last epoch, or among their last two (still rising: the
-    budget may be short; a run stopped early after its patience has its best further back), how
-    many stopped early, the summed wall time, how early-stopped runs compare with those at the cap
-    (:func:`stop_gap`) and whether the runs at the cap had levelled off (:func:`end_slope`)."""
+    there are and their summed wall time; and over those trained to the study's full epoch budget
+    (the ``length`` experiment's shorter schedules end early by design, so they say nothing of
+    whether that budget let runs level off) how many had their best val Recall@5 at their last
+    epoch, or among their last two (still rising: the budget may be short; a run stopped early
+    after its patience has its best further back), how many stopped early, how early-stopped runs
+    compare with those at the cap (:func:`stop_gap`) and whether the runs at the cap had levelled
+    off (:func:`end_slope`)."""
     runs = pd.concat([pd.read_csv(p) for p in sorted(Path(root).glob("*/runs.csv"))])
     runs = runs[runs.experiment != POSTPROCESS].drop_duplicates("run_dir")  # postprocess lists the final runs again
-    at_last = int((runs.best_epoch == runs.epochs_run).sum())
-    last_two = int((runs.best_epoch >= runs.epochs_run - 1).sum())
-    budget = [c["epochs"] for c in recorded_configs(root, runs)]
+    budget = np.array([c["epochs"] for c in recorded_configs(root, runs)])
+    full = runs[budget == budget.max()]
+    at_last = int((full.best_epoch == full.epochs_run).sum())
+    last_two = int((full.best_epoch >= full.epochs_run - 1).sum())
     return {
         "distinct_runs": len(runs),
+        "shortened_runs": int((budget < budget.max()).sum()),
         "best_at_last_epoch": at_last,
-        "best_at_last_epoch_percent": round(100 * at_last / len(runs), 1),
+        "best_at_last_epoch_percent": round(100 * at_last / len(full), 1),
         "best_in_last_two_epochs": last_two,
-        "best_in_last_two_epochs_percent": round(100 * last_two / len(runs), 1),
-        "stopped_early": int((runs.epochs_run.to_numpy() < np.array(budget)).sum()),
+        "best_in_last_two_epochs_percent": round(100 * last_two / len(full), 1),
+        "stopped_early": int((full.epochs_run.to_numpy() < budget.max()).sum()),
         "wall_hours": round(float(runs.wall_s.sum()) / 3600, 2),
-        "stop_gap": stop_gap(root, runs),
-        "end_slope": end_slope(root, runs),
+        "stop_gap": stop_gap(root, full),
+        "end_slope": end_slope(root, full),
     }

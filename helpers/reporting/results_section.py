@@ -38,12 +38,15 @@ def overview_lines(loaded: dict, tag: str, figures: Path) -> list[str]:
     summary = json.loads(record.read_text()).get("runs") if record.is_file() else None
     if summary:
         lines += [
-            f"**Budget.** Of the study's {summary['distinct_runs']} distinct runs, {summary['best_at_last_epoch']} "
+            f"**Budget.** Of the study's {summary['distinct_runs']} distinct runs"
+            + shortened_sentence(summary["distinct_runs"], summary.get("shortened_runs", 0))
+            + f", {summary['best_at_last_epoch']} "
             f"({summary['best_at_last_epoch_percent']} %) had their best val Recall@5 at their last epoch and "
             f"{summary.get('best_in_last_two_epochs', summary['best_at_last_epoch'])} "
             f"({summary.get('best_in_last_two_epochs_percent', summary['best_at_last_epoch_percent'])} %) in their "
             f"last two, i.e. were still improving when they ended; {summary['stopped_early']} stopped early. "
-            f"Their summed wall time was {summary['wall_hours']} h."
+            f"Their summed wall time was {summary['wall_hours']} h"
+            + (f" (all {summary['distinct_runs']} runs)." if summary.get("shortened_runs") else ".")
             + stop_gap_sentence(summary.get("stop_gap"))
             + end_slope_sentence(summary.get("end_slope"))
             + robustness_cost_sentence(loaded["root"])
@@ -53,6 +56,16 @@ def overview_lines(loaded: dict, tag: str, figures: Path) -> list[str]:
         if summary.get("costs"):
             lines += [cost_table(summary["costs"]), "", f"*{{def:tab:{tag}costs}}: {COST_CAPTION}*", ""]
     return lines
+
+
+def shortened_sentence(distinct: int, shortened: int) -> str:
+    """Which runs the plateau counts read: all, or all but the ``length`` experiment's shorter schedules."""
+    if not shortened:
+        return ""
+    return (
+        f", the {distinct - shortened} trained to its full epoch budget "
+        f"(the `length` experiment's {shortened} shorter {'one' if shortened == 1 else 'ones'} aside)"
+    )
 
 
 COST_CAPTION = (

@@ -208,9 +208,9 @@ def test_runs_summary_reads_the_plateau_from_the_runs_at_the_full_budget(tmp_pat
     assert shortened_sentence(4, 0) == ""
     assert (
         shortened_sentence(4, 1)
-        == ", the 3 trained to its full epoch budget (the `length` experiment's 1 shorter one aside)"
+        == ", 3 trained to its full epoch budget (the `length` experiment's 1 shorter one aside); of these"
     )
-    assert shortened_sentence(9, 3).endswith("the `length` experiment's 3 shorter ones aside)")
+    assert shortened_sentence(9, 3).endswith("the `length` experiment's 3 shorter ones aside); of these")
 
 
 # --------------------------------------------------------------------------- the runner, on real fixture runs

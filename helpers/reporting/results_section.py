@@ -63,8 +63,8 @@ def shortened_sentence(distinct: int, shortened: int) -> str:
     if not shortened:
         return ""
     return (
-        f", the {distinct - shortened} trained to its full epoch budget "
-        f"(the `length` experiment's {shortened} shorter {'one' if shortened == 1 else 'ones'} aside)"
+        f", {distinct - shortened} trained to its full epoch budget "
+        f"(the `length` experiment's {shortened} shorter {'one' if shortened == 1 else 'ones'} aside); of these"
     )
 
 

@@ -22,12 +22,14 @@ from tests.test_comparison import ranks_frame
 SEEDS = (0, 1, 2, 3, 4)  # with 3 the seed part has 2 degrees of freedom: no effect survives Holm over 17 tests
 
 
-def write_study(root, names=None) -> dict:
+def write_study(root, names=None, seeds_of=None) -> dict:
     """Every (or the named) fixture experiment finished by Study.write_experiment on made-up val
-    ranks, each a run folder with its val_ranks.csv; the variants of crop, head and loss clearly better."""
+    ranks, each a run folder with its val_ranks.csv; the variants of crop, head and loss clearly
+    better. ``seeds_of``: experiment → its seeds where not SEEDS."""
     rng = np.random.default_rng(11)
     items = [f"id_{i:02d}" for i in np.repeat(np.arange(30), rng.integers(1, 4, 30))]
-    baseline = {s: list(rng.integers(0, 12, len(items))) for s in SEEDS}
+    seeds_of = seeds_of or {}
+    baseline = {s: list(rng.integers(0, 12, len(items))) for s in range(max(map(len, [SEEDS, *seeds_of.values()])))}
     base, study, results = config.get_config("fixture"), Study("fixture", root=root, n_seeds=len(SEEDS)), {}
     for experiment in catalogue.experiments("fixture"):
         if names is not None and experiment.name not in names:
@@ -35,7 +37,7 @@ def write_study(root, names=None) -> dict:
         configs = catalogue.resolve_variants(experiment, base)
         rows, ranks = [], {}
         for variant in configs:
-            for seed in SEEDS:
+            for seed in seeds_of.get(experiment.name, SEEDS):
                 better = variant != "baseline" and experiment.name in ("crop", "head", "loss")
                 values = [0] * len(items) if better else baseline[seed] if variant == "baseline" else None
                 values = values if values is not None else list(rng.integers(0, 12, len(items)))
@@ -170,6 +172,18 @@ def test_noise_table_components_and_what_doubling_buys(tmp_path):
     noise.to_csv(tmp_path / family.NOISE, index=False)
     back = family.pooled_from(tmp_path / family.NOISE)
     assert back.seed == pytest.approx(pooled["var_seed_recall@5"])
+
+
+def test_the_pooled_noise_is_read_at_the_design_most_primary_tests_run_on(tmp_path):
+    write_study(tmp_path, seeds_of={"batch": tuple(range(8))})  # one primary test re-sized to 8 seeds
+    noise = family.noise_table("fixture", tmp_path).set_index("experiment")
+    assert noise.loc["batch", "n_seeds"] == 8
+    pooled = noise.loc[family.POOLED]
+    assert pooled.n_seeds == len(SEEDS)
+    parts = statistics.Components(
+        pooled["var_seed_recall@5"], pooled["var_item_recall@5"], pooled["var_inter_recall@5"]
+    )
+    assert pooled["se_recall@5"] == pytest.approx(parts.se(len(SEEDS), pooled.n_items))
 
 
 def test_power_plan_and_its_command(tmp_path, monkeypatch, capsys):

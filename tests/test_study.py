@@ -347,3 +347,21 @@ def test_a_training_run_keeps_its_wall_time_up_to_date_in_case_it_is_killed(tmp_
     assert during["finished"] is False and 0 < during["wall_s"] <= elapsed + 0.05  # written while it trained
     final = runs.marker(tmp_path / "exp" / "run")
     assert final["finished"] is False and final["wall_s"] >= elapsed and final["key"] == during["key"]
+
+
+def test_a_resized_test_runs_more_seeds_in_both_arms_and_the_final_model_keeps_the_study_s(tmp_path, monkeypatch):
+    monkeypatch.setitem(config.RESIZED_SEEDS, "fixture", {"resize": 3})
+    study = Study("fixture", root=tmp_path, progress=False)
+    jobs = {
+        name: [(v, s) for v, s, _ in study.jobs(catalogue.get_experiment("fixture", name), strict=False)]
+        for name in ("crop", "resize")
+    }
+    assert jobs["resize"] == [(v, s) for s in range(3) for v in ("baseline", "resize=squash")]
+    assert jobs["crop"] == [("baseline", 0), ("crop=False", 0)]  # the stage's other comparison keeps its seeds
+    # a study asked for another seed count runs that count everywhere
+    asked = Study("fixture", root=tmp_path, n_seeds=2, progress=False)
+    assert {s for _, s, _ in asked.jobs(catalogue.get_experiment("fixture", "resize"), strict=False)} == {0, 1}
+    # the resized test's extra runs of the final configuration are not the final model's
+    monkeypatch.setattr(Study, "final_config", lambda self: self.config)
+    monkeypatch.setattr(Study, "runs_of", lambda self, cfg: {s: tmp_path / f"r{s}" for s in range(3)})
+    assert study.final_runs() == {0: tmp_path / "r0"}

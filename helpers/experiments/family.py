@@ -19,6 +19,7 @@ with a pooled row that the power calculator (:func:`power_plan`) plans from.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -219,15 +220,17 @@ def noise_row(experiment: str, variant: str, test: statistics.CrossedTest) -> di
 def noise_table(profile: str, root: Path) -> pd.DataFrame | None:
     """Where each Recall@5 comparison's noise comes from (:func:`noise_row`), plus the pooled
     components over every comparison, exploratory ones included (the row ``pooled``, the mean of
-    their estimates, its SE at the size of the study's largest comparison, its primary design:
-    every comparison shares the val items, the primary ones all seeds); None while an experiment
-    has not finished."""
+    their estimates, its SE at the study's primary design: the seeds and val items most primary
+    tests run on); None while an experiment has not finished."""
     found = study_tests(profile, root)
     if finished_study(profile, root) is None or not found:
         return None
     rows = [noise_row(name, variant, test) for name, variant, test, _ in found]
     pooled = statistics.pooled_components([test.components for _, _, test, _ in found])
-    typical = max((test for _, _, test, _ in found), key=lambda t: (t.n_seeds, t.n_items))  # the primary design
+    primary = [t for name, variant, t, _ in found if variant not in get_experiment(profile, name).exploratory]
+    design = Counter((t.n_seeds, t.n_items) for t in primary or [t for _, _, t, _ in found]).most_common(1)[0][0]
+    # the primary design: the seeds and items most primary tests run on (a re-sized test runs more)
+    typical = next(t for _, _, t, _ in found if (t.n_seeds, t.n_items) == design)
     summary = noise_row(POOLED, POOLED, typical) | {
         f"var_seed_{PRIMARY}": pooled.seed,
         f"var_item_{PRIMARY}": pooled.item,

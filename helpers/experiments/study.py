@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from helpers.core import identity, repro
-from helpers.core.config import EXPLORATORY_SEEDS, PROFILES, STUDY_SEEDS, Config, check, get_config
+from helpers.core.config import EXPLORATORY_SEEDS, PROFILES, RESIZED_SEEDS, STUDY_SEEDS, Config, check, get_config
 from helpers.core.errors import InputError
 from helpers.core.files import copy_atomic, portable_path, sha256_file, write_text_atomic
 from helpers.core.progress import progress_bar
@@ -158,9 +158,10 @@ class Study:
         return runs.runs_of(cfg, self.root, sha256_file(self.prepared()[1]))
 
     def final_runs(self) -> dict[int, Path]:
-        """seed → the study's finished run of the final configuration (its committed record;
-        its checkpoint is local: :meth:`final_checkpoints`)."""
-        found = self.runs_of(self.final_config())
+        """seed → the study's finished run of the final configuration at the study's seeds (its
+        committed record; its checkpoint is local: :meth:`final_checkpoints`). A re-sized test's
+        extra seeds of the same configuration are not the final model's."""
+        found = {s: d for s, d in self.runs_of(self.final_config()).items() if s < self.n_seeds}
         if not found:
             raise InputError(
                 f"{self.root / 'final_config.json'}: no finished run of this configuration under {self.root}"
@@ -214,16 +215,20 @@ class Study:
     # ----------------------------------------------------------------- planning and running
 
     def seeds_of(self, experiment: Experiment, variant: str) -> int:
-        """How many seeds a variant runs: the study's, or at most EXPLORATORY_SEEDS for an exploratory one."""
+        """How many seeds a variant runs: the study's, at most EXPLORATORY_SEEDS for an exploratory
+        one, and RESIZED_SEEDS for both arms of a primary test re-sized for power (only at the
+        profile's own seeds: a study asked for another count runs that count everywhere)."""
         if variant in experiment.exploratory:
             return min(self.n_seeds, EXPLORATORY_SEEDS[self.profile])
+        if self.n_seeds == STUDY_SEEDS[self.profile]:
+            return max(self.n_seeds, RESIZED_SEEDS[self.profile].get(experiment.name, 0))
         return self.n_seeds
 
     def jobs(self, experiment: Experiment, strict: bool = True) -> list[tuple[str, int, Config]]:
         configs = self.configs(experiment, strict)
         return [
             (v, s, replace(cfg, seed=s))
-            for s in range(self.n_seeds)
+            for s in range(max(self.seeds_of(experiment, v) for v in configs))
             for v, cfg in configs.items()
             if s < self.seeds_of(experiment, v)
         ]

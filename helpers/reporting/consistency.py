@@ -140,6 +140,7 @@ def _profile_facts(profile: str) -> dict:
     seeds = {
         config_module.STUDY_SEEDS[profile],
         *([config_module.EXPLORATORY_SEEDS[profile]] if hasattr(config_module, "EXPLORATORY_SEEDS") else []),
+        *getattr(config_module, "RESIZED_SEEDS", {}).get(profile, {}).values(),
     }
     epochs = {
         cfg.epochs,

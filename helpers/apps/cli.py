@@ -708,7 +708,7 @@ def _add_study(commands) -> None:
     )
     power = study.add_argument_group("power (with `study power`; --noise and --interim also with `study plan`)")
     power.add_argument("--seeds-list", type=_int_list, help="several seed counts, e.g. 3,4,5,6 (default 3..8)")
-    power.add_argument("--items", type=_int_list, default=[75, 150, 300, 450, 600], help="val items, e.g. 150,300")
+    power.add_argument("--items", type=_int_list, default=[75, 150, 300, 450, 600, 800], help="val items, e.g. 150,300")
     power.add_argument(
         "--family", type=_positive_int, help="tests in Holm's family (default: the committed study's, from noise.csv)"
     )

@@ -158,10 +158,12 @@ class Study:
         return runs.runs_of(cfg, self.root, sha256_file(self.prepared()[1]))
 
     def final_runs(self) -> dict[int, Path]:
-        """seed → the study's finished run of the final configuration at the study's seeds (its
-        committed record; its checkpoint is local: :meth:`final_checkpoints`). A re-sized test's
-        extra seeds of the same configuration are not the final model's."""
-        found = {s: d for s, d in self.runs_of(self.final_config()).items() if s < self.n_seeds}
+        """seed → the study's finished run of the final configuration (its committed record; its
+        checkpoint is local: :meth:`final_checkpoints`). The extra seeds of a test re-sized for
+        power (:data:`helpers.core.config.RESIZED_SEEDS`) run the same configuration but are not
+        the final model's."""
+        extra = range(self.n_seeds, max(self.seeds_of(e, "baseline") for e in experiments(self.profile)))
+        found = {s: d for s, d in self.runs_of(self.final_config()).items() if s not in extra}
         if not found:
             raise InputError(
                 f"{self.root / 'final_config.json'}: no finished run of this configuration under {self.root}"

@@ -172,7 +172,7 @@ EXPLORATORY_SEEDS = {"fixture": 1, "demo": 3, "full": 3}
 # A primary test that its own variance components left short of the planned power at its decision
 # runs more seeds, both arms, by a rule written before its extra runs (the study's README in
 # results/): batch composition's minimum detectable Recall@5 difference at Holm's strictest level
-# was 0.067 with 5 seeds, 8 seeds bring it to 0.041. Only at the profile's own STUDY_SEEDS; the
+# was 0.067 with 5 seeds, 8 seeds were planned to bring it to 0.041. Only at the profile's own STUDY_SEEDS; the
 # final model keeps STUDY_SEEDS.
 RESIZED_SEEDS = {"fixture": {}, "demo": {"batch": 8}, "full": {}}
 

@@ -228,9 +228,10 @@ def noise_table(profile: str, root: Path) -> pd.DataFrame | None:
     rows = [noise_row(name, variant, test) for name, variant, test, _ in found]
     pooled = statistics.pooled_components([test.components for _, _, test, _ in found])
     primary = [t for name, variant, t, _ in found if variant not in get_experiment(profile, name).exploratory]
-    design = Counter((t.n_seeds, t.n_items) for t in primary or [t for _, _, t, _ in found]).most_common(1)[0][0]
+    tests = primary or [t for _, _, t, _ in found]
     # the primary design: the seeds and items most primary tests run on (a re-sized test runs more)
-    typical = next(t for _, _, t, _ in found if (t.n_seeds, t.n_items) == design)
+    design = Counter((t.n_seeds, t.n_items) for t in tests).most_common(1)[0][0]
+    typical = next(t for t in tests if (t.n_seeds, t.n_items) == design)
     summary = noise_row(POOLED, POOLED, typical) | {
         f"var_seed_{PRIMARY}": pooled.seed,
         f"var_item_{PRIMARY}": pooled.item,

@@ -50,7 +50,7 @@ def test_a_stale_setting_is_caught_and_a_true_one_passes(tmp_path):
         tmp_path,
         "The study trained 19 seeds for 57 epochs at 96 px.\n\n"
         "It compared 77 val items and 999 queries.\n\n"
-        "The committed study: 3 seeds, 10 epochs, 160 px, 75 val items, 268 val queries, 266 test queries.\n",
+        "The committed study: 5 seeds, 30 epochs, 160 px, 800 val items, 2,868 val queries, 523 test queries.\n",
     )
     flagged = "\n".join(_flagged(repo))
     for stale in ("'19 seeds'", "'57 epochs'", "'96 px'", "'77 val items'", "'999 queries'"):

@@ -153,7 +153,7 @@ def test_the_final_checkpoints_are_the_runs_own_or_a_copy_retrained_to_the_same_
 
     monkeypatch.setattr(final_runs.artifacts, "ensure_trained", fake_fit)
     the_study = Study("fixture", root=root, tables=(tmp_path, table), progress=False)
-    local = tmp_path / "outputs" / "fixture" / "final_runs" / committed.name
+    local = root / "final_runs" / committed.name  # beside the study's experiments, committed like them
     assert retrained_dir(the_study.config, committed) == local
     # seed 1's retrain differs in its last epoch's loss: it stands in from its own folder; seed 2's
     # gives the recorded run back to the digit: it is that run, its checkpoint restored there
@@ -162,11 +162,11 @@ def test_the_final_checkpoints_are_the_runs_own_or_a_copy_retrained_to_the_same_
     assert [t[:2] for t in trained] == [(64, 1), (64, 2)]  # the seeds without a checkpoint, as recorded
     assert trained[0][2] == local
     assert the_study.final_checkpoints() == {0: here, 1: local, 2: exact} and len(trained) == 2  # retrained once
-    # a copy that chose another epoch is another run, never the study's
+    # a copy that chose another epoch is another run of the configuration: it stands in, never restored
     best_epoch["value"] = 5
     shutil.rmtree(local)
-    with pytest.raises(InputError, match=r"retrained to its best epoch 5, the study recorded 3"):
-        the_study.final_checkpoints()
+    assert the_study.final_checkpoints() == {0: here, 1: local, 2: exact} and len(trained) == 3
+    assert not (committed / "best.pt").exists()
 
 
 def test_a_missing_checkpoint_is_retrained_under_the_recorded_configuration(tmp_path, monkeypatch):
@@ -187,7 +187,7 @@ def test_a_missing_checkpoint_is_retrained_under_the_recorded_configuration(tmp_
     monkeypatch.setattr(final_runs.artifacts, "ensure_trained", fake_fit)
     runs, found, how = final_runs.study_runs(base, {"embed_dim": 64}, table, tmp_path, train_if_missing=True)
     assert trained == [(64, 0)] and found == {0: recorded}
-    assert runs[0] == tmp_path / "outputs" / "fixture" / "final_runs" / recorded.name
+    assert runs[0] == root / "final_runs" / recorded.name
     assert "seed 0 retrained here" in how
     assert final_runs.reproduction(runs, found).loc[0, "max |Δ loss|"] == 0
 
@@ -217,7 +217,7 @@ def three_seed_study(tmp_path, monkeypatch):
             _run(run_dir, cfg.seed, 0.7, (0.5, 0.7, 0.8), loss=(0.3, 0.2, 0.1)[: stop_after_epoch + 1])
             return
         _run(run_dir, cfg.seed, 0.7, (0.5 + cfg.seed / 100, 0.7, 0.8))  # the retrain's own test numbers
-        for name in ("best.pt", "config.json", "fit.json"):
+        for name in ("best.pt", "config.json", "fit.json", final_runs.WEIGHTS_FILE):
             (run_dir / name).write_text("{}")
 
     monkeypatch.setattr(final_runs.artifacts, "ensure_trained", fake_fit)
@@ -232,7 +232,7 @@ def test_by_default_only_the_demo_seed_is_retrained_and_the_others_are_committed
         final_runs.study_runs(base, {"embed_dim": 64}, table, data, train_if_missing=False)
     runs, found, how = final_runs.study_runs(base, {"embed_dim": 64}, table, data, True, progress="epochs")
     assert study["trained"] == [(64, 1, "epochs")]  # the demo seed only, quietly
-    local = data / "outputs" / "fixture" / "final_runs" / recorded[1].name
+    local = data / "results" / "final_runs" / recorded[1].name
     assert found == recorded and runs == {0: recorded[0], 1: local, 2: recorded[2]}
     assert capsys.readouterr().out == (
         f"seed 1: no checkpoint here ({recorded[1] / 'best.pt'}); retraining it under its recorded configuration "
@@ -269,13 +269,33 @@ def test_retrain_all_seeds_retrains_and_evaluates_every_seed(three_seed_study):
     base, table, data, recorded = study["base"], study["table"], study["data"], study["recorded"]
     runs, _, how = final_runs.study_runs(base, {"embed_dim": 64}, table, data, True, retrain_all=True)
     assert study["trained"] == [(64, 0, True), (64, 1, True), (64, 2, True)]
-    local = data / "outputs" / "fixture" / "final_runs"
+    local = data / "results" / "final_runs"
     assert runs == {seed: local / run_dir.name for seed, run_dir in recorded.items()}
     assert how.endswith("seeds 0, 1, 2 (seeds 0, 1, 2 retrained here under the recorded configuration)")
     table_ = final_runs.seed_table(runs, table, data)
     assert set(table_["test result"][:3]) == {final_runs.EVALUATED}
     assert list(table_["test_recall@1"][:3]) == pytest.approx([0.50, 0.51, 0.52])
     assert list(final_runs.reproduction(runs, recorded).run) == ["retrained here"] * 3
+
+
+def test_a_committed_retrain_stands_in_where_the_study_s_checkpoint_and_weights_are_gone(three_seed_study):
+    """The study's checkpoints lost with its machine: a retrain on another machine kind is another run of
+    the same configuration, committed in final_runs/; a fresh clone reads its test result there."""
+    study = three_seed_study
+    base, table, data, recorded = study["base"], study["table"], study["data"], study["recorded"]
+    (recorded[0] / "metrics.json").unlink()  # never evaluated on test where the study ran
+    retrain = _run(data / "results" / "final_runs" / recorded[0].name, 0, 0.69, (0.42, 0.71, 0.81), best_epoch=2)
+    for name in ("config.json", "fit.json"):
+        (retrain / name).write_text("{}")
+    runs, found, how = final_runs.study_runs(base, {"embed_dim": 64}, table, data, True)
+    assert found == recorded and runs[0] == retrain and runs[2] == recorded[2]
+    assert "seed 0: the study's checkpoints gone, their retrains under the recorded configuration stand in" in how
+    seeds = final_runs.seed_table(runs, table, data)
+    assert seeds.loc[0, "test_recall@1"] == pytest.approx(0.42) and seeds.loc[0, "best_epoch"] == 2
+    assert seeds.loc[0, "test result"] == final_runs.COMMITTED
+    assert final_runs.recipe_runs(replace(base, embed_dim=64), table)[0] == retrain
+    shutil.rmtree(retrain)  # neither a checkpoint, a retrain nor a test result: the recipe table leaves it out
+    assert 0 not in final_runs.recipe_runs(replace(base, embed_dim=64), table)
 
 
 def test_a_missing_committed_result_is_a_one_line_error_naming_the_file_and_the_switch(three_seed_study):
@@ -488,7 +508,7 @@ def test_a_fresh_clone_rebuilds_the_demo_seed_from_its_committed_weights_and_che
     final_runs.study_runs(base, {"embed_dim": 64}, table, data, True)  # again: nothing retrained or rebuilt
     assert len(study["trained"]) == 1
     everything, _, _ = final_runs.study_runs(base, {"embed_dim": 64}, table, data, True, retrain_all=True)
-    assert everything[1] == local.with_name(run.name) and (64, 1, True) in study["trained"]  # a full retrain, apart
+    assert everything[1] == data / "results" / "final_runs" / run.name and (64, 1, True) in study["trained"]  # apart
     assert final_runs.study_runs(base, {"embed_dim": 64}, table, data, True)[0][1] == local  # the rebuilt one again
     (run / final_runs.WEIGHTS_FILE).write_bytes(weights.read_bytes()[:-8])  # changed weights: rebuilt, or refused
     with pytest.raises(InputError, match=r"model\.safetensors: not the weights of the model its config\.json records"):

@@ -33,7 +33,7 @@ def test_the_committed_runs_keep_their_key():
     }
     text = json.dumps({"config": values, "table": "abc"}, sort_keys=True, default=str)
     assert identity.run_key(cfg, "abc") == sha256_bytes(text.encode())[:12]
-    # the re-run's baseline, seed 0, on the demo tree: results/demo_rerun/crop/baseline_seed0_0bd9b06b23a5
+    # the re-run's baseline, seed 0, on the demo tree: results/demo/crop/baseline_seed0_0bd9b06b23a5
     table = "ba8a729f2f2aaaea9481432c6c85372a72a6e33f172122f732e13201ff7e49ad"
     assert identity.run_key(cfg, table) == "0bd9b06b23a5"
     # ... and on the first design's tree (500 val items, patience 5):

@@ -251,7 +251,7 @@ def test_run_postprocess_on_the_final_configurations_run(tmp_path, monkeypatch):
     trained_first = checkpoints.read_checkpoint(run_dir / "best.pt")["model"]
     (run_dir / "best.pt").unlink()
     postprocessing.run_postprocess(study)
-    local = tmp_path / "outputs" / "fixture" / "final_runs" / run_dir.name
+    local = tmp_path / "final_runs" / run_dir.name  # beside the study's experiments
     assert runs.same_run(local, run_dir) and (local / "best.pt").is_file()
     assert (run_dir / "best.pt").read_bytes() == (local / "best.pt").read_bytes()
     restored = checkpoints.read_checkpoint(run_dir / "best.pt")["model"]

@@ -163,10 +163,11 @@ def finalise(profile: str, root: Path) -> pd.DataFrame | None:
 def effects(profile: str, root: Path) -> pd.DataFrame:
     """Every finished comparison of the study, one row each (``experiment``, ``variant``, ``role``,
     ``n_seeds``): its val Recall@5 difference from its experiment's baseline, the interval that
-    decides its verdict (a primary test's at the level Holm's step gave it, an exploratory test's
-    raw 95 %), the verdict, and the minimum detectable effect at that test's level (a primary
-    test's at Holm's strictest, ``mde_holm``; an exploratory test's at 0.05), sorted by the
-    difference, largest first: the study's ranked effects."""
+    decides its verdict (a primary test's at the level Holm's step gave it, over the whole family
+    once every experiment has finished (:func:`finalise`), else at its decision; an exploratory
+    test's raw 95 %), the verdict, and the minimum detectable effect at that test's level (a
+    primary test's at Holm's strictest, ``mde_holm``; an exploratory test's at 0.05), sorted by
+    the difference, largest first: the study's ranked effects."""
     rows = []
     for experiment in experiments(profile):
         path = Path(root) / experiment.name / "comparison.csv"
@@ -175,7 +176,8 @@ def effects(profile: str, root: Path) -> pd.DataFrame:
         table = comparison.read_comparison(path).drop(index="baseline", errors="ignore")
         for variant, row in table.dropna(subset=[f"diff_{PRIMARY}"]).iterrows():
             primary = row.get(f"role_{PRIMARY}", "primary") == "primary" and pd.notna(row.get(f"low_adj_{PRIMARY}"))
-            infix = "_adj" if primary else ""
+            final = "_final" if primary and pd.notna(row.get(f"low_adj_final_{PRIMARY}")) else ""
+            infix = f"_adj{final}" if primary else ""
             rows.append(
                 {
                     "experiment": experiment.name,
@@ -185,8 +187,8 @@ def effects(profile: str, root: Path) -> pd.DataFrame:
                     "diff": row[f"diff_{PRIMARY}"],
                     "low": row[f"low{infix}_{PRIMARY}"],
                     "high": row[f"high{infix}_{PRIMARY}"],
-                    "verdict": row[f"verdict_{PRIMARY}"],
-                    "mde": row.get(f"mde_holm_{PRIMARY}" if primary else f"mde_{PRIMARY}", float("nan")),
+                    "verdict": row[f"verdict{final}_{PRIMARY}"],
+                    "mde": row.get(f"mde_holm{final}_{PRIMARY}" if primary else f"mde_{PRIMARY}", float("nan")),
                 }
             )
     columns = ["experiment", "variant", "role", "n_seeds", "diff", "low", "high", "verdict", "mde"]

@@ -168,11 +168,12 @@ def study_runs(
     When the study has finished, the final model *is* its runs of the final configuration,
     every seed, under the exact budget the study selected it with. Their checkpoints are local,
     not committed. A seed whose ``best.pt`` is missing here is retrained from the run's recorded
-    configuration into ``outputs/<profile>/final_runs/`` (deterministic kernels reproduce it on
+    configuration into the study's ``final_runs/`` (deterministic kernels reproduce it on
     the same machine kind; :func:`reproduction` compares the two histories) when it is the
     demo seed (:func:`demo_seed` of the study's record), or every such seed with ``retrain_all``;
     any other seed maps to the study's run folder, without a checkpoint: :func:`seed_table`
-    reads its committed test result. ``progress="epochs"`` prints one line per epoch of a
+    reads its committed test result. A seed whose checkpoint is gone but whose retrain has
+    finished (its records committed in ``final_runs/``) is that retrain, wherever it applies. ``progress="epochs"`` prints one line per epoch of a
     retrain and no bar. Without a finished study there is one run of ``choice``
     (:func:`ensure_checkpoint`), and ``recorded`` is empty.
     """
@@ -184,11 +185,18 @@ def study_runs(
         cfg.profile, root=root, data_root=cfg.data_root, progress=show_bars(progress), tables=(data_root, table)
     )
     recorded = the_study.final_runs()
-    final_cfg, runs, retrained, committed, rebuilt = the_study.final_config(), {}, [], [], []
+    final_cfg, runs, retrained, committed, rebuilt, standing = the_study.final_config(), {}, [], [], [], []
     serving = demo_seed(recorded)
     wanted = set(recorded) if retrain_all else {serving}
-    for seed, run_dir in recorded.items():
-        local = retrained_dir(cfg, run_dir)
+    for seed, study_dir in recorded.items():
+        local = retrained_dir(cfg, study_dir)
+        # Where the study's checkpoint and weights are gone and a retrain of it has finished (its
+        # records committed beside the study's), the retrain stands for the seed: its checkpoint or
+        # weights here, its committed test result on a fresh clone.
+        gone = not (study_dir / "best.pt").is_file() and not (study_dir / WEIGHTS_FILE).is_file()
+        stands_in = gone and artifacts.is_trained(local)
+        run_dir = local if stands_in else study_dir
+        standing += [seed] if stands_in else []
         if (run_dir / "best.pt").is_file():
             runs[seed] = run_dir
             if seed == serving and not (run_dir / WEIGHTS_FILE).is_file():
@@ -198,7 +206,7 @@ def study_runs(
             runs[seed], committed = run_dir, [*committed, seed]
             continue
         if not retrain_all and (run_dir / WEIGHTS_FILE).is_file():
-            rebuilt_dir = local.with_name(f"{local.name}.weights")  # never a full retrain's folder
+            rebuilt_dir = cfg.work_dir / "final_runs" / f"{local.name}.weights"  # never a full retrain's folder
             runs[seed] = from_weights(replace(final_cfg, seed=seed), run_dir, rebuilt_dir, table, data_root, progress)
             rebuilt = [*rebuilt, seed]
             continue
@@ -225,6 +233,11 @@ def study_runs(
         else []
     )
     notes += [f"{_seeds(committed)}: {COMMITTED} ({RETRAIN_ALL_SWITCH} retrains them)"] if committed else []
+    notes += (
+        [f"{_seeds(standing)}: the study's checkpoints gone, their retrains under the recorded configuration stand in"]
+        if standing
+        else []
+    )
     how = f"the study's runs of the final configuration, {_seeds(list(recorded))}" + (
         f" ({'; '.join(notes)})" if notes else ""
     )
@@ -329,8 +342,10 @@ def recipe_runs(cfg: Config, table: Path, final: dict[int, Path] | None = None) 
     study's stage-1 baseline); empty before the study has run it. A run that is also the final
     configuration's (``final``, :func:`study_runs`: the recipe adopted as it is) is taken as
     ``final`` has it, so both tables give that seed the same numbers from the same place; any
-    other is replaced by its local retrain (``outputs/<profile>/final_runs``) where the committed
-    folder has no checkpoint. A run left without a checkpoint gives its committed test result."""
+    other is replaced by its retrain (the study's ``final_runs/``) where the committed
+    folder has no checkpoint. A run left without a checkpoint gives its committed test result; one
+    with neither a checkpoint, a finished retrain nor a committed test result is left out (its
+    seed is missing from the table)."""
     root = artifacts.results_root(cfg.profile)
     found = runs_of(cfg, root, sha256_file(table)) if root.is_dir() else {}
     runs = {}
@@ -339,9 +354,9 @@ def recipe_runs(cfg: Config, table: Path, final: dict[int, Path] | None = None) 
         local = retrained_dir(cfg, run_dir)
         if same is not None and same.name == run_dir.name:
             runs[seed] = same
-        elif not (run_dir / "best.pt").is_file() and (local / "best.pt").is_file():
-            runs[seed] = local
-        else:
+        elif not (run_dir / "best.pt").is_file() and artifacts.is_trained(local):
+            runs[seed] = local  # its checkpoint here, or its committed test result
+        elif (run_dir / "best.pt").is_file() or (run_dir / "metrics.json").is_file():
             runs[seed] = run_dir
     return runs
 

@@ -9,11 +9,17 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pandas as pd
+
 from helpers.experiments import study
 
 # A number standing alone: not part of a word, identifier, path or version ("R@5", "02_1",
 # "lite0", "2.14.1", "sha256"), optionally signed.
 _NUMBER = re.compile(r"(?<![\w.@/`])[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w@/`]|\.\d)")
+# in prose a number may group its thousands ("2,868 queries"): one number, compared without commas
+_PROSE_NUMBER = re.compile(
+    r"(?<![\w.@/`])[-+]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w@/`]|\.\d)"
+)
 
 
 def _forms(value: float) -> set[str]:
@@ -43,8 +49,12 @@ def untraceable_numbers(text: str, results: Path) -> list[str]:
     """The numbers in ``text`` that occur in no file under ``results`` at the precision printed
     (references to tables, figures and sections aside)."""
     known = result_numbers(results)
-    tokens = _NUMBER.findall(_REFERENCE.sub("", text))
-    return [token for token in tokens if token not in known and token.lstrip("+") not in known]
+    tokens = _PROSE_NUMBER.findall(_REFERENCE.sub("", text))
+    return [
+        token
+        for token in tokens
+        if token.replace(",", "") not in known and token.replace(",", "").lstrip("+") not in known
+    ]
 
 
 # --------------------------------------------------------------------------- prose against verdicts
@@ -56,13 +66,21 @@ _METRIC = re.compile(r"\b(?:R|Recall)@(\d+)\b")
 
 
 def verdicts(root: Path) -> dict[str, dict[str, dict[str, str]]]:
-    """``{experiment: {variant: {metric: verdict}}}`` of every finished experiment under ``root``."""
+    """``{experiment: {variant: {metric: verdict}}}`` of every finished experiment under ``root``:
+    Recall@5's over the whole Holm family once the study has finished (``verdict_final_recall@5``,
+    as the tables and the ranked effects give it), else at the experiment's decision."""
     found = {}
     for path in sorted(root.glob("*/decision.json")):
         comparison = study.load_experiment(root, path.parent.name)["comparison"]
         columns = [c for c in comparison.columns if c.startswith("verdict_recall@")]
+        final = f"verdict_final_{study.PRIMARY}"
         found[path.parent.name] = {
-            variant: {c.removeprefix("verdict_"): row[c] for c in columns}
+            variant: {
+                c.removeprefix("verdict_"): row[final]
+                if c == f"verdict_{study.PRIMARY}" and final in row and pd.notna(row[final])
+                else row[c]
+                for c in columns
+            }
             for variant, row in comparison.iterrows()
             if row[f"verdict_{study.PRIMARY}"] != "baseline"  # the reference row, `none` in postprocess
         }

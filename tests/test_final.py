@@ -154,7 +154,7 @@ def test_the_final_checkpoints_are_the_runs_own_or_a_copy_retrained_to_the_same_
     monkeypatch.setattr(final_runs.artifacts, "ensure_trained", fake_fit)
     the_study = Study("fixture", root=root, tables=(tmp_path, table), progress=False)
     local = root / "final_runs" / committed.name  # beside the study's experiments, committed like them
-    assert retrained_dir(the_study.config, committed) == local
+    assert retrained_dir(committed) == local
     # seed 1's retrain differs in its last epoch's loss: it stands in from its own folder; seed 2's
     # gives the recorded run back to the digit: it is that run, its checkpoint restored there
     assert the_study.final_checkpoints() == {0: here, 1: local, 2: exact}

@@ -173,8 +173,8 @@ def study_runs(
     demo seed (:func:`demo_seed` of the study's record), or every such seed with ``retrain_all``;
     any other seed maps to the study's run folder, without a checkpoint: :func:`seed_table`
     reads its committed test result. A seed whose checkpoint is gone but whose retrain has
-    finished (its records committed in ``final_runs/``) is that retrain, wherever it applies. ``progress="epochs"`` prints one line per epoch of a
-    retrain and no bar. Without a finished study there is one run of ``choice``
+    finished (its records committed in ``final_runs/``) is that retrain, wherever it applies.
+    ``progress="epochs"`` prints one line per epoch of a retrain and no bar. Without a finished study there is one run of ``choice``
     (:func:`ensure_checkpoint`), and ``recorded`` is empty.
     """
     root = artifacts.results_root(cfg.profile)
@@ -189,7 +189,7 @@ def study_runs(
     serving = demo_seed(recorded)
     wanted = set(recorded) if retrain_all else {serving}
     for seed, study_dir in recorded.items():
-        local = retrained_dir(cfg, study_dir)
+        local = retrained_dir(study_dir)
         # Where the study's checkpoint and weights are gone and a retrain of it has finished (its
         # records committed beside the study's), the retrain stands for the seed: its checkpoint or
         # weights here, its committed test result on a fresh clone.
@@ -351,7 +351,7 @@ def recipe_runs(cfg: Config, table: Path, final: dict[int, Path] | None = None) 
     runs = {}
     for seed, run_dir in found.items():
         same = (final or {}).get(seed)
-        local = retrained_dir(cfg, run_dir)
+        local = retrained_dir(run_dir)
         if same is not None and same.name == run_dir.name:
             runs[seed] = same
         elif not (run_dir / "best.pt").is_file() and artifacts.is_trained(local):

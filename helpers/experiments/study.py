@@ -75,7 +75,7 @@ def n_seeds_for(profile: str, n_seeds: int | None) -> int:
     return n_seeds
 
 
-def retrained_dir(cfg: Config, run_dir: Path) -> Path:
+def retrained_dir(run_dir: Path) -> Path:
     """Where a study run whose checkpoint is not here (checkpoints are local, never committed)
     is retrained under its recorded configuration: ``final_runs/<run folder>`` in the study's own
     folder (``<study>/<experiment>/<run folder>``), one copy for ``04_demo`` and the post-processing
@@ -191,7 +191,7 @@ class Study:
             if (run_dir / "best.pt").is_file():
                 folders[seed] = run_dir
                 continue
-            local = retrained_dir(self.config, run_dir)
+            local = retrained_dir(run_dir)
             if self.progress and not artifacts.is_trained(local):
                 print(
                     f"seed {seed}: no checkpoint here ({portable_path(run_dir / 'best.pt')}); retraining it under "

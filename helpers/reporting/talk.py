@@ -214,15 +214,14 @@ def cost_lines(loaded: dict) -> list[str]:
     if runs:
         lines += [
             f"- This study: {runs['distinct_runs']} distinct training runs, {runs['wall_hours']} h of summed wall time",
-            f"- {runs['best_at_last_epoch']} of them ({runs['best_at_last_epoch_percent']} %) had their best val "
+            # best in the last two epochs: recorded since the runs train until they level off
+            f"- {runs['best_in_last_two_epochs']} of them ({runs['best_in_last_two_epochs_percent']} %) had their "
+            f"best val Recall@5 in their last two epochs, {runs['best_at_last_epoch']} at the last; "
+            f"{runs['stopped_early']} stopped early"
+            if "best_in_last_two_epochs" in runs
+            else f"- {runs['best_at_last_epoch']} of them ({runs['best_at_last_epoch_percent']} %) had their best val "
             f"Recall@5 at their last epoch; {runs['stopped_early']} stopped early",
         ]
-        if "best_in_last_two_epochs" in runs:  # recorded since the runs train until they level off
-            lines[-1] = (
-                f"- {runs['best_in_last_two_epochs']} of them ({runs['best_in_last_two_epochs_percent']} %) had their "
-                f"best val Recall@5 in their last two epochs, {runs['best_at_last_epoch']} at the last; "
-                f"{runs['stopped_early']} stopped early"
-            )
         costliest = sorted(runs.get("costs", []), key=lambda c: -c["wall_hours"])[:3]
         if costliest:
             lines.append(
